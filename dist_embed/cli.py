@@ -1,0 +1,113 @@
+"""``dist-embed``: train, eval.
+
+Exit codes: 0 done; 1 failure in training; 2 bad configuration or input (one line says what and
+where); see also ``dist_embed.launch`` for the codes launchers act on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+log = logging.getLogger("dist_embed")
+
+
+def _inside_launched_job() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 \
+        and "SLURM_PROCID" in os.environ and "MASTER_PORT" in os.environ
+
+
+def cmd_train(args) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"dist-embed: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.nproc and args.nproc > 1 and not _inside_launched_job():
+        from .launch import launch_local
+
+        return launch_local(args.nproc, ["train", args.config, *args.overrides]
+                            + (["--resume", args.resume] if args.resume else []))
+    return run_worker(cfg, args.resume)
+
+
+def run_worker(cfg, resume: str | None) -> int:
+    """The one worker entry point that --nproc, torchrun, srun and Ray all start."""
+    from .config import ConfigError
+    from .data.readers import DataError
+    from .distributed import finish, init_distributed
+    from .tracking import setup_logging
+    from .train import Trainer
+
+    state = init_distributed(cfg.distributed.timeout_s)
+    setup_logging(state.rank)
+    code = EXIT_OK
+    try:
+        Trainer(cfg, state, resume).fit()
+    except (ConfigError, DataError) as e:
+        log.error("%s", e)
+        code = EXIT_BAD_INPUT
+    except Exception:
+        log.exception("training failed")
+        code = EXIT_FAILED
+    if state.enabled:
+        finish(state, code)  # never returns
+    return code
+
+
+def cmd_eval(args) -> int:
+    from .data.readers import DataError
+    from .evaluation import evaluate_sts, load_sts
+    from .model import Encoder
+    from .tracking import setup_logging
+
+    setup_logging(0)
+    results = {}
+    try:
+        enc = Encoder.from_pretrained(args.model)
+        for spec in args.sts:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = Path(spec).name.split(".")[0], spec
+            data = load_sts(path, name)
+            results.update({f"eval/{name}/{k}": v for k, v in evaluate_sts(enc, data, args.batch_size).items()})
+    except (DataError, FileNotFoundError, OSError, ValueError) as e:
+        print(f"dist-embed: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(results))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dist-embed", description="Train sentence-embedding models, one GPU to many nodes.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train from a YAML config (+ key.sub=value overrides)")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. training.max_steps=50")
+    tr.add_argument("--nproc", type=int, default=0, help="start N worker processes on this machine")
+    tr.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="STS evaluation of a saved model; prints one JSON object")
+    ev.add_argument("model", help="model directory (ours or any sentence-transformers model) or hub id")
+    ev.add_argument("--sts", action="append", required=True, help="[name=]path of a tsv/csv/jsonl STS file")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.set_defaults(func=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Typed training configuration: a YAML file plus ``key.sub=value`` overrides.
+
+Everything is validated once, at load, into frozen pydantic models, so a typo in a cluster job
+fails in the first second with the file, line and key, not an hour later on rank 7.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the CLI prints it as one line and exits with code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pooling: Literal["mean", "cls", "max"] | None = None  # None: read from a sentence-transformers dir, else mean
+    normalize: bool | None = None  # None: read from a sentence-transformers dir, else False
+    max_seq_length: int | None = Field(default=None, gt=0)
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class DataConfig(_Section):
+    train: str
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)  # our column -> column in the source
+    subset: str | None = None  # Hugging Face dataset config name, e.g. "triplet"
+    split: str = "train"
+    streaming: bool = True
+    shuffle: bool = True
+    shuffle_buffer: int = Field(default=10_000, gt=0)
+    no_duplicates: bool = False
+    dedup_buffer: int | None = Field(default=None, gt=0)  # rows deferred at most; default 16 global batches
+    on_error: Literal["raise", "skip"] = "raise"
+    max_skip_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_rows: int | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class LossConfig(_Section):
+    name: Literal["mnrl", "cached_mnrl", "cosine", "triplet"] = "mnrl"
+    scale: float = Field(default=20.0, gt=0)  # mnrl / cached_mnrl
+    gather_across_devices: bool | None = None  # default: on when world size > 1
+    mini_batch_size: int = Field(default=32, gt=0)  # cached_mnrl
+    margin: float = Field(default=5.0, ge=0)  # triplet
+    distance: Literal["euclidean", "cosine", "manhattan"] = "euclidean"  # triplet
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(default=32, gt=0)  # per process
+    max_steps: int = -1  # optimizer steps; -1: run `epochs` epochs
+    epochs: int = Field(default=1, gt=0)
+    lr: float = Field(default=5e-5, gt=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0)  # wins over warmup_ratio when > 0
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(default=1, gt=0)
+    seed: int = 42
+    log_steps: int = Field(default=10, gt=0)
+    length_sorted_chunks: int = Field(default=0, ge=0)  # >0: encode each column in chunks of similar length
+
+
+class StsSet(_Section):
+    name: str
+    path: str
+
+
+class EvalConfig(_Section):
+    sts: list[StsSet] = Field(default_factory=list)
+    steps: int = Field(default=0, ge=0)  # 0: only before and after training
+    batch_size: int = Field(default=64, gt=0)
+    before_training: bool = True
+
+
+class CheckpointConfig(_Section):
+    steps: int = Field(default=0, ge=0)  # 0: only final/
+    keep_last: int | None = Field(default=3, gt=0)
+
+
+class DistributedConfig(_Section):
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: str | None = None
+    timeout_s: int = Field(default=1800, gt=0)
+    bucket_mb: float = Field(default=25.0, gt=0)  # gradient all-reduce bucket size
+
+
+class Config(_Section):
+    output_dir: str
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.distributed.backend == "deepspeed" and not self.distributed.deepspeed_config:
+            raise ValueError("distributed.deepspeed_config is required when distributed.backend is deepspeed")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``training.lr=1e-4`` -> (["training", "lr"], 0.0001); values are parsed as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "5e-5" as a string
+    return key.split("."), value
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return any(c in s.lower() for c in "e.") and not s.strip().lower() in ("nan", "inf", "-inf")
+
+
+def _set_path(tree: dict, path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str) and _looks_like_float(node) and node.strip()[0] in "0123456789-+.":
+        return float(node)
+    return node
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                path = prefix + (str(k.value),)
+                lines[path] = k.start_mark.line + 1
+                walk(v, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[prefix + (i,)] = v.start_mark.line + 1
+                walk(v, prefix + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read ``path`` (YAML), apply ``overrides`` and validate. Raises ConfigError with file/line/key."""
+    tree: dict = copy.deepcopy(base) if base else {}
+    lines: dict[tuple, int] = {}
+    origin = "config"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree.update(_fix_yaml_floats(loaded))
+        lines = _key_lines(text)
+    overridden: set[tuple] = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set_path(tree, keys, value, f"override {item!r}")
+        overridden.add(tuple(keys))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, origin, lines, overridden)) from None
+
+
+def _describe(err: ValidationError, origin: str, lines: dict, overridden: set) -> str:
+    msgs = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            what = "unknown key"
+        elif item["type"] == "missing":
+            what = "missing required key"
+        else:
+            what = f"{item['msg']} (got {item.get('input')!r})"
+        if loc in overridden:
+            where = "command line"
+        elif loc in lines:
+            where = f"{origin}:{lines[loc]}"
+        else:
+            where = origin
+        msgs.append(f"{where}: {key}: {what}")
+    return "; ".join(msgs)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,90 @@
+"""From global batch plans to tokenized per-rank batches, in a torch DataLoader.
+
+With ``num_workers`` dataloader workers, worker w tokenizes global batches w, w+W, w+2W, ...; the
+DataLoader hands them back in round-robin order, so the step order equals the plan order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .batching import plan_epoch, rank_slice, split_sizes
+from .readers import Row, Schema, Source, validate_rows
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """Everything that decides the sequence of global batches (identical on every rank)."""
+
+    source: Source
+    schema: Schema
+    columns: dict
+    on_error: str
+    seed: int
+    global_batch: int
+    shuffle: bool
+    shuffle_buffer: int
+    no_duplicates: bool
+    dedup_buffer: int | None
+
+    def rows(self):
+        return validate_rows(self.source.records(), self.schema, self.columns, self.on_error)
+
+    def batches(self, epoch: int, segments: Sequence[tuple[int, int]] = ()):
+        return plan_epoch(self.rows, epoch=epoch, seed=self.seed, global_batch=self.global_batch,
+                          shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
+                          no_duplicates=self.no_duplicates, dedup_buffer=self.dedup_buffer, segments=segments)
+
+
+def tokenize_columns(tokenizer, columns: list[list[str]], max_length: int) -> list[dict[str, torch.Tensor]]:
+    """One encoding per text column, each padded to its own longest text (dynamic padding)."""
+    out = []
+    for texts in columns:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out.append({k: v for k, v in enc.items()})
+    return out
+
+
+def collate(rows: Sequence[Row], tokenizer, max_length: int) -> dict[str, Any]:
+    n_cols = len(rows[0].texts) if rows else 0
+    columns = [[r.texts[c] for r in rows] for c in range(n_cols)]
+    feats = tokenize_columns(tokenizer, columns, max_length) if rows else []
+    scores = [r.score for r in rows]
+    return {
+        "features": feats,
+        "row_ids": torch.tensor([r.row_id for r in rows], dtype=torch.long),
+        "scores": torch.tensor(scores, dtype=torch.float32) if rows and rows[0].score is not None else None,
+        "real_tokens": int(sum(int(f["attention_mask"].sum()) for f in feats)),
+        "padded_tokens": int(sum(f["attention_mask"].numel() for f in feats)),
+    }
+
+
+class RankBatches(IterableDataset):
+    """This rank's slices of the global batches of one epoch, from ``start`` (resume) onwards."""
+
+    def __init__(self, spec: PlanSpec, epoch: int, segments, rank: int, world: int, tokenizer, max_length: int):
+        self.spec, self.epoch, self.segments = spec, epoch, list(segments)
+        self.rank, self.world = rank, world
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __iter__(self):
+        info = get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        for i, gbatch in enumerate(self.spec.batches(self.epoch, self.segments)):
+            if i % n_workers != worker:
+                continue
+            local = rank_slice(gbatch, self.rank, self.world)
+            item = collate(local, self.tokenizer, self.max_length)
+            item["global_size"] = len(gbatch)
+            item["sizes"] = split_sizes(len(gbatch), self.world)
+            yield item
+
+
+def make_loader(dataset: RankBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+    kwargs = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    if num_workers:
+        kwargs.update(prefetch_factor=4, persistent_workers=False)
+    return DataLoader(dataset, **kwargs)

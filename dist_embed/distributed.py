@@ -1,0 +1,183 @@
+"""The one place that owns distributed state: process group, device, collectives.
+
+We do not wrap the model in DDP. Gradients are summed with one bucketed all-reduce per optimizer
+step, after all micro-batches (and after every cached-MNRL replay), which gives: one sync per step by
+construction, ranks that hold an empty slice of a ragged batch still take part, and unused
+parameters need no special handling.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistState:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        if os.environ.get(n, "").strip():
+            return int(os.environ[n])
+    return None
+
+
+def init_distributed(timeout_s: int = 1800, force_cpu: bool = False) -> DistState:
+    """Join the process group described by the environment (torchrun, accelerate, srun, Ray).
+
+    torchrun/accelerate/Ray set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; under ``srun`` we
+    read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (MASTER_ADDR/PORT come from our sbatch template).
+    The device is chosen by LOCAL rank, never by global rank.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID") or 0
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    use_cuda = torch.cuda.is_available() and not force_cpu
+    device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistState(device=device)
+    backend = "nccl" if use_cuda else "gloo"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; start workers with dist-embed "
+                           "train --nproc N, torchrun, srun (our sbatch template) or Ray")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistState(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+class _GatherVarlen(torch.autograd.Function):
+    """All-gather rows of different counts per rank, with gradients flowing back to their owners.
+
+    Backward: every rank's loss depends on every gathered row, so the gradient of a row is the sum of
+    all ranks' gradients for it: all-reduce(SUM) the full gradient, then keep our own slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int, timer):
+        ctx.sizes, ctx.rank, ctx.timer = sizes, rank, timer
+        t0 = time.perf_counter()
+        width = max(sizes)
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        out = torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+        if timer is not None:
+            timer.add("comm", time.perf_counter() - t0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        t0 = time.perf_counter()
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        if ctx.timer is not None:
+            ctx.timer.add("comm", time.perf_counter() - t0)
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None, None
+
+
+def gather_with_grad(x: torch.Tensor, sizes: list[int], state: DistState, timer=None) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks in rank order; ``sizes[r]`` rows come from rank r."""
+    if not state.enabled:
+        return x
+    return _GatherVarlen.apply(x, list(sizes), state.rank, timer)
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], state: DistState, bucket_mb: float = 25.0,
+                     timer=None) -> None:
+    """Sum gradients over ranks in flat buckets (few large messages beat many small ones)."""
+    if not state.enabled:
+        return
+    t0 = time.perf_counter()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    limit = int(bucket_mb * 2**20)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        bucket.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+        if size >= limit:
+            _reduce_bucket(bucket)
+            bucket, size = [], 0
+    if bucket:
+        _reduce_bucket(bucket)
+    if timer is not None:
+        timer.add("comm", time.perf_counter() - t0)
+
+
+def _reduce_bucket(grads: list[torch.Tensor]) -> None:
+    by_dtype: dict = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in same:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+
+def all_reduce_sum(values: list[float], state: DistState) -> list[float]:
+    if not state.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=state.device if state.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj, state: DistState):
+    if not state.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(state: DistState) -> None:
+    if state.enabled:
+        dist.barrier()
+
+
+def finish(state: DistState, code: int = 0) -> None:
+    """End a worker: barrier, flush, hard exit (gloo can abort in interpreter teardown otherwise)."""
+    if state.enabled and dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # a peer already died; exit with our code anyway
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,68 @@
+"""STS evaluation: correlation between gold scores and embedding similarities.
+
+Same definitions as sentence-transformers' EmbeddingSimilarityEvaluator: Pearson and Spearman of the
+gold score against cosine, -manhattan, -euclidean and dot similarities; the primary metric is
+``spearman_cosine``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+from .data.readers import Schema, SkipCounter, Source, validate_rows
+
+log = logging.getLogger(__name__)
+
+PRIMARY = "spearman_cosine"
+
+
+@dataclass(frozen=True)
+class StsData:
+    name: str
+    sentences1: list[str]
+    sentences2: list[str]
+    scores: np.ndarray
+
+
+def load_sts(path: str, name: str | None = None, on_error: str = "raise") -> StsData:
+    """Read sentence1 / sentence2 / score rows from tsv (quoting off), csv or jsonl(.gz)."""
+    skips = SkipCounter()
+    rows = list(validate_rows(Source(path).records(), Schema.for_loss("cosine"), {}, on_error, skips))
+    if skips.total:
+        log.warning("%s: %s", path, skips.summary())
+    if len(rows) < 2:
+        raise ValueError(f"{path}: an STS set needs at least 2 scored pairs, found {len(rows)}")
+    return StsData(name or path, [r.texts[0] for r in rows], [r.texts[1] for r in rows],
+                   np.array([r.score for r in rows], dtype=np.float64))
+
+
+def similarity_metrics(emb1: np.ndarray, emb2: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    e1 = emb1.astype(np.float64)
+    e2 = emb2.astype(np.float64)
+    n1 = e1 / np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-12)
+    n2 = e2 / np.maximum(np.linalg.norm(e2, axis=1, keepdims=True), 1e-12)
+    sims = {
+        "cosine": (n1 * n2).sum(1),
+        "manhattan": -np.abs(e1 - e2).sum(1),
+        "euclidean": -np.sqrt(((e1 - e2) ** 2).sum(1)),
+        "dot": (e1 * e2).sum(1),
+    }
+    out = {}
+    for name, s in sims.items():
+        if np.ptp(s) == 0:  # constant predictions (collapsed embeddings): correlation undefined
+            out[f"pearson_{name}"] = out[f"spearman_{name}"] = math.nan
+            continue
+        out[f"pearson_{name}"] = float(pearsonr(gold, s)[0])
+        out[f"spearman_{name}"] = float(spearmanr(gold, s)[0])
+    return out
+
+
+def evaluate_sts(encoder, data: StsData, batch_size: int = 64) -> dict[str, float]:
+    texts = data.sentences1 + data.sentences2
+    emb = encoder.encode(texts, batch_size=batch_size)
+    n = len(data.sentences1)
+    return similarity_metrics(emb[:n], emb[n:], data.scores)

@@ -1,0 +1,218 @@
+"""Encoder = Hugging Face AutoModel + pooling + optional L2 normalisation.
+
+Reads and writes the sentence-transformers directory layout (modules.json, 1_Pooling/,
+2_Normalize/, sentence_bert_config.json) so that ``SentenceTransformer(path)`` loads what we save.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib import import_module
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                "activation_dropout", "classifier_dropout", "hidden_dropout", "attention_dropout_prob")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``package:MODULE/sub/dir`` points inside an installed Python package (offline weights)."""
+    if name_or_path.startswith("package:"):
+        module, _, sub = name_or_path[len("package:"):].partition("/")
+        try:
+            root = Path(import_module(module).__file__).parent
+        except ImportError:
+            raise FileNotFoundError(f"model.name_or_path {name_or_path!r}: Python package {module!r} "
+                                    f"is not installed") from None
+        return str(root / sub)
+    return name_or_path
+
+
+def read_st_settings(path: str) -> dict:
+    """Pooling, normalize and max_seq_length from a sentence-transformers model directory, if it is one."""
+    root = Path(path)
+    out: dict = {}
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return out
+    modules = json.loads(modules_file.read_text())
+    out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pcfg = json.loads((root / m["path"] / "config.json").read_text())
+            modes = [name for name, key in POOLING_KEYS.items() if pcfg.get(key)]
+            unsupported = [k for k, v in pcfg.items() if k.startswith("pooling_mode") and v and
+                           k not in POOLING_KEYS.values()]
+            if unsupported or len(modes) != 1:
+                raise ValueError(f"{root}: pooling {unsupported or modes} is not supported (mean, cls or max)")
+            out["pooling"] = modes[0]
+    sbc = root / "sentence_bert_config.json"
+    if sbc.is_file():
+        out["max_seq_length"] = json.loads(sbc.read_text()).get("max_seq_length")
+    return out
+
+
+def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "cls":
+        return token_embeddings[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
+    if mode == "mean":
+        return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if mode == "max":
+        return token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min).max(1).values
+    raise ValueError(f"unknown pooling {mode!r}")
+
+
+class Encoder(nn.Module):
+    """Texts -> fixed-size embeddings. ``forward`` takes tokenized features, ``encode`` raw texts."""
+
+    def __init__(self, transformer: nn.Module, tokenizer, pooling: str = "mean", normalize: bool = False,
+                 max_seq_length: int = 256, extra_state: dict | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_seq_length = max_seq_length
+        # Weights we do not train but keep so saved checkpoints stay complete (e.g. BERT's pooler).
+        self.extra_state = extra_state or {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
+                        max_seq_length: int | None = None, dropout: float | None = None,
+                        trust_remote_code: bool = False, revision: str | None = None) -> "Encoder":
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = resolve_model_path(name_or_path)
+        st = read_st_settings(path) if os.path.isdir(path) else {}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        if dropout is not None:
+            for key in DROPOUT_KEYS:
+                if isinstance(getattr(config, key, None), float):
+                    setattr(config, key, dropout)
+        transformer = AutoModel.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
+                                                revision=revision)
+        extra = {}
+        # The pooler (a dense layer on [CLS]) is never used by pooled sentence embeddings; under a
+        # gradient all-reduce it only costs time. Detach it but keep its weights for saving.
+        if getattr(transformer, "pooler", None) is not None:
+            extra = {f"pooler.{k}": v.detach().clone() for k, v in transformer.pooler.state_dict().items()}
+            transformer.pooler = None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        limit = getattr(config, "max_position_embeddings", 512) or 512
+        msl = max_seq_length or st.get("max_seq_length") or min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
+        return cls(transformer, tokenizer, pooling=pooling or st.get("pooling", "mean"),
+                   normalize=st.get("normalize", False) if normalize is None else normalize,
+                   max_seq_length=int(msl), extra_state=extra)
+
+    @property
+    def dim(self) -> int:
+        return int(self.transformer.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = self.transformer(**inputs, return_dict=True)
+        emb = pool(out.last_hidden_state, features["attention_mask"], self.pooling)
+        if self.normalize:
+            emb = F.normalize(emb.float(), p=2, dim=-1)
+        return emb
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_seq_length,
+                             return_tensors="pt")
+        return {k: v for k, v in enc.items()}
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Embeddings as float32 numpy, in input order (batches sorted by length for speed)."""
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        dev = self.device
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            feats = {k: v.to(dev) for k, v in self.tokenize([texts[i] for i in idx]).items()}
+            out[idx] = self(feats).float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # sentence-transformers layout
+
+    def state_for_saving(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.transformer.state_dict().items()}
+        state.update({k: v.contiguous() for k, v in self.extra_state.items() if k not in state})
+        return state
+
+    def save(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a complete sentence-transformers model directory (weights as safetensors only)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = self.state_for_saving() if state is None else state
+        save_file(_dedupe_shared(state), str(out / "model.safetensors"), metadata={"format": "pt"})
+        self.transformer.config.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            (out / "2_Normalize").mkdir(exist_ok=True)
+        _write_json(out / "modules.json", modules)
+        _write_json(out / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length, "do_lower_case": False})
+        _write_json(out / "config_sentence_transformers.json", {
+            "__version__": _versions(), "model_type": "SentenceTransformer", "prompts": {},
+            "default_prompt_name": None, "similarity_fn_name": "cosine"})
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        pooling = {"word_embedding_dimension": self.dim}
+        pooling.update({key: (name == self.pooling) for name, key in POOLING_KEYS.items()})
+        pooling.update({"pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+                        "pooling_mode_lasttoken": False, "include_prompt": True})
+        _write_json(out / "1_Pooling" / "config.json", pooling)
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): store a copy of each."""
+    seen: set = set()
+    out = {}
+    for k, v in state.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _versions() -> dict:
+    import transformers
+
+    v = {"dist_embed": _own_version(), "transformers": transformers.__version__, "pytorch": torch.__version__}
+    return v
+
+
+def _own_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dist_embed")
+    except Exception:
+        return "0+unknown"
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

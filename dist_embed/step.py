@@ -1,0 +1,167 @@
+"""One micro-batch: embed this rank's columns, gather candidates, compute the loss, backward.
+
+Kept apart from the loop so the maths of a step (plain, length-sorted chunks, cached MNRL) can be
+tested on its own against a single big batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from . import losses
+from .distributed import DistState, gather_with_grad
+from .tracking import Timer
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    loss: str  # mnrl | cached_mnrl | cosine | triplet
+    scale: float = 20.0
+    margin: float = 5.0
+    distance: str = "euclidean"
+    gather: bool = True
+    mini_batch_size: int = 32  # cached_mnrl
+    chunk: int = 0  # >0: encode in length-sorted chunks of this many rows
+    autocast_dtype: torch.dtype | None = None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _slice(features: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of a tokenized column, with the padding no row of them needs cut off."""
+    out = {k: v[idx] for k, v in features.items()}
+    width = int(out["attention_mask"].sum(1).max()) if len(idx) else 1
+    return {k: v[:, :max(width, 1)] for k, v in out.items()}
+
+
+def chunks(features: dict[str, torch.Tensor], size: int, by_length: bool) -> list[torch.Tensor]:
+    """Row index groups of at most ``size`` rows; sorted by length so each chunk needs little padding."""
+    n = features["attention_mask"].shape[0]
+    order = torch.argsort(features["attention_mask"].sum(1), descending=True, stable=True) if by_length \
+        else torch.arange(n)
+    return list(torch.split(order, size))
+
+
+def embed(encoder, features: dict[str, torch.Tensor], spec: StepSpec) -> torch.Tensor:
+    """Embeddings with grad, in row order. With ``spec.chunk`` the rows run in length-sorted chunks
+    (less padding, same result: every row's embedding depends only on its own tokens)."""
+    if not spec.chunk:
+        return encoder(features)
+    parts, index = [], []
+    for idx in chunks(features, spec.chunk, by_length=True):
+        parts.append(encoder(_slice(features, idx)))
+        index.append(idx)
+    order = torch.cat(index)
+    emb = torch.cat(parts)
+    return emb[torch.argsort(order)]
+
+
+def empty_embedding(encoder, device) -> torch.Tensor:
+    return torch.zeros((0, encoder.dim), device=device, requires_grad=True)
+
+
+def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, state: DistState,
+                         timer: Timer | None) -> torch.Tensor:
+    sizes, n_global = batch["sizes"], batch["global_size"]
+    if spec.loss in ("mnrl", "cached_mnrl"):
+        anchors, docs = embs[0], embs[1:]
+        if spec.gather and state.enabled:
+            docs = [gather_with_grad(d, sizes, state, timer) for d in docs]
+            offset, count = sum(sizes[: state.rank]), n_global
+        else:
+            offset, count = 0, (anchors.shape[0] * state.world_size if state.enabled else n_global)
+        return losses.mnrl(anchors, docs[0], docs[1:], scale=spec.scale, label_offset=offset,
+                           global_count=max(count, 1))
+    if spec.loss == "cosine":
+        scores = batch["scores"].to(embs[0].device) if batch["scores"] is not None else embs[0].new_zeros(0)
+        return losses.cosine_similarity_loss(embs[0], embs[1], scores, global_count=n_global)
+    if spec.loss == "triplet":
+        return losses.triplet_loss(embs[0], embs[1], embs[2], margin=spec.margin, distance=spec.distance,
+                                   global_count=n_global)
+    raise ValueError(f"unknown loss {spec.loss!r}")
+
+
+def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, loss_scale: float = 1.0,
+                     scaler=None, timer: Timer | None = None) -> float:
+    """Loss of one micro-batch (this rank's share of the global mean), gradients accumulated into
+    the encoder's ``.grad``. ``loss_scale`` divides by the number of accumulation steps."""
+    device = state.device
+    feats = [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch["features"]]
+    n_cols = len(feats) or _n_cols(spec)
+    if spec.loss == "cached_mnrl":
+        return _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler, timer)
+    with autocast(device, spec.autocast_dtype):
+        embs = [embed(encoder, f, spec) for f in feats] if feats else \
+            [empty_embedding(encoder, device) for _ in range(n_cols)]
+        loss = loss_from_embeddings(embs, batch, spec, state, timer)
+    _backward(loss * loss_scale, scaler)
+    return float(loss.detach())
+
+
+def _n_cols(spec: StepSpec) -> int:
+    # an empty slice carries no columns; the loss still needs the right number (at least 2 for mnrl)
+    return {"triplet": 3}.get(spec.loss, 2)
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+class _RngReplay:
+    """Captures the RNG state before a forward so the re-forward with grad draws the same dropout."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    @contextlib.contextmanager
+    def replay(self):
+        cpu_now = torch.get_rng_state()
+        cuda_now = torch.cuda.get_rng_state(self.device) if self.cuda is not None else None
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        try:
+            yield
+        finally:
+            torch.set_rng_state(cpu_now)
+            if cuda_now is not None:
+                torch.cuda.set_rng_state(cuda_now, self.device)
+
+
+def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler, timer) -> float:
+    """Gradient caching (Gao et al. 2021): the loss sees the whole global batch, activations only
+    ever exist for one mini-batch. 1) embed mini-batches without grad, 2) loss + gradient w.r.t. the
+    embeddings, 3) re-embed each mini-batch with grad (same RNG) and backpropagate its slice."""
+    device = state.device
+    reps, plans = [], []
+    for f in feats:
+        col_parts, col_plan = [], []
+        for idx in chunks(f, spec.mini_batch_size, by_length=bool(spec.chunk)):
+            rng = _RngReplay(device)
+            sub = _slice(f, idx)
+            with torch.no_grad(), autocast(device, spec.autocast_dtype):
+                col_parts.append(encoder(sub).float())
+            col_plan.append((idx, sub, rng))
+        order = torch.cat([p[0] for p in col_plan])
+        reps.append(torch.cat(col_parts)[torch.argsort(order)].detach().requires_grad_())
+        plans.append(col_plan)
+    if not feats:
+        reps = [empty_embedding(encoder, device) for _ in range(n_cols)]
+    loss = loss_from_embeddings(reps, batch, spec, state, timer)
+    # gradients of the (scaled) loss w.r.t. the cached embeddings; with gathering this backward runs
+    # the all-reduce that hands each rank the gradients other ranks computed for its candidates
+    _backward(loss * loss_scale, scaler)
+    for rep, col_plan in zip(reps if feats else [], plans):
+        for idx, sub, rng in col_plan:
+            with rng.replay(), autocast(device, spec.autocast_dtype):
+                emb = encoder(sub).float()
+            emb.backward(rep.grad[idx])
+    return float(loss.detach())

@@ -1,0 +1,100 @@
+"""Run outputs for people and tools: metrics.jsonl, the console progress, timers."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("dist_embed")
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """Rank 0 logs at INFO, the others only warnings, each line tagged with the rank."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    for noisy in ("transformers", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else v  # JSON has no NaN; null means "undefined"
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only; flushed per line)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8") if path else None
+
+    def write(self, record: dict) -> None:
+        if self._f is None:
+            return
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+
+
+class Progress:
+    """A tqdm bar on an interactive rank 0; plain periodic log lines in cluster logs."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, every: int):
+        self.enabled, self.every, self.total = enabled, every, total
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+        self.start_step = initial
+
+    def update(self, step: int, info: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()},
+                                 refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.t0
+            done = max(step - self.start_step, 1)
+            eta = elapsed / done * max(self.total - step, 0)
+            parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+            log.info("step %d/%d %s eta=%s", step, self.total, parts, _fmt_secs(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Timer:
+    """Accumulates seconds per phase (data, compute, comm) over a logging window."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.totals[key] = self.totals.get(key, 0.0) + seconds
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out

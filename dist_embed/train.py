@@ -1,0 +1,348 @@
+"""The training loop, readable top to bottom: setup, resume, then steps with eval and checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, dump_config
+from .data.loader import PlanSpec, RankBatches, make_loader
+from .data.readers import Schema, Source, detect_format, scan
+from .distributed import DistState, all_reduce_grads, all_reduce_sum, barrier
+from .evaluation import PRIMARY, evaluate_sts, load_sts
+from .model import Encoder
+from .step import StepSpec, forward_backward
+from .tracking import MetricsWriter, Progress, Timer
+
+log = logging.getLogger("dist_embed.train")
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DataPosition:
+    """Where we are in the data: the epoch and the (batch size, batches done) segments of it."""
+
+    epoch: int = 0
+    segments: list = field(default_factory=list)
+
+    def advance(self, global_batch: int) -> None:
+        if not self.segments or self.segments[-1][0] != global_batch:
+            self.segments.append([global_batch, 0])
+        self.segments[-1][1] += 1
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.segments = []
+
+
+def linear_schedule(warmup: int, total: int):
+    """Linear warm-up from 0 to the peak lr, then linear decay to 0 at ``total`` (HF's definition)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (the usual transformer recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("training.precision=fp16 needs a CUDA GPU; this worker runs on "
+                          f"{device.type}. Use training.precision=bf16 (autocast works on CPU) or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("training.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, state: DistState, resume: str | None = None):
+        self.cfg, self.state = cfg, state
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        check_precision(cfg.training.precision, state.device)
+        torch.manual_seed(cfg.training.seed + state.rank)
+        random.seed(cfg.training.seed + state.rank)
+
+        m = cfg.model
+        self.encoder = Encoder.from_pretrained(m.name_or_path, pooling=m.pooling, normalize=m.normalize,
+                                               max_seq_length=m.max_seq_length, dropout=m.dropout,
+                                               trust_remote_code=m.trust_remote_code, revision=m.revision)
+        self.encoder.to(state.device).train()
+        self.params = [p for p in self.encoder.parameters() if p.requires_grad]
+
+        d, t = cfg.data, cfg.training
+        self.schema = Schema.for_loss(cfg.loss.name)
+        self.source = Source(d.train, d.format, d.subset, d.split, d.streaming, d.max_rows)
+        self.global_batch = t.batch_size * state.world_size
+        self.plan = PlanSpec(self.source, self.schema, dict(d.columns), d.on_error, t.seed, self.global_batch,
+                             d.shuffle, d.shuffle_buffer, d.no_duplicates, d.dedup_buffer)
+        self.rows = self._count_rows()
+        batches_per_epoch = math.ceil(self.rows / self.global_batch) if self.rows else None
+        self.steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum) if batches_per_epoch else None
+        if t.max_steps > 0:
+            self.total_steps = t.max_steps
+        elif self.steps_per_epoch:
+            self.total_steps = t.epochs * self.steps_per_epoch
+        else:
+            raise ConfigError("data.train is a stream of unknown length: set training.max_steps")
+        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total_steps)
+
+        self.optimizer = torch.optim.AdamW(param_groups(self.encoder, t.weight_decay), lr=t.lr,
+                                           fused=state.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        gather = cfg.loss.gather_across_devices if cfg.loss.gather_across_devices is not None else state.enabled
+        self.spec = StepSpec(cfg.loss.name, cfg.loss.scale, cfg.loss.margin, cfg.loss.distance, gather,
+                             cfg.loss.mini_batch_size, t.length_sorted_chunks, DTYPES[t.precision])
+        self.eval_sets = [load_sts(s.path, s.name) for s in cfg.eval.sts] if state.is_main else []
+
+        self.step = 0
+        self.pos = DataPosition()
+        self.history: list[dict] = []  # eval results, for best-checkpoint and the model card
+        if resume:
+            self._resume(resume)
+        if state.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if state.is_main else None)
+        self.row_log = None
+        if os.environ.get("DIST_EMBED_LOG_ROW_IDS"):
+            # audit trail for tests and drills: which rows each rank trained on, per optimizer step
+            (self.out / "row_ids").mkdir(parents=True, exist_ok=True)
+            self.row_log = open(self.out / "row_ids" / f"rank{state.rank}.jsonl", "a", encoding="utf-8")
+        log.info("world size %d, device %s, %s rows, global batch %d, %d optimizer steps (warm-up %d), "
+                 "precision %s, loss %s%s", state.world_size, state.device, self.rows, self.global_batch,
+                 self.total_steps, warmup, t.precision, cfg.loss.name,
+                 " with negatives gathered across ranks" if gather and state.enabled else "")
+
+    # ------------------------------------------------------------------------------------------
+
+    def _count_rows(self) -> int | None:
+        d = self.cfg.data
+        if detect_format(d.train, d.format) == "hf" and d.streaming:
+            return None  # a hub stream: no pre-scan; rows are validated as they arrive
+        t0 = time.perf_counter()
+        res = scan(self.source, self.schema, dict(d.columns), d.on_error, d.max_skip_fraction)
+        log.info("%s: %d rows checked in %.1fs%s", d.train, res.rows, time.perf_counter() - t0,
+                 f" ({res.skips.total} skipped)" if res.skips.total else "")
+        return res.rows
+
+    def _resume(self, what: str) -> None:
+        if what == "latest":
+            path = ckpt.find_resumable(self.ckpt_root)
+            if path is None:
+                log.info("--resume latest: no usable checkpoint in %s, starting from scratch", self.ckpt_root)
+                return
+        else:
+            path = Path(what)
+            problem = ckpt.verify(path)
+            if problem:
+                raise ConfigError(f"--resume {path}: {problem}")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "model.safetensors"))
+        missing = self.encoder.transformer.load_state_dict(
+            {k: v for k, v in weights.items() if k not in self.encoder.extra_state}, strict=True)
+        sd = path / ckpt.STATE_DIR
+        self.optimizer.load_state_dict(ckpt.load_tensors(sd / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_tensors(sd / "scheduler.pt"))
+        if self.scaler is not None and (sd / "scaler.pt").exists():
+            self.scaler.load_state_dict(ckpt.load_tensors(sd / "scaler.pt"))
+        meta = json.loads((sd / "trainer.json").read_text())
+        self.step = meta["step"]
+        self.pos = DataPosition(meta["epoch"], [list(s) for s in meta["segments"]])
+        self.history = meta.get("history", [])
+        rng_file = sd / f"rng-rank{self.state.rank}.pt"
+        if meta["world_size"] == self.state.world_size and rng_file.exists():
+            ckpt.set_rng_state(ckpt.load_tensors(rng_file))
+        if meta["world_size"] != self.state.world_size:
+            log.warning("resuming a %d-process run with %d processes: global batch %d -> %d; the rest of epoch "
+                        "%d is re-planned over the rows not yet trained on (none repeated, none lost)",
+                        meta["world_size"], self.state.world_size, meta["global_batch"], self.global_batch,
+                        self.pos.epoch)
+        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step, self.pos.epoch,
+                 sum(k for _, k in self.pos.segments))
+        del missing
+
+    # ------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        results: dict[str, float] = {}
+        if self.state.is_main and self.eval_sets:
+            for data in self.eval_sets:
+                m = evaluate_sts(self.encoder, data, self.cfg.eval.batch_size)
+                results.update({f"eval/{data.name}/{k}": v for k, v in m.items()})
+            self.encoder.train()
+            rec = {"step": self.step, "epoch": self.pos.epoch, **results}
+            self.metrics.write(rec)
+            self.history.append(rec)
+            log.info("eval at step %d: %s", self.step, ", ".join(
+                f"{k.split('/', 1)[1]}={v:.4f}" for k, v in results.items() if k.endswith(PRIMARY)))
+        barrier(self.state)
+        return results
+
+    def save(self, final: bool = False) -> Path:
+        """All ranks call this; rank 0 writes the model, each rank its RNG state, rank 0 commits."""
+        target = self.out / "final" if final else self.ckpt_root / f"step-{self.step}"
+        tmp = ckpt.staging_dir(target)
+        if self.state.is_main:
+            ckpt.begin(target)
+        barrier(self.state)
+        if not final:
+            sd = tmp / ckpt.STATE_DIR
+            if self.state.is_main:
+                sd.mkdir(parents=True, exist_ok=True)
+            barrier(self.state)
+            ckpt.save_tensors(ckpt.rng_state(), sd / f"rng-rank{self.state.rank}.pt")
+        if self.state.is_main:
+            self.encoder.save(tmp)
+            if not final:
+                ckpt.save_tensors(self.optimizer.state_dict(), sd / "optimizer.pt")
+                ckpt.save_tensors(self.scheduler.state_dict(), sd / "scheduler.pt")
+                if self.scaler is not None:
+                    ckpt.save_tensors(self.scaler.state_dict(), sd / "scaler.pt")
+                (sd / "trainer.json").write_text(json.dumps({
+                    "step": self.step, "epoch": self.pos.epoch, "segments": self.pos.segments,
+                    "world_size": self.state.world_size, "global_batch": self.global_batch,
+                    "history": self.history}, indent=1))
+        barrier(self.state)
+        if self.state.is_main:
+            ckpt.commit(tmp, target)
+            if not final:
+                ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
+            log.info("saved %s", target)
+        barrier(self.state)
+        return target
+
+    # ------------------------------------------------------------------------------------------
+
+    def _batches(self):
+        """Micro-batches forever (epoch after epoch), each tagged with its epoch."""
+        while True:
+            ds = RankBatches(self.plan, self.pos.epoch, self.pos.segments, self.state.rank, self.state.world_size,
+                             self.encoder.tokenizer, self.encoder.max_seq_length)
+            loader = make_loader(ds, self.cfg.data.num_workers, pin_memory=self.state.device.type == "cuda")
+            for batch in loader:
+                yield batch
+            yield None  # end of epoch marker
+
+    def fit(self) -> Path:
+        cfg, t = self.cfg, self.cfg.training
+        if self.step == 0 and cfg.eval.before_training:
+            self.evaluate()
+        progress = Progress(self.total_steps, self.step, self.state.is_main, t.log_steps)
+        timer = Timer()
+        window = {"loss": 0.0, "n": 0, "samples": 0, "real": 0, "padded": 0, "t0": time.perf_counter()}
+        batches = self._batches()
+        epochs_left = t.epochs - self.pos.epoch if t.max_steps <= 0 else None
+        done = self.step >= self.total_steps or (epochs_left is not None and epochs_left <= 0)
+        while not done:
+            micro = 0
+            step_loss = 0.0
+            row_ids = []
+            for _ in range(t.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                timer.add("data", time.perf_counter() - t0)
+                if batch is None:  # epoch finished
+                    self.pos.next_epoch()
+                    if t.max_steps <= 0 and self.pos.epoch >= t.epochs:
+                        done = True
+                    break
+                t0 = time.perf_counter()
+                comm_before = timer.totals.get("comm", 0.0)
+                step_loss += forward_backward(self.encoder, batch, self.spec, self.state, loss_scale=1.0 / t.grad_accum,
+                                              scaler=self.scaler, timer=timer)
+                timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
+                self.pos.advance(self.global_batch)
+                micro += 1
+                window["samples"] += batch["global_size"]
+                window["real"] += batch["real_tokens"]
+                window["padded"] += batch["padded_tokens"]
+                if self.row_log:
+                    row_ids.extend(batch["row_ids"].tolist())
+            if micro == 0:
+                continue
+            if micro < t.grad_accum:  # the epoch ended mid-accumulation: average over what we had
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(t.grad_accum / micro)
+                step_loss *= t.grad_accum / micro
+            loss, grad_norm = self._optimizer_step(step_loss / t.grad_accum, timer)
+            self.step += 1
+            if self.row_log:
+                self.row_log.write(json.dumps({"step": self.step, "epoch": self.pos.epoch, "rows": row_ids}) + "\n")
+                self.row_log.flush()
+            window["loss"] += loss
+            window["n"] += 1
+            lr = self.scheduler.get_last_lr()[0]
+            if self.step % t.log_steps == 0 or self.step == self.total_steps:
+                self._log_window(window, timer, lr, grad_norm)
+            progress.update(self.step, {"loss": loss, "lr": lr})
+            if cfg.eval.steps and self.step % cfg.eval.steps == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if cfg.checkpoint.steps and self.step % cfg.checkpoint.steps == 0 and self.step < self.total_steps:
+                self.save()
+            if self.step >= self.total_steps:
+                done = True
+        progress.close()
+        if window["n"]:
+            self._log_window(window, timer, self.scheduler.get_last_lr()[0], None)
+        self.evaluate()
+        final = self.save(final=True)
+        self.metrics.close()
+        return final
+
+    def _optimizer_step(self, local_loss: float, timer: Timer) -> tuple[float, float]:
+        t = self.cfg.training
+        t0 = time.perf_counter()
+        all_reduce_grads(self.params, self.state, self.cfg.distributed.bucket_mb, timer)
+        (loss,) = all_reduce_sum([local_loss], self.state)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if t.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        timer.add("optimizer", time.perf_counter() - t0)
+        return loss, grad_norm
+
+    def _log_window(self, window: dict, timer: Timer, lr: float, grad_norm: float | None) -> None:
+        if not window["n"]:
+            return
+        elapsed = time.perf_counter() - window["t0"]
+        real, padded = all_reduce_sum([window["real"], window["padded"]], self.state)
+        phases = timer.pop()
+        total = sum(phases.values()) or 1.0
+        rec = {"step": self.step, "epoch": self.pos.epoch, "loss": window["loss"] / window["n"], "lr": lr,
+               "grad_norm": grad_norm, "samples_per_second": window["samples"] / elapsed,
+               "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1)}
+        rec.update({f"time/{k}": v / total for k, v in phases.items()})
+        self.metrics.write(rec)
+        window.update(loss=0.0, n=0, samples=0, real=0, padded=0, t0=time.perf_counter())
