@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (autocast hands us bf16/fp16; float64 stays float64 for tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def cos_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarity matrix (len(a) x len(b))."""
     return F.normalize(a, p=2, dim=-1) @ F.normalize(b, p=2, dim=-1).T
@@ -25,7 +30,7 @@ def mnrl(anchors: torch.Tensor, positives: torch.Tensor, negatives: list[torch.T
     and negatives are gathered separately and concatenated after, so positives keep columns 0..N-1.
     """
     candidates = torch.cat([positives, *negatives], dim=0)
-    scores = cos_sim(anchors.float(), candidates.float()) * scale
+    scores = cos_sim(_wide(anchors), _wide(candidates)) * scale
     labels = torch.arange(anchors.shape[0], device=anchors.device) + label_offset
     return F.cross_entropy(scores, labels, reduction="sum") / global_count
 
@@ -33,8 +38,8 @@ def mnrl(anchors: torch.Tensor, positives: torch.Tensor, negatives: list[torch.T
 def cosine_similarity_loss(a: torch.Tensor, b: torch.Tensor, scores: torch.Tensor, *,
                            global_count: int) -> torch.Tensor:
     """CosineSimilarityLoss: squared error between cos(a, b) and a gold score."""
-    cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
-    return ((cos - scores.float()) ** 2).sum() / global_count
+    cos = F.cosine_similarity(_wide(a), _wide(b), dim=-1)
+    return ((cos - _wide(scores)) ** 2).sum() / global_count
 
 
 def _distance(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,5 +55,5 @@ def _distance(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def triplet_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, *, margin: float = 5.0,
                  distance: str = "euclidean", global_count: int) -> torch.Tensor:
     """TripletLoss: max(d(a, p) - d(a, n) + margin, 0)."""
-    a, p, n = a.float(), p.float(), n.float()
+    a, p, n = _wide(a), _wide(p), _wide(n)
     return F.relu(_distance(distance, a, p) - _distance(distance, a, n) + margin).sum() / global_count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
+import re
 import json
 import logging
 import math
@@ -221,9 +221,9 @@ class SkipCounter:
 
 
 def _reason(message: str) -> str:
-    """Group errors by kind for the skip summary: the text after the location, numbers dropped."""
-    tail = message.split(": ", 1)[-1]
-    return tail.split(" (")[0].split(":")[0]
+    """Group errors by kind for the skip summary: the message without its location and values."""
+    tail = message.split(": ", 1)[-1].split(" (")[0]
+    return re.sub(r": '.*'$|: .*got .*$", "", tail)
 
 
 def _resolve_columns(schema: Schema, mapping: dict[str, str], available: Iterable[str], where: str):

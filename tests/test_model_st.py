@@ -1,0 +1,74 @@
+"""Our encoder, evaluator and checkpoints against the real sentence-transformers library."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dist_embed.evaluation import evaluate_sts, load_sts
+from dist_embed.model import Encoder
+
+from conftest import QUICK, SHARED
+
+
+def sts_dev():
+    path = SHARED / "stsb" / "dev.tsv"
+    return load_sts(str(path if path.exists() else QUICK / "snli-dev-pairs-1k.tsv"), "sts-dev")
+
+
+@pytest.fixture(scope="module")
+def st_and_ours(minilm):
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(2)
+    return SentenceTransformer(str(minilm), device="cpu"), Encoder.from_pretrained(str(minilm))
+
+
+def test_reads_sentence_transformers_settings(st_and_ours):
+    st, ours = st_and_ours
+    assert (ours.pooling, ours.normalize, ours.max_seq_length) == ("mean", True, st.max_seq_length)
+
+
+def test_embeddings_and_sts_metrics_equal_sentence_transformers(st_and_ours):
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    st, ours = st_and_ours
+    data = sts_dev()
+    texts = data.sentences1 + data.sentences2
+    ref = st.encode(texts, batch_size=64, convert_to_numpy=True)
+    got = ours.encode(texts, batch_size=64)
+    assert np.abs(ref - got).max() < 1e-5
+    evaluator = EmbeddingSimilarityEvaluator(data.sentences1, data.sentences2, data.scores.tolist(), name="sts-dev",
+                                             similarity_fn_names=["cosine", "manhattan", "euclidean", "dot"])
+    theirs = evaluator(st)
+    mine = evaluate_sts(ours, data)
+    for key, value in mine.items():
+        assert abs(value - theirs[f"sts-dev_{key}"]) < 1e-6, key
+
+
+@pytest.mark.parametrize("pooling,normalize", [("mean", False), ("cls", True), ("max", False)])
+def test_saved_directory_loads_in_sentence_transformers(tiny_model, tmp_path, pooling, normalize):
+    from sentence_transformers import SentenceTransformer
+
+    enc = Encoder.from_pretrained(str(tiny_model), pooling=pooling, normalize=normalize, max_seq_length=40)
+    enc.save(tmp_path / "m")
+    st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
+    texts = sts_dev().sentences1[:100]
+    assert st.max_seq_length == 40
+    assert np.abs(st.encode(texts, convert_to_numpy=True) - enc.encode(texts)).max() < 1e-5
+    modules = json.loads((tmp_path / "m" / "modules.json").read_text())
+    assert [m["path"] for m in modules] == ["", "1_Pooling"] + (["2_Normalize"] if normalize else [])
+    # the unused BERT pooler is dropped for training but kept in the file: nothing missing on load
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert "pooler.dense.weight" in f.keys()
+
+
+def test_dropout_override(tiny_model):
+    enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0)
+    cfg = enc.transformer.config
+    assert cfg.hidden_dropout_prob == 0.0 and cfg.attention_probs_dropout_prob == 0.0
+    enc.train()
+    feats = enc.tokenize(["a dog runs", "two cats sleep on a mat"])
+    assert torch.equal(enc(feats), enc(feats))  # no randomness left in training mode
