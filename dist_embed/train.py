@@ -96,7 +96,7 @@ class Trainer:
         self.plan = PlanSpec(self.source, self.schema, dict(d.columns), d.on_error, t.seed, self.global_batch,
                              d.shuffle, d.shuffle_buffer, d.no_duplicates, d.dedup_buffer)
         self.rows = self._count_rows()
-        batches_per_epoch = math.ceil(self.rows / self.global_batch) if self.rows else None
+        batches_per_epoch = self._batches_per_epoch()
         self.steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum) if batches_per_epoch else None
         if t.max_steps > 0:
             self.total_steps = t.max_steps
@@ -145,6 +145,17 @@ class Trainer:
         log.info("%s: %d rows checked in %.1fs%s", d.train, res.rows, time.perf_counter() - t0,
                  f" ({res.skips.total} skipped)" if res.skips.total else "")
         return res.rows
+
+    def _batches_per_epoch(self) -> int | None:
+        if not self.rows:
+            return None
+        if not self.cfg.data.no_duplicates:
+            return math.ceil(self.rows / self.global_batch)
+        # de-duplication can defer rows into extra, shorter batches: count them (no tokenizing)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in self.plan.batches(0))
+        log.info("no-duplicates batching: %d global batches per epoch (%.1fs to plan)", n, time.perf_counter() - t0)
+        return n
 
     def _resume(self, what: str) -> None:
         if what == "latest":
@@ -253,8 +264,7 @@ class Trainer:
         timer = Timer()
         window = {"loss": 0.0, "n": 0, "samples": 0, "real": 0, "padded": 0, "t0": time.perf_counter()}
         batches = self._batches()
-        epochs_left = t.epochs - self.pos.epoch if t.max_steps <= 0 else None
-        done = self.step >= self.total_steps or (epochs_left is not None and epochs_left <= 0)
+        done = self.step >= self.total_steps if t.max_steps > 0 else self.pos.epoch >= t.epochs
         while not done:
             micro = 0
             step_loss = 0.0
@@ -302,7 +312,7 @@ class Trainer:
                 self.evaluate()
             if cfg.checkpoint.steps and self.step % cfg.checkpoint.steps == 0 and self.step < self.total_steps:
                 self.save()
-            if self.step >= self.total_steps:
+            if t.max_steps > 0 and self.step >= self.total_steps:
                 done = True
         progress.close()
         if window["n"]:
