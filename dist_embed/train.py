@@ -260,6 +260,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         if self.step == 0 and cfg.eval.before_training:
             self.evaluate()
+        t_start, start_step = time.perf_counter(), self.step
         progress = Progress(self.total_steps, self.step, self.state.is_main, t.log_steps)
         timer = Timer()
         window = {"loss": 0.0, "n": 0, "samples": 0, "real": 0, "padded": 0, "t0": time.perf_counter()}
@@ -320,7 +321,26 @@ class Trainer:
         self.evaluate()
         final = self.save(final=True)
         self.metrics.close()
+        if self.state.is_main:
+            log.info("%s", self.summary(final, time.perf_counter() - t_start, start_step))
         return final
+
+    def summary(self, final: Path, seconds: float, start_step: int) -> str:
+        """The end-of-run table: what ran, how fast, the eval metrics before and after, where it went."""
+        steps = self.step - start_step
+        lines = ["run summary",
+                 f"  steps          {self.step} ({steps} in this run, {seconds:.0f}s, "
+                 f"{steps / max(seconds, 1e-9):.2f} steps/s, "
+                 f"{steps * self.global_batch * self.cfg.training.grad_accum / max(seconds, 1e-9):.1f} samples/s)",
+                 f"  world size     {self.state.world_size} x batch {self.cfg.training.batch_size}"]
+        if self.history:
+            first, last = self.history[0], self.history[-1]
+            for key in (k for k in last if k.endswith("/" + PRIMARY)):
+                best = max((h for h in self.history if h.get(key) is not None), key=lambda h: h[key], default=last)
+                lines.append(f"  {key:<40} step {first['step']}: {first.get(key, float('nan')):.4f} -> "
+                             f"step {last['step']}: {last[key]:.4f} (best {best[key]:.4f} at step {best['step']})")
+        lines.append(f"  model          {final}")
+        return "\n".join(lines)
 
     def _optimizer_step(self, local_loss: float, timer: Timer) -> tuple[float, float]:
         t = self.cfg.training
