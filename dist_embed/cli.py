@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; requeue and --resume latest
 
 log = logging.getLogger("dist_embed")
 
@@ -34,7 +35,7 @@ def cmd_train(args) -> int:
         from .launch import launch_local
 
         return launch_local(args.nproc, ["train", args.config, *args.overrides]
-                            + (["--resume", args.resume] if args.resume else []))
+                            + (["--resume", args.resume] if args.resume else []), cfg.output_dir)
     return run_worker(cfg, args.resume)
 
 
@@ -44,7 +45,8 @@ def run_worker(cfg, resume: str | None) -> int:
     from .data.readers import DataError
     from .distributed import finish, init_distributed
     from .tracking import setup_logging
-    from .train import Trainer
+    from .health import TrainingHealthError
+    from .train import Preempted, Trainer
 
     state = init_distributed(cfg.distributed.timeout_s)
     setup_logging(state.rank)
@@ -54,11 +56,17 @@ def run_worker(cfg, resume: str | None) -> int:
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT
+    except Preempted as e:
+        log.warning("%s; exit code %d (requeue and resume with --resume latest)", e, EXIT_PREEMPTED)
+        code = EXIT_PREEMPTED
+    except TrainingHealthError as e:
+        log.error("training stopped: %s", e)
+        code = EXIT_FAILED
     except Exception:
         log.exception("training failed")
         code = EXIT_FAILED
     if state.enabled:
-        finish(state, code)  # never returns
+        finish(state, code, sync=code in (EXIT_OK, EXIT_PREEMPTED))  # never returns
     return code
 
 

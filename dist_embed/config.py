@@ -90,6 +90,12 @@ class CheckpointConfig(_Section):
     keep_last: int | None = Field(default=3, gt=0)
 
 
+class HealthConfig(_Section):
+    max_bad_steps: int = Field(default=5, gt=0)  # NaN/inf loss or gradients in a row before aborting
+    plateau_steps: int = Field(default=50, ge=0)  # steps after warm-up at ~ln(candidates) before warning; 0: off
+    collapse_std: float = Field(default=1e-4, ge=0)  # embedding std across the batch below this: warning
+
+
 class DistributedConfig(_Section):
     backend: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str | None = None
@@ -106,6 +112,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

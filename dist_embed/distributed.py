@@ -169,9 +169,10 @@ def barrier(state: DistState) -> None:
         dist.barrier()
 
 
-def finish(state: DistState, code: int = 0) -> None:
-    """End a worker: barrier, flush, hard exit (gloo can abort in interpreter teardown otherwise)."""
-    if state.enabled and dist.is_initialized():
+def finish(state: DistState, code: int = 0, sync: bool = True) -> None:
+    """End a worker: barrier, flush, hard exit (gloo can abort in interpreter teardown otherwise).
+    ``sync=False`` after a failure on this rank alone: peers may never reach the barrier."""
+    if sync and state.enabled and dist.is_initialized():
         try:
             dist.barrier()
             dist.destroy_process_group()

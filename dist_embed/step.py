@@ -66,9 +66,15 @@ def empty_embedding(encoder, device) -> torch.Tensor:
     return torch.zeros((0, encoder.dim), device=device, requires_grad=True)
 
 
+def embedding_std(emb: torch.Tensor) -> float | None:
+    """Mean over dimensions of the std across the batch: ~0 means every text gets the same vector."""
+    return float(emb.detach().float().std(0).mean()) if emb.shape[0] > 1 else None
+
+
 def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, state: DistState,
-                         timer: Timer | None) -> torch.Tensor:
+                         timer: Timer | None) -> tuple[torch.Tensor, dict]:
     sizes, n_global = batch["sizes"], batch["global_size"]
+    info = {"emb_std": embedding_std(embs[0]), "candidates": None}
     if spec.loss in ("mnrl", "cached_mnrl"):
         anchors, docs = embs[0], embs[1:]
         if spec.gather and state.enabled:
@@ -76,19 +82,20 @@ def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, 
             offset, count = sum(sizes[: state.rank]), n_global
         else:
             offset, count = 0, (anchors.shape[0] * state.world_size if state.enabled else n_global)
+        info["candidates"] = sum(d.shape[0] for d in docs)
         return losses.mnrl(anchors, docs[0], docs[1:], scale=spec.scale, label_offset=offset,
-                           global_count=max(count, 1))
+                           global_count=max(count, 1)), info
     if spec.loss == "cosine":
         scores = batch["scores"].to(embs[0].device) if batch["scores"] is not None else embs[0].new_zeros(0)
-        return losses.cosine_similarity_loss(embs[0], embs[1], scores, global_count=n_global)
+        return losses.cosine_similarity_loss(embs[0], embs[1], scores, global_count=n_global), info
     if spec.loss == "triplet":
         return losses.triplet_loss(embs[0], embs[1], embs[2], margin=spec.margin, distance=spec.distance,
-                                   global_count=n_global)
+                                   global_count=n_global), info
     raise ValueError(f"unknown loss {spec.loss!r}")
 
 
 def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, loss_scale: float = 1.0,
-                     scaler=None, timer: Timer | None = None) -> float:
+                     scaler=None, timer: Timer | None = None) -> tuple[float, dict]:
     """Loss of one micro-batch (this rank's share of the global mean), gradients accumulated into
     the encoder's ``.grad``. ``loss_scale`` divides by the number of accumulation steps."""
     device = state.device
@@ -99,9 +106,9 @@ def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, 
     with autocast(device, spec.autocast_dtype):
         embs = [embed(encoder, f, spec) for f in feats] if feats else \
             [empty_embedding(encoder, device) for _ in range(n_cols)]
-        loss = loss_from_embeddings(embs, batch, spec, state, timer)
+        loss, info = loss_from_embeddings(embs, batch, spec, state, timer)
     _backward(loss * loss_scale, scaler)
-    return float(loss.detach())
+    return float(loss.detach()), info
 
 
 def _n_cols(spec: StepSpec) -> int:
@@ -155,7 +162,7 @@ def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler,
         plans.append(col_plan)
     if not feats:
         reps = [empty_embedding(encoder, device) for _ in range(n_cols)]
-    loss = loss_from_embeddings(reps, batch, spec, state, timer)
+    loss, info = loss_from_embeddings(reps, batch, spec, state, timer)
     # gradients of the (scaled) loss w.r.t. the cached embeddings; with gathering this backward runs
     # the all-reduce that hands each rank the gradients other ranks computed for its candidates
     _backward(loss * loss_scale, scaler)
@@ -164,4 +171,4 @@ def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler,
             with rng.replay(), autocast(device, spec.autocast_dtype):
                 emb = encoder(sub).float()
             emb.backward(rep.grad[idx])
-    return float(loss.detach())
+    return float(loss.detach()), info

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from .data.loader import PlanSpec, RankBatches, make_loader
 from .data.readers import Schema, Source, detect_format, scan
 from .distributed import DistState, all_reduce_grads, all_reduce_sum, barrier
 from .evaluation import PRIMARY, evaluate_sts, load_sts
+from .health import HealthMonitor, sts_events
 from .model import Encoder
 from .step import StepSpec, forward_backward
 from .tracking import MetricsWriter, Progress, Timer
@@ -25,6 +27,15 @@ from .tracking import MetricsWriter, Progress, Timer
 log = logging.getLogger("dist_embed.train")
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint was written and the job should be requeued."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
 
 
 @dataclass
@@ -115,6 +126,9 @@ class Trainer:
                              cfg.loss.mini_batch_size, t.length_sorted_chunks, DTYPES[t.precision])
         self.eval_sets = [load_sts(s.path, s.name) for s in cfg.eval.sts] if state.is_main else []
 
+        self.health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
+                                    warmup_steps=warmup)
+        self.stop_signal: int | None = None
         self.step = 0
         self.pos = DataPosition()
         self.history: list[dict] = []  # eval results, for best-checkpoint and the model card
@@ -206,6 +220,7 @@ class Trainer:
             rec = {"step": self.step, "epoch": self.pos.epoch, **results}
             self.metrics.write(rec)
             self.history.append(rec)
+            self.report_events(sts_events(self.step, results))
             log.info("eval at step %d: %s", self.step, ", ".join(
                 f"{k.split('/', 1)[1]}={v:.4f}" for k, v in results.items() if k.endswith(PRIMARY)))
         barrier(self.state)
@@ -256,7 +271,38 @@ class Trainer:
                 yield batch
             yield None  # end of epoch marker
 
+    def report_events(self, events: list[dict]) -> None:
+        for ev in events:
+            log.warning("%s", ev["message"])
+            if self.state.is_main:
+                self.metrics.write({**ev, "epoch": self.pos.epoch, **{f"health/{k}": v for k, v in
+                                                                      self.health.counters.items()}})
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            log.warning("%s received: finishing this step, then checkpointing and exiting", name)
+        else:
+            log.warning("%s received again: already stopping; the checkpoint is written atomically", name)
+
+    def _stop_requested(self) -> bool:
+        """All ranks agree to stop if any rank was signalled (one tiny all-reduce per step)."""
+        if not self.state.enabled:
+            return self.stop_signal is not None
+        (n,) = all_reduce_sum([1.0 if self.stop_signal is not None else 0.0], self.state)
+        return n > 0
+
     def fit(self) -> Path:
+        cfg, t = self.cfg, self.cfg.training
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            return self._fit()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.training
         if self.step == 0 and cfg.eval.before_training:
             self.evaluate()
@@ -281,8 +327,9 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 comm_before = timer.totals.get("comm", 0.0)
-                step_loss += forward_backward(self.encoder, batch, self.spec, self.state, loss_scale=1.0 / t.grad_accum,
-                                              scaler=self.scaler, timer=timer)
+                micro_loss, info = forward_backward(self.encoder, batch, self.spec, self.state,
+                                                    loss_scale=1.0 / t.grad_accum, scaler=self.scaler, timer=timer)
+                step_loss += micro_loss
                 timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
                 self.pos.advance(self.global_batch)
                 micro += 1
@@ -298,13 +345,16 @@ class Trainer:
                     if p.grad is not None:
                         p.grad.mul_(t.grad_accum / micro)
                 step_loss *= t.grad_accum / micro
-            loss, grad_norm = self._optimizer_step(step_loss / t.grad_accum, timer)
+            loss, grad_norm, ok = self._optimizer_step(step_loss / t.grad_accum, timer)
             self.step += 1
+            if ok:
+                self.report_events(self.health.good_step(self.step, loss, info["candidates"], info["emb_std"]))
             if self.row_log:
                 self.row_log.write(json.dumps({"step": self.step, "epoch": self.pos.epoch, "rows": row_ids}) + "\n")
                 self.row_log.flush()
-            window["loss"] += loss
-            window["n"] += 1
+            if math.isfinite(loss):
+                window["loss"] += loss
+                window["n"] += 1
             lr = self.scheduler.get_last_lr()[0]
             if self.step % t.log_steps == 0 or self.step == self.total_steps:
                 self._log_window(window, timer, lr, grad_norm)
@@ -315,6 +365,13 @@ class Trainer:
                 self.save()
             if t.max_steps > 0 and self.step >= self.total_steps:
                 done = True
+            if not done and self._stop_requested():
+                progress.close()
+                self._log_window(window, timer, lr, grad_norm)
+                saved = self.save()
+                if self.state.is_main:
+                    (self.out / "PREEMPTED").write_text(f"{saved}\n")
+                raise Preempted(self.stop_signal or signal.SIGTERM, saved)
         progress.close()
         if window["n"]:
             self._log_window(window, timer, self.scheduler.get_last_lr()[0], None)
@@ -342,7 +399,7 @@ class Trainer:
         lines.append(f"  model          {final}")
         return "\n".join(lines)
 
-    def _optimizer_step(self, local_loss: float, timer: Timer) -> tuple[float, float]:
+    def _optimizer_step(self, local_loss: float, timer: Timer) -> tuple[float, float, bool]:
         t = self.cfg.training
         t0 = time.perf_counter()
         all_reduce_grads(self.params, self.state, self.cfg.distributed.bucket_mb, timer)
@@ -353,15 +410,26 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm))
         else:
             grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        ok = True
         if self.scaler is not None:
+            # fp16: the scaler skips steps whose gradients overflowed and lowers the scale
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+            if self.scaler.get_scale() < scale:
+                self.report_events([self.health.fp16_skipped(self.step + 1, scale, self.scaler.get_scale())])
+            elif not math.isfinite(loss):
+                self.report_events([self.health.bad_step(self.step + 1, loss, grad_norm)])
+                ok = False
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
+        else:
+            self.report_events([self.health.bad_step(self.step + 1, loss, grad_norm)])
+            ok = False
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         timer.add("optimizer", time.perf_counter() - t0)
-        return loss, grad_norm
+        return loss, grad_norm, ok
 
     def _log_window(self, window: dict, timer: Timer, lr: float, grad_norm: float | None) -> None:
         if not window["n"]:

@@ -1,0 +1,179 @@
+"""Fault tolerance with real processes: exact resume, preemption signals, SIGKILL, corrupt checkpoints."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dist_embed.checkpoint import find_resumable, verify
+from dist_embed.launch import child_pids
+
+from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl
+from test_distributed import max_weight_diff, read_row_log
+
+pytestmark = pytest.mark.slow
+ROWS = {"DIST_EMBED_LOG_ROW_IDS": "1"}
+
+
+def train(cfg, out, *args, env=None, expect=0):
+    r = run_cli("train", cfg, f"output_dir={out}", *args, env=env)
+    assert r.returncode == expect, r.stderr[-4000:]
+    return r
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_gives_the_same_losses_and_weights(tmp_path, tiny_model, triplets, nproc):
+    cfg = tiny_config(tmp_path, tiny_model, triplets, data={"no_duplicates": True},
+                      training={"max_steps": 8, "batch_size": 8, "lr": 1e-4},
+                      checkpoint={"steps": 4, "keep_last": 5})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(cfg, straight, "--nproc", nproc)
+    r = train(cfg, resumed, "--nproc", nproc, "--resume", straight / "checkpoints" / "step-4")
+    assert "resumed from" in r.stderr
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in b:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    assert max_weight_diff(straight, resumed) < 1e-6
+
+
+def chain_rows(logs: dict, upto: int | None = None) -> dict[int, list[int]]:
+    """step -> rows of all ranks; a later record of the same step (after a resume) wins."""
+    steps: dict[int, list[int]] = {}
+    for rank in sorted(logs):
+        seen = {}
+        for rec in logs[rank]:
+            seen[rec["step"]] = rec["rows"]
+        for step, rows in seen.items():
+            if upto is None or step <= upto:
+                steps.setdefault(step, []).extend(rows)
+    return steps
+
+
+def test_resume_with_another_world_size_neither_repeats_nor_loses_rows(tmp_path, tiny_model):
+    train_file = write_jsonl(tmp_path / "t.jsonl", quick_triplets(120))
+    cfg = tiny_config(tmp_path, tiny_model, train_file, data={"no_duplicates": True},
+                      training={"max_steps": -1, "epochs": 1, "batch_size": 8},
+                      checkpoint={"steps": 3, "keep_last": 10})
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(cfg, first, "--nproc", 2, env=ROWS)
+    r = train(cfg, second, "--resume", first / "checkpoints" / "step-3", env=ROWS)  # 1 process now
+    assert "resuming a 2-process run with 1 processes" in r.stderr
+    done = chain_rows(read_row_log(first), upto=3)
+    rest = chain_rows(read_row_log(second))
+    ids = [i for rows in list(done.values()) + list(rest.values()) for i in rows]
+    assert Counter(ids) == Counter(range(120))
+
+
+def start(cfg, out, *args, env=None) -> subprocess.Popen:
+    full = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "dist_embed.cli", "train", str(cfg), f"output_dir={out}", *args],
+                            cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = out / "metrics.jsonl"
+        if f.exists() and any(json.loads(l).get("step", 0) >= step and "loss" in l for l in f.read_text().splitlines()):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def long_config(tmp_path, tiny_model, **ck):
+    train_file = write_jsonl(tmp_path / "t.jsonl", quick_triplets(1200))
+    return tiny_config(tmp_path, tiny_model, train_file, data={"no_duplicates": True},
+                       training={"max_steps": -1, "epochs": 1, "batch_size": 4, "log_steps": 1},
+                       checkpoint={"keep_last": 10, **ck})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_resume_finishes_the_epoch(tmp_path, tiny_model, sig):
+    cfg = long_config(tmp_path, tiny_model)
+    out = tmp_path / "run"
+    proc = start(cfg, out, "--nproc", "2", env=ROWS)
+    wait_for_step(out, 3, proc)
+    proc.send_signal(sig)
+    time.sleep(0.05)
+    proc.send_signal(sig)  # a second signal while stopping must not break the checkpoint
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    ckpt = find_resumable(out / "checkpoints")
+    assert ckpt is not None and verify(ckpt) is None
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert (out / "PREEMPTED").read_text().strip() == str(ckpt)
+    r = run_cli("train", cfg, f"output_dir={out}", "--nproc", "2", "--resume", "latest", env=ROWS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {stopped_at}" in r.stderr
+    ids = [i for rows in chain_rows(read_row_log(out)).values() for i in rows]
+    assert Counter(ids) == Counter(range(1200))
+
+
+def test_sigkill_drill_every_row_once_in_the_chain_that_made_the_weights(tmp_path, tiny_model):
+    """Kill one worker with SIGKILL mid-run, resume with --resume latest, audit the row ids."""
+    cfg = long_config(tmp_path, tiny_model, steps=5)
+    out = tmp_path / "run"
+    proc = start(cfg, out, "--nproc", "2", env=ROWS)
+    wait_for_step(out, 12, proc)
+    torchrun = child_pids(proc.pid)
+    workers = [p for t in torchrun for p in child_pids(t)]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    ckpt = find_resumable(out / "checkpoints")
+    kept = int(ckpt.name.split("-")[1])
+    assert kept >= 10
+    lost = max(rec["step"] for rec in read_row_log(out)[0])
+    r = run_cli("train", cfg, f"output_dir={out}", "--nproc", "2", "--resume", "latest", env=ROWS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the chain: steps 1..kept of the first run, then everything the resumed run did (it restarts at kept+1,
+    # overwriting the record of any step the killed run had done after its last checkpoint)
+    logs = read_row_log(out)
+    chain = chain_rows(logs)
+    assert lost >= kept and min(chain) == 1
+    ids = [i for rows in chain.values() for i in rows]
+    assert Counter(ids) == Counter(range(1200))
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_corrupt_checkpoints_are_reported_and_skipped(tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 6},
+                      checkpoint={"steps": 2, "keep_last": 5})
+    out = tmp_path / "run"
+    train(cfg, out)
+    root = out / "checkpoints"
+    assert [p.name for p in sorted(root.iterdir())] == ["step-2", "step-4"]
+    with open(root / "step-4" / "model.safetensors", "r+b") as f:  # truncate the newest
+        f.truncate(1000)
+    assert "size 1000" in verify(root / "step-4")
+    r = train(cfg, out, "--resume", "latest")
+    assert f"checkpoint {root / 'step-4'} is not usable" in r.stderr
+    assert f"resumed from {root / 'step-2'} at step 2" in r.stderr
+    assert verify(root / "step-4") is None  # rewritten by the resumed run
+    # no manifest = an interrupted write: never resumed from
+    for d in root.iterdir():
+        (d / "manifest.json").unlink()
+    assert find_resumable(root) is None
+    r = train(cfg, out, "--resume", "latest")
+    assert "no usable checkpoint" in r.stderr
+
+
+def test_nan_steps_are_skipped_then_abort(tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 20, "lr": 1e30, "warmup_steps": 0,
+                                                                 "max_grad_norm": None},
+                      health={"max_bad_steps": 3})
+    out = tmp_path / "run"
+    r = train(cfg, out, expect=1)
+    assert "3 optimizer steps in a row had a non-finite loss" in r.stderr
+    events = [m for m in read_metrics(out) if m.get("event") == "nonfinite_step"]
+    assert len(events) == 2 and events[-1]["health/bad_steps"] == 2
+    assert not (out / "final").exists()
