@@ -1,4 +1,4 @@
-"""``dist-embed``: train, eval.
+"""``dist-embed``: train, eval, report.
 
 Exit codes: 0 done; 1 failure in training; 2 bad configuration or input (one line says what and
 where); see also ``dist_embed.launch`` for the codes launchers act on.
@@ -93,6 +93,18 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from .report import plot, summary
+
+    try:
+        print(summary(Path(args.output_dir)))
+        print(f"plot: {plot(Path(args.output_dir))}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"dist-embed: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dist-embed", description="Train sentence-embedding models, one GPU to many nodes.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -109,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sts", action="append", required=True, help="[name=]path of a tsv/csv/jsonl STS file")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="summary of a run from metrics.jsonl, and OUTPUT_DIR/report.png")
+    rp.add_argument("output_dir")
+    rp.set_defaults(func=cmd_report)
     return ap
 
 

@@ -103,6 +103,20 @@ class DistributedConfig(_Section):
     bucket_mb: float = Field(default=25.0, gt=0)  # gradient all-reduce bucket size
 
 
+class WandbConfig(_Section):
+    project: str = "dist-embed"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] | None = None  # None: online with an API key, else offline
+    log_model: bool = False  # upload final/ as a model artifact
+
+
+class LoggingConfig(_Section):
+    wandb: WandbConfig | None = None  # absent: no W&B
+
+
 class Config(_Section):
     output_dir: str
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -113,6 +127,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

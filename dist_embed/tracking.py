@@ -34,8 +34,9 @@ def _clean(v):
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only; flushed per line)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, sink=None):
         self.path = path
+        self.sink = sink  # e.g. a WandbRun: gets every record too
         self._f = open(path, "a", encoding="utf-8") if path else None
 
     def write(self, record: dict) -> None:
@@ -43,6 +44,8 @@ class MetricsWriter:
             return
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._f.flush()
+        if self.sink is not None:
+            self.sink.log(record)
 
     def close(self) -> None:
         if self._f:

@@ -107,7 +107,7 @@ class Trainer:
         self.plan = PlanSpec(self.source, self.schema, dict(d.columns), d.on_error, t.seed, self.global_batch,
                              d.shuffle, d.shuffle_buffer, d.no_duplicates, d.dedup_buffer)
         self.rows = self._count_rows()
-        batches_per_epoch = self._batches_per_epoch()
+        self.batches_per_epoch = batches_per_epoch = self._batches_per_epoch()
         self.steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum) if batches_per_epoch else None
         if t.max_steps > 0:
             self.total_steps = t.max_steps
@@ -137,7 +137,12 @@ class Trainer:
         if state.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if state.is_main else None)
+        self.wandb = None
+        if state.is_main and cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
+            from .wandb_run import WandbRun
+
+            self.wandb = WandbRun(cfg.logging.wandb, self.out, cfg.to_dict(), state.world_size)
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if state.is_main else None, self.wandb)
         self.row_log = None
         if os.environ.get("DIST_EMBED_LOG_ROW_IDS"):
             # audit trail for tests and drills: which rows each rank trained on, per optimizer step
@@ -159,6 +164,26 @@ class Trainer:
         log.info("%s: %d rows checked in %.1fs%s", d.train, res.rows, time.perf_counter() - t0,
                  f" ({res.skips.total} skipped)" if res.skips.total else "")
         return res.rows
+
+    def _dataset_info(self):
+        """Name, size, columns and token-length statistics of the first 1000 rows, for the model card."""
+        from itertools import islice
+
+        from .model_card import dataset_info
+
+        first = list(islice(self.plan.rows(), 1000))
+        cols = list(self.schema.texts)
+        width = len(first[0].texts) if first else len(cols)
+        if self.schema.optional_prefix:
+            p = self.schema.optional_prefix
+            cols += [p if i == 0 else f"{p}_{i + 1}" for i in range(width - len(cols))]
+        texts = [r.texts + ((r.score,) if r.score is not None else ()) for r in first]
+        info = dataset_info(self.cfg.data.train, self.rows, cols, [t[:len(cols)] for t in texts],
+                            self.encoder.tokenizer)
+        if self.schema.score:
+            info.columns.append("score")
+            info.sample = [t for t in texts[:3]]
+        return info
 
     def _batches_per_epoch(self) -> int | None:
         if not self.rows:
@@ -217,7 +242,7 @@ class Trainer:
                 m = evaluate_sts(self.encoder, data, self.cfg.eval.batch_size)
                 results.update({f"eval/{data.name}/{k}": v for k, v in m.items()})
             self.encoder.train()
-            rec = {"step": self.step, "epoch": self.pos.epoch, **results}
+            rec = {"step": self.step, "epoch": self.epoch_progress(), **results}
             self.metrics.write(rec)
             self.history.append(rec)
             self.report_events(sts_events(self.step, results))
@@ -241,6 +266,7 @@ class Trainer:
             ckpt.save_tensors(ckpt.rng_state(), sd / f"rng-rank{self.state.rank}.pt")
         if self.state.is_main:
             self.encoder.save(tmp)
+            self._write_card(tmp)
             if not final:
                 ckpt.save_tensors(self.optimizer.state_dict(), sd / "optimizer.pt")
                 ckpt.save_tensors(self.scheduler.state_dict(), sd / "scheduler.pt")
@@ -259,6 +285,15 @@ class Trainer:
         barrier(self.state)
         return target
 
+    def _write_card(self, directory: Path) -> None:
+        from .model_card import render
+
+        final_metrics = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("eval/")}
+        card = render(encoder=self.encoder, base_model=self.cfg.model.name_or_path, cfg=self.cfg,
+                      data=getattr(self, "dataset_info", None), metrics_path=self.out / "metrics.jsonl",
+                      step=self.step, final_metrics=final_metrics, world_size=self.state.world_size)
+        (directory / "README.md").write_text(card, encoding="utf-8")
+
     # ------------------------------------------------------------------------------------------
 
     def _batches(self):
@@ -270,6 +305,12 @@ class Trainer:
             for batch in loader:
                 yield batch
             yield None  # end of epoch marker
+
+    def epoch_progress(self) -> float:
+        """Epochs done as a fraction (sentence-transformers logs 0.5 for half an epoch)."""
+        per = self.batches_per_epoch
+        done = sum(k for _, k in self.pos.segments)
+        return round(self.pos.epoch + (min(done / per, 1.0) if per else 0.0), 4)
 
     def report_events(self, events: list[dict]) -> None:
         for ev in events:
@@ -294,16 +335,27 @@ class Trainer:
         return n > 0
 
     def fit(self) -> Path:
-        cfg, t = self.cfg, self.cfg.training
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        code = 1
         try:
-            return self._fit()
+            final = self._fit()
+            code = 0
+            if self.wandb is not None:
+                self.wandb.log_model(final)
+            return final
+        except Preempted:
+            code = 75
+            raise
         finally:
+            if self.wandb is not None:
+                self.wandb.finish(code)
             for s, h in previous.items():
                 signal.signal(s, h)
 
     def _fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.training
+        if self.state.is_main:
+            self.dataset_info = self._dataset_info()
         if self.step == 0 and cfg.eval.before_training:
             self.evaluate()
         t_start, start_step = time.perf_counter(), self.step
@@ -438,7 +490,7 @@ class Trainer:
         real, padded = all_reduce_sum([window["real"], window["padded"]], self.state)
         phases = timer.pop()
         total = sum(phases.values()) or 1.0
-        rec = {"step": self.step, "epoch": self.pos.epoch, "loss": window["loss"] / window["n"], "lr": lr,
+        rec = {"step": self.step, "epoch": self.epoch_progress(), "loss": window["loss"] / window["n"], "lr": lr,
                "grad_norm": grad_norm, "samples_per_second": window["samples"] / elapsed,
                "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1)}
         rec.update({f"time/{k}": v / total for k, v in phases.items()})

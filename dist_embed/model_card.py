@@ -1,0 +1,225 @@
+"""README.md model cards in the style sentence-transformers writes, for final/ and every checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LOSS_NAMES = {"mnrl": "MultipleNegativesRankingLoss", "cached_mnrl": "CachedMultipleNegativesRankingLoss",
+              "cosine": "CosineSimilarityLoss", "triplet": "TripletLoss"}
+
+SBERT_BIB = """@inproceedings{reimers-2019-sentence-bert,
+    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
+    author = "Reimers, Nils and Gurevych, Iryna",
+    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
+    year = "2019",
+    publisher = "Association for Computational Linguistics",
+    url = "https://arxiv.org/abs/1908.10084",
+}"""
+CITATIONS = {
+    "mnrl": ("MultipleNegativesRankingLoss", """@misc{henderson2017efficient,
+    title = {Efficient Natural Language Response Suggestion for Smart Reply},
+    author = {Matthew Henderson and Rami Al-Rfou and Brian Strope and Yun-hsuan Sung and Laszlo Lukacs and Ruiqi Guo and Sanjiv Kumar and Balint Miklos and Ray Kurzweil},
+    year = {2017},
+    eprint = {1705.00652},
+    archivePrefix = {arXiv},
+    primaryClass = {cs.CL}
+}"""),
+    "cached_mnrl": ("CachedMultipleNegativesRankingLoss", """@misc{gao2021scaling,
+    title = {Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author = {Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year = {2021},
+    eprint = {2101.06983},
+    archivePrefix = {arXiv},
+    primaryClass = {cs.LG}
+}"""),
+    "triplet": ("TripletLoss", """@misc{hermans2017defense,
+    title = {In Defense of the Triplet Loss for Person Re-Identification},
+    author = {Alexander Hermans and Lucas Beyer and Bastian Leibe},
+    year = {2017},
+    eprint = {1703.07737},
+    archivePrefix = {arXiv},
+    primaryClass = {cs.CV}
+}"""),
+}
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    rows: int | None
+    columns: list[str]
+    token_stats: dict[str, dict] = field(default_factory=dict)  # column -> min/mean/max tokens
+    sample: list[tuple] = field(default_factory=list)
+
+
+def dataset_info(name: str, rows: int | None, columns: list[str], texts: list[tuple[str, ...]], tokenizer,
+                 sample: int = 3) -> DatasetInfo:
+    """Token-length statistics of the first rows (sentence-transformers cards use the first 1000)."""
+    stats = {}
+    for i, col in enumerate(columns):
+        col_texts = [t[i] for t in texts if i < len(t)]
+        if not col_texts:
+            continue
+        lengths = np.array([len(ids) for ids in tokenizer(col_texts, truncation=False)["input_ids"]])
+        stats[col] = {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())}
+    return DatasetInfo(name, rows, columns, stats, texts[:sample])
+
+
+def architecture(encoder) -> str:
+    tcfg = {"max_seq_length": encoder.max_seq_length, "do_lower_case": False,
+            "architecture": type(encoder.transformer).__name__}
+    pcfg = {"word_embedding_dimension": encoder.dim, "pooling_mode_cls_token": encoder.pooling == "cls",
+            "pooling_mode_mean_tokens": encoder.pooling == "mean", "pooling_mode_max_tokens": encoder.pooling == "max"}
+    lines = ["SentenceTransformer(", f"  (0): Transformer({tcfg})", f"  (1): Pooling({pcfg})"]
+    if encoder.normalize:
+        lines.append("  (2): Normalize()")
+    return "\n".join(lines + [")"])
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "package:")) and not Path(name).exists()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def training_log_rows(metrics_path: Path, upto_step: int) -> tuple[list[str], dict[int, dict]]:
+    """Per step: epoch, training loss and eval metrics; a later record of a step wins (resumes)."""
+    rows: dict[int, dict] = {}
+    keys: list[str] = []
+    if not metrics_path.exists():
+        return keys, rows
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        step = rec.get("step")
+        if step is None or step > upto_step or "event" in rec:
+            continue
+        row = rows.setdefault(step, {"epoch": rec.get("epoch")})
+        if "loss" in rec:
+            row["loss"] = rec["loss"]
+        for k, v in rec.items():
+            if k.startswith("eval/") and k.endswith("spearman_cosine"):
+                row[k] = v
+                if k not in keys:
+                    keys.append(k)
+    return keys, rows
+
+
+def render(*, encoder, base_model: str, cfg, data: DatasetInfo | None, metrics_path: Path, step: int,
+           final_metrics: dict, world_size: int) -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    loss_key = cfg.loss.name
+    loss_name = LOSS_NAMES[loss_key]
+    loss_params = {"mnrl": {"scale": cfg.loss.scale, "similarity_fct": "cos_sim",
+                            "gather_across_devices": cfg.loss.gather_across_devices if cfg.loss.gather_across_devices
+                            is not None else world_size > 1},
+                   "cached_mnrl": {"scale": cfg.loss.scale, "similarity_fct": "cos_sim",
+                                   "mini_batch_size": cfg.loss.mini_batch_size},
+                   "triplet": {"distance_metric": f"TripletDistanceMetric.{cfg.loss.distance.upper()}",
+                               "triplet_margin": cfg.loss.margin},
+                   "cosine": {"loss_fct": "torch.nn.modules.loss.MSELoss"}}[loss_key]
+    keys, log_rows = training_log_rows(metrics_path, step)
+    eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("spearman_cosine")]
+    front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction",
+             "- dist-embed", f"- loss:{loss_name}", "pipeline_tag: sentence-similarity",
+             "library_name: sentence-transformers"]
+    if _is_hub_id(base_model):
+        front.append(f"base_model: {base_model}")
+    if final_metrics:
+        front += ["metrics:"] + [f"- {m}" for m in ("pearson_cosine", "spearman_cosine")]
+    front.append("---")
+    t = cfg.training
+    defaults = type(t)()
+    all_hp = t.model_dump()
+    non_default = {k: v for k, v in all_hp.items() if getattr(defaults, k) != v}
+    hp_all = {"per_device_train_batch_size": t.batch_size, "world_size": world_size,
+              "global_batch_size": t.batch_size * world_size, **all_hp,
+              "no_duplicates_batching": cfg.data.no_duplicates, "optimizer": "AdamW",
+              "lr_scheduler": "linear warm-up, then linear decay"}
+
+    parts = ["\n".join(front), "", f"# SentenceTransformer based on {base_model}", "",
+             f"This is a [sentence-transformers](https://www.SBERT.net) model finetuned from `{base_model}` with "
+             f"dist_embed. It maps sentences & paragraphs to a {encoder.dim}-dimensional dense vector space and can "
+             "be used for semantic textual similarity, semantic search, paraphrase mining, text classification, "
+             "clustering, and more.", "",
+             "## Model Details", "", "### Model Description",
+             f"- **Model Type:** Sentence Transformer",
+             f"- **Base model:** `{base_model}`",
+             f"- **Maximum Sequence Length:** {encoder.max_seq_length} tokens",
+             f"- **Output Dimensionality:** {encoder.dim} dimensions",
+             f"- **Similarity Function:** Cosine Similarity",
+             f"- **Training Steps:** {step}", ""]
+    if data:
+        parts.append(f"- **Training Dataset:** {data.name}" + (f" ({data.rows:,} rows)" if data.rows else ""))
+        parts.append("")
+    parts += ["### Full Model Architecture", "", "```", architecture(encoder), "```", "",
+              "## Usage", "", "```bash", "pip install -U sentence-transformers", "```", "", "```python",
+              "from sentence_transformers import SentenceTransformer", "",
+              'model = SentenceTransformer("path/to/this/model")',
+              "sentences = [", '    "A man is eating food.",', '    "A man is eating a piece of bread.",',
+              '    "The girl is carrying a baby.",', "]", "embeddings = model.encode(sentences)",
+              f"print(embeddings.shape)  # (3, {encoder.dim})",
+              "similarities = model.similarity(embeddings, embeddings)", "```", ""]
+    if final_metrics:
+        parts += ["## Evaluation", "", "### Metrics", ""]
+        for name in eval_names:
+            pref = f"eval/{name}/"
+            rows = [[k[len(pref):], final_metrics[k]] for k in final_metrics if k.startswith(pref)]
+            parts += [f"#### Semantic Similarity: `{name}`", "", _table(["Metric", "Value"], rows), ""]
+    parts += ["## Training Details", ""]
+    if data:
+        parts += ["### Training Dataset", "", f"#### {data.name}", "",
+                  f"* Size: {data.rows:,} training samples" if data.rows else "* Size: streamed (unknown length)",
+                  f"* Columns: {', '.join(f'<code>{c}</code>' for c in data.columns)}",
+                  "* Approximate statistics based on the first 1000 samples:", ""]
+        stat_rows = [[c, "string", f"min: {s['min']} tokens, mean: {s['mean']:.2f} tokens, max: {s['max']} tokens"]
+                     for c, s in data.token_stats.items()]
+        parts += [_table(["column", "type", "details"], stat_rows), ""]
+        if data.sample:
+            parts += ["* Samples:", "", _table(data.columns, [[str(v).replace("|", "\\|") for v in row]
+                                                            for row in data.sample]), ""]
+    parts += [f"* Loss: `{loss_name}` with these parameters:", "", "```json", json.dumps(loss_params, indent=2),
+              "```", "", "### Training Hyperparameters", "", "#### Non-Default Hyperparameters", ""]
+    parts += [f"- `{k}`: {v}" for k, v in non_default.items()] or ["- (none)"]
+    parts += ["", "#### All Hyperparameters", "<details><summary>Click to expand</summary>", ""]
+    parts += [f"- `{k}`: {v}" for k, v in hp_all.items()]
+    parts += ["", "</details>", "", "### Training Logs", ""]
+    header = ["Epoch", "Step", "Training Loss"] + [f"{k.split('/')[1]} spearman_cosine" for k in keys]
+    table_rows = []
+    for s in sorted(log_rows):
+        r = log_rows[s]
+        cells = [_fmt(r.get("epoch")), str(s), _fmt(r.get("loss"))] + [_fmt(r.get(k)) for k in keys]
+        if s == step:
+            cells = [f"**{c}**" for c in cells]
+        table_rows.append(cells)
+    parts += [_table(header, table_rows) if table_rows else "(no logged steps)", "",
+              "* The bold row denotes the saved checkpoint.", "",
+              "### Framework Versions", f"- Python: {platform.python_version()}", f"- dist_embed: {__version__}",
+              f"- Transformers: {transformers.__version__}", f"- PyTorch: {torch.__version__}", "",
+              "## Citation", "", "### BibTeX", "", "#### Sentence Transformers", "```bibtex", SBERT_BIB, "```", ""]
+    if loss_key in CITATIONS:
+        title, bib = CITATIONS[loss_key]
+        parts += [f"#### {title}", "```bibtex", bib, "```", ""]
+        if loss_key == "cached_mnrl":
+            parts += ["#### MultipleNegativesRankingLoss", "```bibtex", CITATIONS["mnrl"][1], "```", ""]
+    return "\n".join(parts)
