@@ -1,4 +1,4 @@
-"""``dist-embed``: train, eval, report.
+"""``dist-embed``: train, eval, submit (slurm, ray), status, report.
 
 Exit codes: 0 done; 1 failure in training; 2 bad configuration or input (one line says what and
 where); see also ``dist_embed.launch`` for the codes launchers act on.
@@ -19,8 +19,8 @@ log = logging.getLogger("dist_embed")
 
 
 def _inside_launched_job() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 \
-        and "SLURM_PROCID" in os.environ and "MASTER_PORT" in os.environ
+    """A worker started by torchrun / accelerate / Ray (they set RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def cmd_train(args) -> int:
@@ -31,11 +31,14 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"dist-embed: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.nproc and args.nproc > 1 and not _inside_launched_job():
+    if args.nproc and (args.nproc > 1 or args.nnodes > 1) and not _inside_launched_job():
         from .launch import launch_local
 
+        node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
         return launch_local(args.nproc, ["train", args.config, *args.overrides]
-                            + (["--resume", args.resume] if args.resume else []), cfg.output_dir)
+                            + (["--resume", args.resume] if args.resume else []), cfg.output_dir,
+                            nnodes=args.nnodes, node_rank=node_rank, master_addr=args.master_addr,
+                            master_port=args.master_port)
     return run_worker(cfg, args.resume)
 
 
@@ -105,6 +108,30 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"dist-embed: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.launcher == "slurm":
+        from .slurm import submit
+
+        return submit(args, cfg, args.config, args.overrides)
+    from .ray_launcher import submit as submit_ray
+
+    return submit_ray(args, cfg, args.config, args.overrides)
+
+
+def cmd_status(args) -> int:
+    from .slurm import status
+
+    print(status(Path(args.output_dir)))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dist-embed", description="Train sentence-embedding models, one GPU to many nodes.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -114,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. training.max_steps=50")
     tr.add_argument("--nproc", type=int, default=0, help="start N worker processes on this machine")
     tr.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    tr.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one launcher per node)")
+    tr.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: $SLURM_NODEID or 0)")
+    tr.add_argument("--master-addr", default=None, help="rendezvous host for --nnodes > 1")
+    tr.add_argument("--master-port", type=int, default=None)
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="STS evaluation of a saved model; prints one JSON object")
@@ -122,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.set_defaults(func=cmd_eval)
 
+    sb = sub.add_parser("submit", help="run a config on a cluster: slurm or ray")
+    launchers = sb.add_subparsers(dest="launcher", required=True)
+    from .slurm import add_parser as add_slurm
+
+    add_slurm(launchers)
+    from .ray_launcher import add_parser as add_ray
+
+    add_ray(launchers)
+    sb.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="Slurm job state and the latest metrics of an output_dir")
+    st.add_argument("output_dir")
+    st.set_defaults(func=cmd_status)
+
     rp = sub.add_parser("report", help="summary of a run from metrics.jsonl, and OUTPUT_DIR/report.png")
     rp.add_argument("output_dir")
     rp.set_defaults(func=cmd_report)
@@ -129,7 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides (key.sub=value) may come after options: collect the ones argparse left over
+    args, rest = parser.parse_known_args(argv)
+    extra = [a for a in rest if "=" in a and not a.startswith("-")]
+    if len(extra) != len(rest) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in extra) or ' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     return args.func(args)
 
 

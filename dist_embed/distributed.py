@@ -58,6 +58,9 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False) -> DistStat
     device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if dist.is_initialized():  # a launcher (e.g. Ray Train) already made the process group
+        return DistState(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                         device=device, backend=dist.get_backend())
     if world == 1:
         return DistState(device=device)
     backend = "nccl" if use_cuda else "gloo"
@@ -65,9 +68,8 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False) -> DistStat
     if "MASTER_PORT" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; start workers with dist-embed "
                            "train --nproc N, torchrun, srun (our sbatch template) or Ray")
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     return DistState(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 

@@ -44,15 +44,20 @@ def _ignore_usr1() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = None) -> int:
+def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = None, *, nnodes: int = 1,
+                 node_rank: int = 0, master_addr: str | None = None, master_port: int | None = None) -> int:
+    """Run torchrun for this node: ``nproc`` workers, ranks node_rank*nproc ... (multi-node: one
+    call per node, e.g. one srun task per node, all given the same master address and port)."""
     from .cli import EXIT_PREEMPTED
 
     env = dict(os.environ)
     # torchrun would force 1 thread per worker; share the cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--module", "dist_embed.cli",
-           *worker_args]
+    if nnodes > 1 and not (master_addr and master_port):
+        raise ValueError("--nnodes > 1 needs --master-addr and --master-port (the same on every node)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+           "--nproc-per-node", str(nproc), "--master-addr", master_addr or "127.0.0.1",
+           "--master-port", str(master_port or free_port()), "--module", "dist_embed.cli", *worker_args]
     marker = Path(output_dir) / "PREEMPTED" if output_dir else None
     if marker is not None and marker.exists():
         marker.unlink()

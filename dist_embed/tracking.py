@@ -23,6 +23,12 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
     root.setLevel(level if rank == 0 else logging.WARNING)
     for noisy in ("transformers", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # the per-file "Loading weights" bars are noise in cluster logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _clean(v):

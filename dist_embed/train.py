@@ -7,6 +7,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,7 +336,9 @@ class Trainer:
         return n > 0
 
     def fit(self) -> Path:
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        # signal handlers can only be set from the main thread (Ray runs the loop in another one)
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if in_main else {}
         code = 1
         try:
             final = self._fit()

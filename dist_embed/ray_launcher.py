@@ -1,0 +1,73 @@
+"""``dist-embed submit ray``: the same worker entry point under Ray Train's TorchTrainer.
+
+Ray starts the workers and their torch process group; each worker then runs the same Trainer as
+``--nproc`` and Slurm, always with ``--resume latest``: when Ray restarts the worker group after a
+lost worker (FailureConfig), or the job is submitted again, training continues from the newest good
+checkpoint in output_dir (which must be storage every node sees).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    from .config import load_config
+    from .distributed import init_distributed
+    from .tracking import setup_logging
+    from .train import Trainer
+
+    os.chdir(config["cwd"])  # relative paths in the config mean the submitter's directory
+    ctx = ray.train.get_context()
+    os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
+    cfg = load_config(config["config"], config["overrides"])
+    state = init_distributed(cfg.distributed.timeout_s)
+    setup_logging(state.rank)
+    Trainer(cfg, state, "latest").fit()
+
+
+def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out_dir = Path(cfg.output_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(address=args.address, logging_level=logging.WARNING)
+    resources = {"CPU": args.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": str(Path(config_path).resolve()), "overrides": list(overrides),
+                           "cwd": os.getcwd()},
+        torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo",
+                                 timeout_s=cfg.distributed.timeout_s),
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"dist-embed-{out_dir.name}", storage_path=str(out_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; the workers' logs above have the details
+        log.error("Ray training failed: %s", e)
+        print(f"dist-embed: error: Ray training failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return 1
+    print(f"done: {out_dir / 'final'}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("ray", help="run on an existing Ray cluster with Ray Train (TorchTrainer)")
+    sp.add_argument("config")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--address", required=True, help="Ray cluster address, e.g. 10.0.0.1:6379 or auto")
+    sp.add_argument("--num-workers", type=int, required=True)
+    sp.add_argument("--use-gpu", action="store_true")
+    sp.add_argument("--cpus-per-worker", type=float, default=1.0)
+    sp.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the latest checkpoint")
+    sp.set_defaults(launcher="ray")

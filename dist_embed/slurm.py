@@ -1,0 +1,138 @@
+"""``dist-embed submit slurm``: render slurm/train.sbatch with the job's options and submit it."""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+JOB_ID_FILE = "slurm_job_id"
+
+
+def template_text() -> str:
+    if not TEMPLATE.is_file():
+        raise FileNotFoundError(f"{TEMPLATE}: the sbatch template ships in the repository's slurm/ folder; "
+                                f"run from a clone (pip install -e .)")
+    return TEMPLATE.read_text(encoding="utf-8")
+
+
+def _directive(key: str, value: str) -> str:
+    return f"#SBATCH --{key}" + (f"={value}" if value != "" else "")
+
+
+def render(options: dict[str, str | None], env: dict[str, str] | None = None) -> str:
+    """Set ``#SBATCH --key=value`` lines: replace the template's, append the rest; None removes one."""
+    lines = template_text().splitlines()
+    out, seen = [], set()
+    last_directive = 0
+    for line in lines:
+        m = re.match(r"#SBATCH\s+--([\w-]+)(?:[= ](.*))?$", line)
+        if m:
+            key = m.group(1)
+            seen.add(key)
+            if key in options:
+                if options[key] is not None:
+                    out.append(_directive(key, options[key]))
+            else:
+                out.append(line)
+            last_directive = len(out)
+            continue
+        out.append(line)
+    extra = [_directive(k, v) for k, v in options.items() if k not in seen and v is not None]
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    out[last_directive:last_directive] = extra + ([""] + exports if exports else [])
+    return "\n".join(out) + "\n"
+
+
+def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
+    out_dir = Path(cfg.output_dir).resolve()
+    gpus = args.gpus_per_node
+    nproc = args.nproc_per_node or gpus or 1
+    options: dict[str, str | None] = {
+        "job-name": args.job_name or f"dist-embed-{out_dir.name}",
+        "nodes": str(args.nodes),
+        "ntasks-per-node": "1",
+        "cpus-per-task": str(args.cpus_per_task) if args.cpus_per_task else None,
+        "output": str(out_dir / "slurm-%j.out"),
+        "signal": f"USR1@{args.signal_seconds}",
+        "requeue": "",
+    }
+    for key, value in (("gpus-per-node", gpus), ("partition", args.partition), ("time", args.time),
+                       ("account", args.account), ("qos", args.qos), ("constraint", args.constraint)):
+        if value:
+            options[key] = str(value)
+    if not args.cpus_per_task:
+        options.pop("cpus-per-task")
+    script = render(options, env={"NPROC_PER_NODE": str(nproc),
+                                  "DIST_EMBED": f"{sys.executable} -m dist_embed.cli"})
+    cmd_args = [str(Path(config_path).resolve()), *overrides]
+    if args.dry_run:
+        print(script)
+        print(f"# submit with: sbatch {out_dir / 'train.sbatch'} {shlex.join(cmd_args)}")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train.sbatch"
+    path.write_text(script, encoding="utf-8")
+    r = subprocess.run(["sbatch", "--parsable", str(path), *cmd_args], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"dist-embed: error: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
+        return 1
+    job_id = r.stdout.strip().split(";")[0]
+    (out_dir / JOB_ID_FILE).write_text(job_id + "\n")
+    print(job_id)
+    return 0
+
+
+def job_state(job_id: str) -> str:
+    """RUNNING / PENDING / ... from squeue, or the final state from sacct, or 'not in queue'."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %M %R"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return "unknown (no squeue here)"
+    if r.returncode == 0 and r.stdout.strip():
+        return r.stdout.strip()
+    try:
+        r = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.split()[0]
+    except FileNotFoundError:
+        pass
+    return "not in queue (finished or never started)"
+
+
+def status(out_dir: Path) -> str:
+    from .report import summary
+
+    lines = []
+    id_file = out_dir / JOB_ID_FILE
+    if id_file.exists():
+        job = id_file.read_text().strip()
+        lines.append(f"slurm job {job}: {job_state(job)}")
+    try:
+        lines.append(summary(out_dir))
+    except FileNotFoundError:
+        lines.append(f"{out_dir}: no metrics yet")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("slurm", help="render slurm/train.sbatch for this config and sbatch it")
+    sp.add_argument("config")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument("--gpus-per-node", type=int, default=0)
+    sp.add_argument("--nproc-per-node", type=int, default=0, help="workers per node (default: GPUs, else 1)")
+    sp.add_argument("--cpus-per-task", type=int, default=0)
+    sp.add_argument("--partition")
+    sp.add_argument("--time")
+    sp.add_argument("--account")
+    sp.add_argument("--qos")
+    sp.add_argument("--constraint")
+    sp.add_argument("--job-name")
+    sp.add_argument("--signal-seconds", type=int, default=180, help="SIGUSR1 this long before the time limit")
+    sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    sp.set_defaults(launcher="slurm")
+

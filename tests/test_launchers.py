@@ -1,0 +1,116 @@
+"""Launchers against REAL clusters: a local Slurm (slurmctld + slurmd) and a local Ray cluster."""
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from clusters import LocalRay, LocalSlurm, slurm_available
+from conftest import REPO, quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
+from test_distributed import max_weight_diff
+from test_resume import chain_rows, read_row_log
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if not slurm_available():
+        if os.environ.get("CI"):
+            pytest.fail("Slurm daemons are missing; .ci/run installs slurmctld and slurmd")
+        pytest.skip("Slurm is not installed (apt-get install slurmctld slurmd slurm-client)")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(slurm, cfg, *args):
+    r = run_cli("submit", "slurm", cfg, "--nproc-per-node", "2", "--cpus-per-task", "2", *args, env=slurm.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_dry_run_renders_the_options(tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    r = run_cli("submit", "slurm", cfg, "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
+                "--time", "4:00:00", "--account", "ml", "--qos", "high", "--constraint", "h100",
+                "--signal-seconds", "300", "training.lr=1e-4")
+    assert r.returncode == 0, r.stderr
+    for line in ["#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --time=4:00:00",
+                 "#SBATCH --account=ml", "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR1@300", "#SBATCH --ntasks-per-node=1", "export NPROC_PER_NODE=8",
+                 f"#SBATCH --output={tmp_path / 'run' / 'slurm-%j.out'}", "training.lr=1e-4"]:
+        assert line in r.stdout, line
+    assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
+
+
+def test_slurm_job_trains_with_two_workers(slurm, tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 4}, checkpoint={"steps": 2})
+    job = submit(slurm, cfg)
+    assert slurm.wait(job) == "COMPLETED", (tmp_path / "run" / f"slurm-{job}.out").read_text()[-3000:]
+    out = tmp_path / "run"
+    log = (out / f"slurm-{job}.out").read_text()
+    assert "1 node(s) x 2 worker(s)" in log and "world size 2" in log
+    assert sorted(train_losses(out)) == [1, 2, 3, 4]
+    assert (out / "checkpoints" / "step-2" / "manifest.json").exists()
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(out / "final"), device="cpu").encode(["x"]).shape == (1, 32)
+    r = run_cli("status", out, env=slurm.env)
+    assert f"slurm job {job}:" in r.stdout and "steps        4" in r.stdout
+
+
+def wait_for_step(out: Path, step: int, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = out / "metrics.jsonl"
+        if f.exists() and any(json.loads(l).get("step", 0) >= step and "loss" in l for l in f.read_text().splitlines()):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(step)
+
+
+def test_slurm_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_model):
+    train_file = write_jsonl(tmp_path / "t.jsonl", quick_triplets(1200))
+    cfg = tiny_config(tmp_path, tiny_model, train_file, data={"no_duplicates": True},
+                      training={"max_steps": -1, "epochs": 1, "batch_size": 4})
+    out = tmp_path / "run"
+    os.environ["DIST_EMBED_LOG_ROW_IDS"] = "1"  # inherited by sbatch (--export=ALL)
+    try:
+        job = submit(slurm, cfg)
+    finally:
+        del os.environ["DIST_EMBED_LOG_ROW_IDS"]
+    wait_for_step(out, 5)
+    slurm.run("scancel", "--signal=USR1", job)  # what --signal=USR1@N sends before the time limit
+    state = slurm.wait(job, timeout=400)
+    log = (out / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "restart 0" in log and "restart 1" in log
+    assert "requeueing job" in log and "resumed from" in log
+    ids = [i for rows in chain_rows(read_row_log(out)).values() for i in rows]
+    assert Counter(ids) == Counter(range(1200))
+    assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    cluster = LocalRay(Path("/tmp") / f"ray-{os.getpid()}").start()
+    yield cluster
+    cluster.stop()
+
+
+def test_ray_two_workers_equal_nproc_two(ray_cluster, tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 4, "lr": 1e-4})
+    local = tmp_path / "local"
+    r = run_cli("train", cfg, f"output_dir={local}", "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    on_ray = tmp_path / "ray"
+    r = run_cli("submit", "ray", cfg, f"output_dir={on_ray}", "--address", ray_cluster.address, "--num-workers", "2",
+                env=ray_cluster.env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert train_losses(local) == pytest.approx(train_losses(on_ray), rel=1e-6)
+    assert max_weight_diff(local, on_ray) < 1e-6
