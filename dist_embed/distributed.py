@@ -113,14 +113,28 @@ def gather_with_grad(x: torch.Tensor, sizes: list[int], state: DistState, timer=
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], state: DistState, bucket_mb: float = 25.0,
-                     timer=None) -> None:
-    """Sum gradients over ranks in flat buckets (few large messages beat many small ones)."""
+                     timer=None, sparse_rows: tuple[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
+    """Sum gradients over ranks in flat buckets (few large messages beat many small ones).
+
+    ``sparse_rows = (embedding weight, bool mask of the rows this rank used)``: a word-embedding
+    gradient is zero outside the rows of tokens seen in the batch, so only the union of the ranks'
+    rows is summed (for MiniLM ~3 MB instead of 47 MB per step). The result is identical.
+    """
     if not state.enabled:
         return
     t0 = time.perf_counter()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    if sparse_rows is not None:
+        weight, used = sparse_rows
+        mask = used.to(torch.uint8)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+        idx = mask.nonzero().squeeze(1).to(weight.grad.device)
+        rows = weight.grad.index_select(0, idx)
+        dist.all_reduce(rows, op=dist.ReduceOp.SUM)
+        weight.grad.index_copy_(0, idx, rows)
+        params = [p for p in params if p is not weight]
     limit = int(bucket_mb * 2**20)
     bucket: list[torch.Tensor] = []
     size = 0

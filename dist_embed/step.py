@@ -48,18 +48,37 @@ def chunks(features: dict[str, torch.Tensor], size: int, by_length: bool) -> lis
     return list(torch.split(order, size))
 
 
-def embed(encoder, features: dict[str, torch.Tensor], spec: StepSpec) -> torch.Tensor:
-    """Embeddings with grad, in row order. With ``spec.chunk`` the rows run in length-sorted chunks
-    (less padding, same result: every row's embedding depends only on its own tokens)."""
-    if not spec.chunk:
-        return encoder(features)
-    parts, index = [], []
-    for idx in chunks(features, spec.chunk, by_length=True):
-        parts.append(encoder(_slice(features, idx)))
-        index.append(idx)
-    order = torch.cat(index)
-    emb = torch.cat(parts)
-    return emb[torch.argsort(order)]
+def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int) -> list[torch.Tensor]:
+    """Embeddings (with grad) of every text column, each in its row order.
+
+    ``chunk == 0``: one forward per column, padded to the column's longest text (what
+    sentence-transformers does). ``chunk > 0``: the texts of ALL columns are pooled, sorted by length
+    and encoded in chunks of ``chunk`` texts padded only to the chunk's longest, then put back in
+    place. Same result (a text's embedding depends only on its own tokens), far fewer pad tokens.
+    """
+    if not chunk:
+        return [encoder(f) for f in feats]
+    lengths = torch.cat([f["attention_mask"].sum(1) for f in feats])
+    col_of = torch.cat([torch.full((f["attention_mask"].shape[0],), c) for c, f in enumerate(feats)])
+    row_of = torch.cat([torch.arange(f["attention_mask"].shape[0]) for f in feats])
+    order = torch.argsort(lengths, descending=True, stable=True)
+    pad_id = getattr(encoder.tokenizer, "pad_token_id", 0) or 0
+    outputs = []
+    for idx in torch.split(order, chunk):
+        width = max(int(lengths[idx].max()), 1)
+        batch = {}
+        for key in feats[0]:
+            fill = pad_id if key == "input_ids" else 0
+            rows = []
+            for i in idx.tolist():
+                t = feats[int(col_of[i])][key][int(row_of[i]), :width]
+                if t.shape[0] < width:
+                    t = torch.cat([t, t.new_full((width - t.shape[0],), fill)])
+                rows.append(t)
+            batch[key] = torch.stack(rows)
+        outputs.append(encoder(batch))
+    emb = torch.cat(outputs)[torch.argsort(order)]
+    return list(torch.split(emb, [f["attention_mask"].shape[0] for f in feats]))
 
 
 def empty_embedding(encoder, device) -> torch.Tensor:
@@ -104,7 +123,7 @@ def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, 
     if spec.loss == "cached_mnrl":
         return _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler, timer)
     with autocast(device, spec.autocast_dtype):
-        embs = [embed(encoder, f, spec) for f in feats] if feats else \
+        embs = embed_columns(encoder, feats, spec.chunk) if feats else \
             [empty_embedding(encoder, device) for _ in range(n_cols)]
         loss, info = loss_from_embeddings(embs, batch, spec, state, timer)
     _backward(loss * loss_scale, scaler)

