@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
-export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup quickstart test test-fast clean
 

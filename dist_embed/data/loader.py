@@ -6,6 +6,7 @@ DataLoader hands them back in round-robin order, so the step order equals the pl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,22 +65,22 @@ def tokenize_columns(tokenizer, columns: list[list[str]], max_length: int) -> li
     for texts in columns:
         part = encs[start:start + len(texts)]
         start += len(texts)
-        width = max(len(e.ids) for e in part)
-        ids = np.full((len(part), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(part), width), dtype=np.int64)
-        types = np.zeros((len(part), width), dtype=np.int64) if with_types else None
-        for i, e in enumerate(part):
-            n = len(e.ids)
-            ids[i, :n] = e.ids
-            mask[i, :n] = 1
-            if types is not None:
-                types[i, :n] = e.type_ids
-        feat = {"input_ids": torch.from_numpy(ids)}
-        if types is not None:
-            feat["token_type_ids"] = torch.from_numpy(types)
-        feat["attention_mask"] = torch.from_numpy(mask)
+        ids = [e.ids for e in part]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        total = int(lengths.sum())
+        mask = np.arange(int(lengths.max())) < lengths[:, None]  # row-major: fills rows in order
+        feat = {"input_ids": _padded(ids, mask, total, pad_id)}
+        if with_types:
+            feat["token_type_ids"] = _padded([e.type_ids for e in part], mask, total, 0)
+        feat["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
         out.append(feat)
     return out
+
+
+def _padded(rows: list[list[int]], mask: np.ndarray, total: int, fill: int) -> torch.Tensor:
+    arr = np.full(mask.shape, fill, dtype=np.int64)
+    arr[mask] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)
+    return torch.from_numpy(arr)
 
 
 def collate(rows: Sequence[Row], tokenizer, max_length: int) -> dict[str, Any]:
