@@ -131,6 +131,19 @@ def find_resumable(ckpt_root: Path) -> Path | None:
     return None
 
 
+def best_checkpoint(ckpt_root: Path, metric: str) -> tuple[Path, float] | None:
+    """The checkpoint whose recorded ``metric`` (eval at its step) is highest."""
+    best = None
+    for _, path in step_dirs(ckpt_root):
+        try:
+            value = json.loads((path / STATE_DIR / "trainer.json").read_text()).get("metrics", {}).get(metric)
+        except (OSError, ValueError):
+            continue
+        if value is not None and value == value and (best is None or value > best[1]):
+            best = (path, value)
+    return best
+
+
 def prune(ckpt_root: Path, keep_last: int | None, protect: set[Path] = frozenset()) -> None:
     if not keep_last:
         return

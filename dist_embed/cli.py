@@ -23,13 +23,20 @@ def _inside_launched_job() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def cmd_train(args) -> int:
+def _load_config(args):
+    """The validated config, or None after printing the one-line error."""
     from .config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"dist-embed: error: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_train(args) -> int:
+    cfg = _load_config(args)
+    if cfg is None:
         return EXIT_BAD_INPUT
     if args.nproc and (args.nproc > 1 or args.nnodes > 1) and not _inside_launched_job():
         from .launch import launch_local
@@ -109,12 +116,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"dist-embed: error: {e}", file=sys.stderr)
+    cfg = _load_config(args)
+    if cfg is None:
         return EXIT_BAD_INPUT
     if args.launcher == "slurm":
         from .slurm import submit

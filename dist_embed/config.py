@@ -73,6 +73,9 @@ class TrainingConfig(_Section):
     # >0: encode the texts of all columns pooled, sorted by length, in chunks of this many (less padding,
     # same maths); 0: one padded forward per column, as sentence-transformers does
     length_sorted_chunks: int = Field(default=16, ge=0)
+    # >0: pack the batch's texts side by side into rows of this many tokens with a block-diagonal
+    # attention mask (BERT-type encoders; others fall back to length_sorted_chunks). Same maths.
+    pack_length: int = Field(default=128, ge=0)
 
 
 class StsSet(_Section):
@@ -90,6 +93,8 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     steps: int = Field(default=0, ge=0)  # 0: only final/
     keep_last: int | None = Field(default=3, gt=0)
+    # also keep the checkpoint with the highest value of this eval metric, e.g. eval/sts-dev/spearman_cosine
+    keep_best: str | None = None
 
 
 class HealthConfig(_Section):

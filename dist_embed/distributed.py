@@ -92,6 +92,7 @@ class _GatherVarlen(torch.autograd.Function):
         out = torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
         if timer is not None:
             timer.add("comm", time.perf_counter() - t0)
+            timer.add("gather", time.perf_counter() - t0)  # reported on its own too
         return out
 
     @staticmethod
@@ -102,6 +103,7 @@ class _GatherVarlen(torch.autograd.Function):
         start = sum(ctx.sizes[: ctx.rank])
         if ctx.timer is not None:
             ctx.timer.add("comm", time.perf_counter() - t0)
+            ctx.timer.add("gather", time.perf_counter() - t0)
         return grad[start:start + ctx.sizes[ctx.rank]], None, None, None
 
 

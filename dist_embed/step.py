@@ -24,6 +24,7 @@ class StepSpec:
     gather: bool = True
     mini_batch_size: int = 32  # cached_mnrl
     chunk: int = 0  # >0: encode in length-sorted chunks of this many rows
+    pack: int = 0  # >0: pack texts into rows of this many tokens (BERT-type encoders), wins over chunk
     autocast_dtype: torch.dtype | None = None
 
 
@@ -48,7 +49,80 @@ def chunks(features: dict[str, torch.Tensor], size: int, by_length: bool) -> lis
     return list(torch.split(order, size))
 
 
-def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int) -> list[torch.Tensor]:
+PACKABLE = ("bert",)  # absolute positions from 0 and a 4D-mask-aware attention: safe to pack
+
+
+def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    """First-fit decreasing: text indices per row, each row holding at most ``row_len`` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - lengths[i])
+    return rows
+
+
+def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int) -> list[torch.Tensor]:
+    """Embeddings of all columns with the texts packed side by side into rows of ``row_len`` tokens.
+
+    Each text keeps its own position ids (0..n-1) and attends only to itself (a block-diagonal 4D
+    mask), so its embedding is the one it gets alone; but the linear layers, most of the compute,
+    see almost no padding. Pooling is per text over its own tokens.
+    """
+    ids = [f["input_ids"][r, :int(n)] for f in feats for r, n in enumerate(f["attention_mask"].sum(1))]
+    lengths = [len(t) for t in ids]
+    width = max(row_len, max(lengths))
+    layout = pack_rows(lengths, width)
+    device = feats[0]["input_ids"].device
+    pad_id = getattr(encoder.tokenizer, "pad_token_id", 0) or 0
+    input_ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(layout), width), dtype=torch.long)
+    segment = torch.full((len(layout), width), -1, dtype=torch.long)  # text index, -1 for padding
+    for r, members in enumerate(layout):
+        offset = 0
+        for i in members:
+            n = lengths[i]
+            input_ids[r, offset:offset + n] = ids[i]
+            positions[r, offset:offset + n] = torch.arange(n)
+            segment[r, offset:offset + n] = i
+            offset += n
+    # padding tokens attend among themselves (a fully masked query row would give NaN)
+    mask = (segment[:, :, None] == segment[:, None, :])[:, None]
+    out = encoder.transformer(input_ids=input_ids.to(device), position_ids=positions.to(device),
+                              token_type_ids=torch.zeros_like(input_ids).to(device),
+                              attention_mask=mask.to(device), return_dict=True).last_hidden_state
+    flat = out.reshape(-1, out.shape[-1])
+    seg = segment.reshape(-1).to(device)
+    real = seg >= 0
+    tokens, owner = flat[real], seg[real]
+    n_texts = len(ids)
+    if encoder.pooling == "mean":
+        sums = torch.zeros((n_texts, flat.shape[-1]), dtype=flat.dtype, device=device).index_add(0, owner, tokens)
+        emb = sums / torch.tensor(lengths, dtype=flat.dtype, device=device)[:, None]
+    elif encoder.pooling == "cls":
+        first = torch.zeros(n_texts, dtype=torch.long, device=device)
+        pos_flat = positions.reshape(-1).to(device)[real]
+        first[owner[pos_flat == 0]] = torch.nonzero(pos_flat == 0).squeeze(1)
+        emb = tokens[first]
+    else:
+        emb = torch.full((n_texts, flat.shape[-1]), torch.finfo(flat.dtype).min, dtype=flat.dtype, device=device)
+        emb = emb.scatter_reduce(0, owner[:, None].expand_as(tokens), tokens, reduce="amax")
+    if encoder.normalize:
+        emb = torch.nn.functional.normalize(emb.float(), p=2, dim=-1)
+    return list(torch.split(emb, [f["attention_mask"].shape[0] for f in feats]))
+
+
+def can_pack(encoder) -> bool:
+    return getattr(encoder.transformer.config, "model_type", "") in PACKABLE
+
+
+def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pack: int = 0) -> list[torch.Tensor]:
     """Embeddings (with grad) of every text column, each in its row order.
 
     ``chunk == 0``: one forward per column, padded to the column's longest text (what
@@ -56,6 +130,8 @@ def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int) -> 
     and encoded in chunks of ``chunk`` texts padded only to the chunk's longest, then put back in
     place. Same result (a text's embedding depends only on its own tokens), far fewer pad tokens.
     """
+    if pack and can_pack(encoder):
+        return embed_packed(encoder, feats, pack)
     if not chunk:
         return [encoder(f) for f in feats]
     lengths = torch.cat([f["attention_mask"].sum(1) for f in feats])
@@ -123,7 +199,7 @@ def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, 
     if spec.loss == "cached_mnrl":
         return _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler, timer)
     with autocast(device, spec.autocast_dtype):
-        embs = embed_columns(encoder, feats, spec.chunk) if feats else \
+        embs = embed_columns(encoder, feats, spec.chunk, spec.pack) if feats else \
             [empty_embedding(encoder, device) for _ in range(n_cols)]
         loss, info = loss_from_embeddings(embs, batch, spec, state, timer)
     _backward(loss * loss_scale, scaler)

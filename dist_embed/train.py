@@ -135,8 +135,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         gather = cfg.loss.gather_across_devices if cfg.loss.gather_across_devices is not None else state.enabled
-        self.spec = StepSpec(cfg.loss.name, cfg.loss.scale, cfg.loss.margin, cfg.loss.distance, gather,
-                             cfg.loss.mini_batch_size, t.length_sorted_chunks, DTYPES[t.precision])
+        self.spec = StepSpec(cfg.loss.name, scale=cfg.loss.scale, margin=cfg.loss.margin,
+                             distance=cfg.loss.distance, gather=gather, mini_batch_size=cfg.loss.mini_batch_size,
+                             chunk=t.length_sorted_chunks, pack=t.pack_length, autocast_dtype=DTYPES[t.precision])
         self.eval_sets = [load_sts(s.path, s.name) for s in cfg.eval.sts] if state.is_main else []
 
         self.health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
@@ -285,15 +286,24 @@ class Trainer:
                 ckpt.save_tensors(self.scheduler.state_dict(), sd / "scheduler.pt")
                 if self.scaler is not None:
                     ckpt.save_tensors(self.scaler.state_dict(), sd / "scaler.pt")
+                at_step = next((h for h in reversed(self.history) if h["step"] == self.step), {})
                 (sd / "trainer.json").write_text(json.dumps({
                     "step": self.step, "epoch": self.pos.epoch, "segments": self.pos.segments,
                     "world_size": self.state.world_size, "global_batch": self.global_batch,
+                    "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
                     "history": self.history}, indent=1))
         barrier(self.state)
         if self.state.is_main:
             ckpt.commit(tmp, target)
             if not final:
-                ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
+                protect = set()
+                metric = self.cfg.checkpoint.keep_best
+                best = ckpt.best_checkpoint(self.ckpt_root, metric) if metric else None
+                if best:
+                    protect.add(best[0])
+                    (self.ckpt_root / "best.json").write_text(json.dumps(
+                        {"path": str(best[0]), "metric": metric, "value": best[1]}) + "\n")
+                ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, protect)
             log.info("saved %s", target)
         barrier(self.state)
         return target
@@ -428,7 +438,8 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             if self.step % t.log_steps == 0 or self.step == self.total_steps:
                 self._log_window(window, timer, lr, grad_norm)
-            progress.update(self.step, {"loss": loss, "lr": lr})
+            progress.update(self.step, {"loss": loss, "lr": lr,
+                                        "samples/s": window["samples"] / max(time.perf_counter() - window["t0"], 1e-9)})
             if cfg.eval.steps and self.step % cfg.eval.steps == 0 and self.step < self.total_steps:
                 self.evaluate()
             if cfg.checkpoint.steps and self.step % cfg.checkpoint.steps == 0 and self.step < self.total_steps:
@@ -512,11 +523,12 @@ class Trainer:
         elapsed = time.perf_counter() - window["t0"]
         real, padded = all_reduce_sum([window["real"], window["padded"]], self.state)
         phases = timer.pop()
+        gather = phases.pop("gather", 0.0)
         total = sum(phases.values()) or 1.0
         rec = {"step": self.step, "epoch": self.epoch_progress(), "loss": window["loss"] / window["n"], "lr": lr,
                "grad_norm": grad_norm, "samples_per_second": window["samples"] / elapsed,
                "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1),
-               "seconds_per_step": elapsed / window["n"]}
+               "seconds_per_step": elapsed / window["n"], "gather_seconds_per_step": gather / window["n"]}
         rec.update({f"time/{k}": v / total for k, v in phases.items()})
         self.metrics.write(rec)
         window.update(loss=0.0, n=0, samples=0, real=0, padded=0, t0=time.perf_counter())

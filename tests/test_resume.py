@@ -177,3 +177,20 @@ def test_nan_steps_are_skipped_then_abort(tmp_path, tiny_model, triplets):
     events = [m for m in read_metrics(out) if m.get("event") == "nonfinite_step"]
     assert len(events) == 2 and events[-1]["health/bad_steps"] == 2
     assert not (out / "final").exists()
+
+
+def test_keep_best_protects_the_best_checkpoint_from_pruning(tmp_path, tiny_model, triplets):
+    from conftest import QUICK
+
+    metric = "eval/snli/spearman_cosine"
+    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 8, "lr": 3e-3},
+                      eval={"sts": [{"name": "snli", "path": str(QUICK / "snli-dev-pairs-1k.tsv")}], "steps": 2},
+                      checkpoint={"steps": 2, "keep_last": 1, "keep_best": metric})
+    out = tmp_path / "run"
+    train(cfg, out)
+    evals = {m["step"]: m[metric] for m in read_metrics(out) if metric in m and 0 < m["step"] < 8}
+    best_step = max(evals, key=evals.get)
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best["path"].endswith(f"step-{best_step}") and best["value"] == pytest.approx(evals[best_step])
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert kept == sorted({f"step-{best_step}", "step-6"})  # the best one and the newest one

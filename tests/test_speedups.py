@@ -23,11 +23,11 @@ def loss_and_grads(model_dir, spec, rows):
 
 
 @pytest.mark.parametrize("loss_name", ["mnrl", "triplet", "cached_mnrl"])
-@pytest.mark.parametrize("chunk", [1, 5, 16])
-def test_length_sorted_chunks_change_nothing(tiny_model, loss_name, chunk):
+@pytest.mark.parametrize("chunk,pack", [(1, 0), (5, 0), (16, 0), (0, 32), (0, 128)])
+def test_length_sorted_chunks_and_packing_change_nothing(tiny_model, loss_name, chunk, pack):
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(24))]
     plain = StepSpec(loss_name, mini_batch_size=7)
-    fast = StepSpec(loss_name, mini_batch_size=7, chunk=chunk)
+    fast = StepSpec(loss_name, mini_batch_size=7, chunk=chunk, pack=pack)
     l0, g0 = loss_and_grads(tiny_model, plain, rows)
     l1, g1 = loss_and_grads(tiny_model, fast, rows)
     assert abs(l0 - l1) <= 1e-5 * abs(l0)
@@ -65,3 +65,18 @@ def test_fast_tokenization_equals_the_tokenizer_call(minilm):
         assert feat.keys() == dict(ref).keys()
         for k in feat:
             assert torch.equal(feat[k], ref[k]), k
+
+
+@pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", False)])
+def test_packed_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normalize):
+    from dist_embed.step import embed_packed
+
+    enc = Encoder.from_pretrained(str(tiny_model), pooling=pooling, normalize=normalize, dropout=0.0).eval()
+    rows = quick_triplets(20)
+    cols = [[r["anchor"] for r in rows], [r["positive"] for r in rows]]
+    feats = [enc.tokenize(c) for c in cols]
+    with torch.no_grad():
+        packed = embed_packed(enc, feats, 64)
+        for col, emb in zip(cols, packed):
+            alone = torch.cat([enc(enc.tokenize([t])) for t in col])
+            assert (emb - alone).abs().max() < 1e-5
