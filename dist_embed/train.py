@@ -91,6 +91,11 @@ def check_precision(precision: str, device: torch.device) -> None:
                           f"{device.type}. Use training.precision=bf16 (autocast works on CPU) or fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("training.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+    if precision == "bf16" and device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        if "BF16" not in cap.upper() and "AMX" not in cap.upper() and cap.upper() != "AVX512":
+            log.warning("training.precision=bf16 on a CPU without native bf16 matrix instructions (torch reports "
+                        "%s): bf16 matmuls are emulated and can be ~100x slower than fp32 here", cap)
 
 
 class Trainer:
