@@ -86,12 +86,13 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_mod
         del os.environ["DIST_EMBED_LOG_ROW_IDS"]
     wait_for_step(out, 5)
     slurm.run("scancel", "--signal=USR1", job)  # what --signal=USR1@N sends before the time limit
-    # Slurm makes a requeued job wait ~2 minutes (BeginTime); let it start at once to keep CI short
+    # Slurm makes a requeued job wait ~2 minutes (BeginTime); shorten that to a few seconds to keep CI
+    # short (not to zero: slurmd refuses a restart in the same second as the revoked credential)
     deadline = time.time() + 120
     while time.time() < deadline:
         info = slurm.run("scontrol", "show", "job", job, "-o").stdout
         if "Restarts=1" in info and "JobState=PENDING" in info:
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now+5")
             break
         assert "JobState=COMPLETED" not in info and "JobState=FAILED" not in info, info
         time.sleep(0.3)
