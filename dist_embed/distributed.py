@@ -174,14 +174,6 @@ def all_reduce_sum(values: list[float], state: DistState) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(obj, state: DistState):
-    if not state.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(state: DistState) -> None:
     if state.enabled:
         dist.barrier()

@@ -229,7 +229,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         weights = load_file(str(path / "model.safetensors"))
-        missing = self.encoder.transformer.load_state_dict(
+        self.encoder.transformer.load_state_dict(
             {k: v for k, v in weights.items() if k not in self.encoder.extra_state}, strict=True)
         sd = path / ckpt.STATE_DIR
         self.optimizer.load_state_dict(ckpt.load_tensors(sd / "optimizer.pt"))
@@ -250,7 +250,6 @@ class Trainer:
                         self.pos.epoch)
         log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step, self.pos.epoch,
                  sum(k for _, k in self.pos.segments))
-        del missing
 
     # ------------------------------------------------------------------------------------------
 
