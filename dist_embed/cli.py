@@ -14,6 +14,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; requeue and --resume latest
+BAD_INPUT_MARKER = "BAD_INPUT"  # written by rank 0 of a multi-process run that stopped on bad input (exit 2)
 
 log = logging.getLogger("dist_embed")
 
@@ -58,7 +59,7 @@ def run_worker(cfg, resume: str | None) -> int:
     from .health import TrainingHealthError
     from .train import Preempted, Trainer
 
-    state = init_distributed(cfg.distributed.timeout_s)
+    state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
     setup_logging(state.rank)
     code = EXIT_OK
     try:
@@ -66,6 +67,10 @@ def run_worker(cfg, resume: str | None) -> int:
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT
+        if state.enabled and state.is_main:  # torchrun reports any failure as 1; tell our launcher which
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / BAD_INPUT_MARKER).write_text(f"{e}\n")
     except Preempted as e:
         log.warning("%s; exit code %d (requeue and resume with --resume latest)", e, EXIT_PREEMPTED)
         code = EXIT_PREEMPTED

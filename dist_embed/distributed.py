@@ -44,12 +44,13 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def init_distributed(timeout_s: int = 1800, force_cpu: bool = False) -> DistState:
+def init_distributed(timeout_s: int = 1800, force_cpu: bool = False, group_of_one: bool = False) -> DistState:
     """Join the process group described by the environment (torchrun, accelerate, srun, Ray).
 
     torchrun/accelerate/Ray set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; under ``srun`` we
     read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (MASTER_ADDR/PORT come from our sbatch template).
-    The device is chosen by LOCAL rank, never by global rank.
+    The device is chosen by LOCAL rank, never by global rank. ``group_of_one``: make a process group
+    even for a single process (DeepSpeed needs one).
     """
     rank = _env_int("RANK", "SLURM_PROCID") or 0
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
@@ -61,9 +62,14 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False) -> DistStat
     if dist.is_initialized():  # a launcher (e.g. Ray Train) already made the process group
         return DistState(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                          device=device, backend=dist.get_backend())
-    if world == 1:
-        return DistState(device=device)
     backend = "nccl" if use_cuda else "gloo"
+    if world == 1:
+        if not group_of_one:
+            return DistState(device=device)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        from .launch import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; start workers with dist-embed "

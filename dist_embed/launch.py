@@ -48,7 +48,7 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
                  node_rank: int = 0, master_addr: str | None = None, master_port: int | None = None) -> int:
     """Run torchrun for this node: ``nproc`` workers, ranks node_rank*nproc ... (multi-node: one
     call per node, e.g. one srun task per node, all given the same master address and port)."""
-    from .cli import EXIT_PREEMPTED
+    from .cli import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED
 
     env = dict(os.environ)
     # torchrun would force 1 thread per worker; share the cores instead
@@ -58,9 +58,9 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
            "--nproc-per-node", str(nproc), "--master-addr", master_addr or "127.0.0.1",
            "--master-port", str(master_port or free_port()), "--module", "dist_embed.cli", *worker_args]
-    marker = Path(output_dir) / "PREEMPTED" if output_dir else None
-    if marker is not None and marker.exists():
-        marker.unlink()
+    markers = {name: Path(output_dir) / name for name in ("PREEMPTED", BAD_INPUT_MARKER)} if output_dir else {}
+    for marker in markers.values():
+        marker.unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_usr1)
     signalled: list[int] = []
 
@@ -78,6 +78,8 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if code != 0 and marker is not None and marker.exists():
+    if code != 0 and "PREEMPTED" in markers and markers["PREEMPTED"].exists():
         return EXIT_PREEMPTED
+    if code != 0 and BAD_INPUT_MARKER in markers and markers[BAD_INPUT_MARKER].exists():
+        return EXIT_BAD_INPUT
     return code

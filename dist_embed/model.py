@@ -122,7 +122,11 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: dict[str, torch.Tensor], pooled: bool = True) -> torch.Tensor:
+        """Sentence embeddings; ``pooled=False``: the token states (packed inputs with position ids
+        and a 4D mask go through here too, so a wrapping engine sees every forward)."""
+        if not pooled:
+            return self.transformer(**features, return_dict=True).last_hidden_state
         inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         out = self.transformer(**inputs, return_dict=True)
         emb = pool(out.last_hidden_state, features["attention_mask"], self.pooling)
@@ -153,8 +157,10 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------------------------------
     # sentence-transformers layout
 
-    def state_for_saving(self) -> dict[str, torch.Tensor]:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.transformer.state_dict().items()}
+    def state_for_saving(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The transformer's weights (or ``weights``, e.g. gathered from ZeRO-3 shards) + kept extras."""
+        weights = self.transformer.state_dict() if weights is None else weights
+        state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         state.update({k: v.contiguous() for k, v in self.extra_state.items() if k not in state})
         return state
 

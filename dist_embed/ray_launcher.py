@@ -26,7 +26,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
     cfg = load_config(config["config"], config["overrides"])
-    state = init_distributed(cfg.distributed.timeout_s)
+    state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
     setup_logging(state.rank)
     Trainer(cfg, state, "latest").fit()
 

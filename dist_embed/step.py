@@ -94,9 +94,9 @@ def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int) ->
             offset += n
     # padding tokens attend among themselves (a fully masked query row would give NaN)
     mask = (segment[:, :, None] == segment[:, None, :])[:, None]
-    out = encoder.transformer(input_ids=input_ids.to(device), position_ids=positions.to(device),
-                              token_type_ids=torch.zeros_like(input_ids).to(device),
-                              attention_mask=mask.to(device), return_dict=True).last_hidden_state
+    out = encoder({"input_ids": input_ids.to(device), "position_ids": positions.to(device),
+                   "token_type_ids": torch.zeros_like(input_ids).to(device), "attention_mask": mask.to(device)},
+                  pooled=False)
     flat = out.reshape(-1, out.shape[-1])
     seg = segment.reshape(-1).to(device)
     real = seg >= 0
@@ -189,30 +189,47 @@ def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, 
     raise ValueError(f"unknown loss {spec.loss!r}")
 
 
+class AutogradBackward:
+    """How gradients reach the parameters on the DDP path: autograd, with the fp16 GradScaler if
+    any; our bucketed all-reduce sums them afterwards. (DeepSpeedBackend has the same three methods.)"""
+
+    def __init__(self, scaler=None):
+        self.scaler = scaler
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def backward_cached(self, loss: torch.Tensor) -> None:
+        """Cached MNRL, loss -> cached embeddings (no parameters involved); replays inherit the scale."""
+        self.backward(loss)
+
+    def backward_outputs(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
+        outputs.backward(grad)
+
+
 def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, loss_scale: float = 1.0,
-                     scaler=None, timer: Timer | None = None) -> tuple[float, dict]:
+                     grads=None, timer: Timer | None = None) -> tuple[float, dict]:
     """Loss of one micro-batch (this rank's share of the global mean), gradients accumulated into
-    the encoder's ``.grad``. ``loss_scale`` divides by the number of accumulation steps."""
+    the encoder's ``.grad`` (or DeepSpeed's partitions). ``loss_scale`` divides by the number of
+    accumulation steps. ``encoder`` may be a DeepSpeed engine wrapping our Encoder (it passes
+    attribute lookups through), so that every forward is one the engine sees."""
+    grads = grads or AutogradBackward()
     device = state.device
     feats = [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch["features"]]
     n_cols = len(feats) or _n_cols(spec)
     if spec.loss == "cached_mnrl":
-        return _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler, timer)
+        return _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, timer)
     with autocast(device, spec.autocast_dtype):
         embs = embed_columns(encoder, feats, spec.chunk, spec.pack) if feats else \
             [empty_embedding(encoder, device) for _ in range(n_cols)]
         loss, info = loss_from_embeddings(embs, batch, spec, state, timer)
-    _backward(loss * loss_scale, scaler)
+    grads.backward(loss * loss_scale)
     return float(loss.detach()), info
 
 
 def _n_cols(spec: StepSpec) -> int:
     # an empty slice carries no columns; the loss still needs the right number (at least 2 for mnrl)
     return {"triplet": 3}.get(spec.loss, 2)
-
-
-def _backward(loss: torch.Tensor, scaler) -> None:
-    (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 class _RngReplay:
@@ -238,7 +255,7 @@ class _RngReplay:
                 torch.cuda.set_rng_state(cuda_now, self.device)
 
 
-def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler, timer) -> float:
+def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, timer) -> float:
     """Gradient caching (Gao et al. 2021): the loss sees the whole global batch, activations only
     ever exist for one mini-batch. 1) embed mini-batches without grad, 2) loss + gradient w.r.t. the
     embeddings, 3) re-embed each mini-batch with grad (same RNG) and backpropagate its slice."""
@@ -260,10 +277,10 @@ def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, scaler,
     loss, info = loss_from_embeddings(reps, batch, spec, state, timer)
     # gradients of the (scaled) loss w.r.t. the cached embeddings; with gathering this backward runs
     # the all-reduce that hands each rank the gradients other ranks computed for its candidates
-    _backward(loss * loss_scale, scaler)
+    grads.backward_cached(loss * loss_scale)
     for rep, col_plan in zip(reps if feats else [], plans):
         for idx, sub, rng in col_plan:
             with rng.replay(), autocast(device, spec.autocast_dtype):
                 emb = encoder(sub).float()
-            emb.backward(rep.grad[idx])
+            grads.backward_outputs(emb, rep.grad[idx])
     return float(loss.detach()), info

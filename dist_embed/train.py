@@ -22,7 +22,7 @@ from .distributed import DistState, all_reduce_grads, all_reduce_sum, barrier
 from .evaluation import PRIMARY, evaluate_sts, load_sts
 from .health import HealthMonitor, sts_events
 from .model import Encoder
-from .step import StepSpec, forward_backward
+from .step import AutogradBackward, StepSpec, forward_backward
 from .tracking import MetricsWriter, Progress, Timer
 
 log = logging.getLogger("dist_embed.train")
@@ -115,7 +115,8 @@ class Trainer:
         self.params = [p for p in self.encoder.parameters() if p.requires_grad]
         # word-embedding rows touched this step, for the sparse gradient all-reduce (multi-process only)
         emb = self.encoder.transformer.get_input_embeddings()
-        self.word_embeddings = emb.weight if state.enabled and emb is not None and emb.weight.requires_grad else None
+        sparse = state.enabled and cfg.distributed.backend == "ddp" and emb is not None and emb.weight.requires_grad
+        self.word_embeddings = emb.weight if sparse else None
         self.used_rows = torch.zeros(emb.weight.shape[0], dtype=torch.bool) if self.word_embeddings is not None \
             else None
 
@@ -136,9 +137,21 @@ class Trainer:
             raise ConfigError("data.train is a stream of unknown length: set training.max_steps")
         warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total_steps)
 
-        self.optimizer = make_adamw(param_groups(self.encoder, t.weight_decay), t.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
-        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        groups = param_groups(self.encoder, t.weight_decay)
+        make_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, self.total_steps))
+        self.ds = None  # DeepSpeedBackend when distributed.backend is deepspeed
+        self.scaler = None
+        if cfg.distributed.backend == "deepspeed":
+            from .deepspeed_engine import DeepSpeedBackend
+
+            self.ds = DeepSpeedBackend(cfg, state, self.encoder, groups, make_scheduler)
+            self.optimizer, self.scheduler = self.ds.optimizer, self.ds.scheduler
+            self.model, self.grads = self.ds.engine, self.ds  # every training forward goes through the engine
+        else:
+            self.optimizer = make_adamw(groups, t.lr)
+            self.scheduler = make_scheduler(self.optimizer)
+            self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+            self.model, self.grads = self.encoder, AutogradBackward(self.scaler)
         gather = cfg.loss.gather_across_devices if cfg.loss.gather_across_devices is not None else state.enabled
         self.spec = StepSpec(cfg.loss.name, scale=cfg.loss.scale, margin=cfg.loss.margin,
                              distance=cfg.loss.distance, gather=gather, mini_batch_size=cfg.loss.mini_batch_size,
@@ -156,6 +169,8 @@ class Trainer:
         if state.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
+            if self.ds is not None:  # what DeepSpeed actually ran with, every "auto" filled
+                (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds.config, indent=2) + "\n")
         self.wandb = None
         if state.is_main and cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
             from .wandb_run import WandbRun
@@ -226,17 +241,21 @@ class Trainer:
             problem = ckpt.verify(path)
             if problem:
                 raise ConfigError(f"--resume {path}: {problem}")
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "model.safetensors"))
-        self.encoder.transformer.load_state_dict(
-            {k: v for k, v in weights.items() if k not in self.encoder.extra_state}, strict=True)
         sd = path / ckpt.STATE_DIR
-        self.optimizer.load_state_dict(ckpt.load_tensors(sd / "optimizer.pt"))
+        meta = json.loads((sd / "trainer.json").read_text())
+        self._check_resumable(path, meta.get("backend", {"backend": "ddp"}), meta["world_size"])
+        if self.ds is not None:
+            self.ds.load(sd)  # weights, optimizer shards and DeepSpeed's step counters
+        else:
+            from safetensors.torch import load_file
+
+            weights = load_file(str(path / "model.safetensors"))
+            self.encoder.transformer.load_state_dict(
+                {k: v for k, v in weights.items() if k not in self.encoder.extra_state}, strict=True)
+            self.optimizer.load_state_dict(ckpt.load_tensors(sd / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_tensors(sd / "scheduler.pt"))
         if self.scaler is not None and (sd / "scaler.pt").exists():
             self.scaler.load_state_dict(ckpt.load_tensors(sd / "scaler.pt"))
-        meta = json.loads((sd / "trainer.json").read_text())
         self.step = meta["step"]
         self.pos = DataPosition(meta["epoch"], [list(s) for s in meta["segments"]])
         self.history = meta.get("history", [])
@@ -251,13 +270,36 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step, self.pos.epoch,
                  sum(k for _, k in self.pos.segments))
 
+    def _backend_info(self) -> dict:
+        return self.ds.describe() if self.ds is not None else {"backend": "ddp", "world_size": self.state.world_size}
+
+    def _check_resumable(self, path: Path, saved: dict, saved_world: int) -> None:
+        """DDP checkpoints resume at any world size (the data plan is re-split); DeepSpeed's optimizer
+        shards only load into the same ZeRO stage and world size."""
+        ours = self._backend_info()
+        if saved.get("backend") == "ddp" == ours["backend"] or {**saved, "world_size": saved_world} == ours:
+            return
+
+        def name(info: dict, world: int) -> str:
+            kind = f"DeepSpeed ZeRO-{info['zero_stage']}" if info.get("backend") == "deepspeed" else "DDP"
+            return f"{kind} with {world} process{'es' if world != 1 else ''}"
+
+        raise ConfigError(
+            f"--resume {path}: written by {name(saved, saved_world)}, this run is {name(ours, self.state.world_size)}. "
+            "A DeepSpeed checkpoint resumes only under the same ZeRO stage and world size, and DDP and DeepSpeed "
+            "optimizer states do not convert into each other. Resume with the original settings, or start a new "
+            f"run from its weights (model.name_or_path={path}; optimizer state and data position start afresh).")
+
     # ------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
         results: dict[str, float] = {}
+        encoder = self.encoder
+        if self.ds is not None and self.cfg.eval.sts:
+            encoder = self.ds.encoder_for_eval()  # under ZeRO-3 all ranks take part in gathering the weights
         if self.state.is_main and self.eval_sets:
             for data in self.eval_sets:
-                m = evaluate_sts(self.encoder, data, self.cfg.eval.batch_size)
+                m = evaluate_sts(encoder, data, self.cfg.eval.batch_size)
                 results.update({f"eval/{data.name}/{k}": v for k, v in m.items()})
             self.encoder.train()
             rec = {"step": self.step, "epoch": self.epoch_progress(), **results}
@@ -276,17 +318,22 @@ class Trainer:
         if self.state.is_main:
             ckpt.begin(target)
         barrier(self.state)
+        # under DeepSpeed the full weights are gathered to rank 0 (a collective under ZeRO-3)
+        weights = self.ds.full_state_dict() if self.ds is not None else None
         if not final:
             sd = tmp / ckpt.STATE_DIR
             if self.state.is_main:
                 sd.mkdir(parents=True, exist_ok=True)
             barrier(self.state)
             ckpt.save_tensors(ckpt.rng_state(), sd / f"rng-rank{self.state.rank}.pt")
+            if self.ds is not None:
+                self.ds.save(sd)  # every rank writes its optimizer (and ZeRO-3 weight) shards
         if self.state.is_main:
-            self.encoder.save(tmp)
+            self.encoder.save(tmp, self.encoder.state_for_saving(weights) if weights is not None else None)
             self._write_card(tmp)
             if not final:
-                ckpt.save_tensors(self.optimizer.state_dict(), sd / "optimizer.pt")
+                if self.ds is None:
+                    ckpt.save_tensors(self.optimizer.state_dict(), sd / "optimizer.pt")
                 ckpt.save_tensors(self.scheduler.state_dict(), sd / "scheduler.pt")
                 if self.scaler is not None:
                     ckpt.save_tensors(self.scaler.state_dict(), sd / "scaler.pt")
@@ -294,6 +341,7 @@ class Trainer:
                 (sd / "trainer.json").write_text(json.dumps({
                     "step": self.step, "epoch": self.pos.epoch, "segments": self.pos.segments,
                     "world_size": self.state.world_size, "global_batch": self.global_batch,
+                    "backend": self._backend_info(),
                     "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
                     "history": self.history}, indent=1))
         barrier(self.state)
@@ -411,8 +459,8 @@ class Trainer:
                 if self.used_rows is not None:
                     for f in batch["features"]:
                         self.used_rows[f["input_ids"].unique()] = True
-                micro_loss, info = forward_backward(self.encoder, batch, self.spec, self.state,
-                                                    loss_scale=1.0 / t.grad_accum, scaler=self.scaler, timer=timer)
+                micro_loss, info = forward_backward(self.model, batch, self.spec, self.state,
+                                                    loss_scale=1.0 / t.grad_accum, grads=self.grads, timer=timer)
                 step_loss += micro_loss
                 timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
                 self.pos.advance(self.global_batch)
@@ -425,9 +473,14 @@ class Trainer:
             if micro == 0:
                 continue
             if micro < t.grad_accum:  # the epoch ended mid-accumulation: average over what we had
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(t.grad_accum / micro)
+                if self.ds is None:
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.mul_(t.grad_accum / micro)
+                else:  # the gradients already sit in DeepSpeed's partitions
+                    log.warning("step %d: the epoch ended after %d of %d accumulation micro-batches; under DeepSpeed "
+                                "this step's gradient is not re-weighted (%.2f of a full step)", self.step + 1,
+                                micro, t.grad_accum, micro / t.grad_accum)
                 step_loss *= t.grad_accum / micro
             loss, grad_norm, ok = self._optimizer_step(step_loss / t.grad_accum, timer)
             self.step += 1
@@ -485,6 +538,8 @@ class Trainer:
         return "\n".join(lines)
 
     def _optimizer_step(self, local_loss: float, timer: Timer) -> tuple[float, float, bool]:
+        if self.ds is not None:
+            return self._deepspeed_step(local_loss, timer)
         t = self.cfg.training
         t0 = time.perf_counter()
         sparse = None
@@ -520,6 +575,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         timer.add("optimizer", time.perf_counter() - t0)
         return loss, grad_norm, ok
+
+    def _deepspeed_step(self, local_loss: float, timer: Timer) -> tuple[float, float, bool]:
+        """DeepSpeed reduces, clips and steps; it skips a step whose gradients are not finite (and
+        lowers the fp16 loss scale), which we report as the DDP path does."""
+        t0 = time.perf_counter()
+        (loss,) = all_reduce_sum([local_loss], self.state)
+        scale = self.ds.loss_scale()
+        grad_norm, applied = self.ds.step()
+        if not applied:
+            if scale is not None:
+                self.report_events([self.health.fp16_skipped(self.step + 1, scale, self.ds.loss_scale())])
+            else:
+                self.report_events([self.health.bad_step(self.step + 1, loss, grad_norm)])
+        elif not math.isfinite(loss):
+            self.report_events([self.health.bad_step(self.step + 1, loss, grad_norm)])
+            applied = False
+        timer.add("optimizer", time.perf_counter() - t0)
+        return loss, grad_norm, applied
 
     def _log_window(self, window: dict, timer: Timer, lr: float, grad_norm: float | None) -> None:
         if not window["n"]:

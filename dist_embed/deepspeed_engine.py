@@ -1,0 +1,239 @@
+"""DeepSpeed ZeRO (stages 1-3, optional offload) through accelerate, behind the same loop as our DDP path.
+
+What stays ours: the global batch plan, gathered negatives (our autograd all-gather), the losses,
+the LR schedule, health checks, the checkpoint layout. What DeepSpeed owns: gradient reduction and
+partitioning, the optimizer step (and its fp16 loss scaling), clipping, and its sharded state.
+
+Three details make it exact (tests compare against the DDP path):
+- our losses are "this rank's share of the global mean", so the gradients must be SUMMED over ranks;
+  DeepSpeed averages, so every loss handed to it is multiplied by the world size;
+- one optimizer step runs several backward passes (grad accumulation, cached-MNRL replays), so the
+  engine runs with ``managed_gradient_accumulation: false`` (``step()`` is the boundary) and every
+  forward goes through the engine (under ZeRO-3 that is what makes a second backward accumulate
+  into the gradient partitions instead of overwriting them);
+- "auto" values are filled from our config, so the two can never disagree.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError
+from .distributed import DistState
+
+log = logging.getLogger(__name__)
+
+STATE_TAG = "deepspeed"  # training_state/deepspeed/: the engine's own (sharded) checkpoint
+BETAS, EPS = [0.9, 0.999], 1e-8  # torch AdamW defaults, what the DDP path uses
+
+
+def _set_default_extension_dir() -> None:
+    # DeepSpeed JIT-builds small ops (e.g. its CPU shared-memory all-reduce) on first use; keep the
+    # build cache in one place we control instead of wherever the first worker's HOME points.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                          str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_embed"
+                              / "torch_extensions"))
+
+
+def read_ds_config(path: str) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"distributed.deepspeed_config: file not found: {p}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a JSON object")
+    return data
+
+
+def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, device_type: str,
+                   origin: str = "deepspeed config") -> dict:
+    """Replace every ``"auto"`` with the value our config implies; refuse values that contradict it.
+
+    Filled: batch sizes, gradient accumulation, clipping, precision, optimizer lr/betas/eps/weight
+    decay, ZeRO bucket sizes (from the hidden size, as accelerate does). A ``scheduler`` section is
+    refused: the warm-up/decay schedule is ours (training.warmup_*), shared with the DDP path.
+    """
+    t = cfg.training
+    ds = copy.deepcopy(raw)
+    if "scheduler" in ds:
+        raise ConfigError(f"{origin}: scheduler: remove this section; dist_embed applies its own linear warm-up "
+                          "and decay (training.warmup_steps / warmup_ratio) under every backend")
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{origin}: zero_optimization.stage: expected 1, 2 or 3 (got {stage!r}); "
+                          "for plain data parallelism use distributed.backend=ddp")
+    want = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+    }
+    for key, value in want.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif have != value:
+            raise ConfigError(f"{origin}: {key}: {have!r} contradicts the training config, which implies {value!r}; "
+                              f"set it to \"auto\"")
+    for name, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
+        section = ds.setdefault(name, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = on
+        elif bool(section["enabled"]) != on:
+            raise ConfigError(f"{origin}: {name}.enabled: {section['enabled']!r} contradicts "
+                              f"training.precision={t.precision}; set it to \"auto\"")
+    if t.precision == "fp16" and device_type != "cuda":
+        raise ConfigError("DeepSpeed supports fp16 only on GPUs (its loss scaling); on CPU use "
+                          "training.precision=bf16 or fp32")
+    if "optimizer" in ds:
+        opt = ds["optimizer"]
+        if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+            raise ConfigError(f"{origin}: optimizer.type: {opt.get('type')!r} is not supported; use AdamW "
+                              "(or drop the section to use dist_embed's fused AdamW)")
+        params = opt.setdefault("params", {})
+        for key, value in (("lr", t.lr), ("betas", BETAS), ("eps", EPS), ("weight_decay", t.weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if stage == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        if zero.get("overlap_comm"):
+            raise ConfigError(f"{origin}: zero_optimization.overlap_comm: must be false with stage 3 here (we "
+                              "drive several backward passes per step, which DeepSpeed overlaps only at stage 2)")
+    if ds.get("managed_gradient_accumulation", False):
+        raise ConfigError(f"{origin}: managed_gradient_accumulation: must be false (dist_embed decides where an "
+                          "optimizer step ends)")
+    ds["managed_gradient_accumulation"] = False
+    ds.setdefault("steps_per_print", 10**9)  # we log; DeepSpeed's own per-step prints would duplicate it
+    ds.setdefault("wall_clock_breakdown", False)
+    left = [k for k in _auto_keys(ds)]
+    if left:
+        raise ConfigError(f"{origin}: no value to fill \"auto\" in {', '.join(left)}; set them explicitly")
+    return ds
+
+
+def _auto_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _auto_keys(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "auto" else []
+
+
+class DeepSpeedBackend:
+    """The engine plus the few operations the trainer needs from it."""
+
+    def __init__(self, cfg: Config, state: DistState, encoder, param_groups: list[dict], make_scheduler):
+        _set_default_extension_dir()
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate.utils import DummyOptim, DummyScheduler, InitProcessGroupKwargs
+
+        self.state = state
+        path = cfg.distributed.deepspeed_config
+        self.config = fill_ds_config(read_ds_config(path), cfg, state.world_size, encoder.dim,
+                                     state.device.type, origin=path)
+        self.stage = int(self.config["zero_optimization"]["stage"])
+        backend = "nccl" if state.device.type == "cuda" else "gloo"
+        # accelerate keeps its state in process-wide singletons; a process trains one model, so
+        # one Accelerator per process is what it expects
+        self.accelerator = Accelerator(
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.config),
+            kwargs_handlers=[InitProcessGroupKwargs(backend=backend,
+                                                    timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))])
+        if "optimizer" in self.config:  # DeepSpeed builds the optimizer (e.g. torch AdamW via torch_adam)
+            optimizer = DummyOptim(param_groups, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+            scheduler = DummyScheduler(optimizer, lr_scheduler_callable=make_scheduler)
+        else:  # our fused AdamW, wrapped by ZeRO
+            from .train import make_adamw
+
+            optimizer = make_adamw(param_groups, cfg.training.lr)
+            scheduler = make_scheduler(optimizer)
+        # ZeRO-3 leaves each rank a shard of every weight; rank 0 evaluates on a plain copy that is
+        # refreshed from the gathered weights at each eval (costs one model's memory on rank 0)
+        self.eval_copy = copy.deepcopy(encoder) if self.stage == 3 and state.is_main else None
+        self.engine, self.optimizer, scheduler = self.accelerator.prepare(encoder, optimizer, scheduler)
+        # the schedule object itself (accelerate wraps it); DeepSpeed steps it only if it was handed over
+        self.scheduler = getattr(scheduler, "scheduler", scheduler)
+        self._engine_steps_scheduler = self.engine.lr_scheduler is not None
+        self.world_size = state.world_size
+        log.info("DeepSpeed ZeRO stage %d (%s), micro batch %d, grad accumulation %d, optimizer %s", self.stage, path,
+                 self.config["train_micro_batch_size_per_gpu"], self.config["gradient_accumulation_steps"],
+                 type(self.engine.optimizer).__name__)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """A loss that depends on the parameters (our losses are shares of a global mean: x world)."""
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def backward_cached(self, loss: torch.Tensor) -> None:
+        """Cached MNRL, loss -> cached embeddings: no parameters involved, so plain autograd."""
+        loss.backward()
+
+    def backward_outputs(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
+        """Backpropagate a known gradient w.r.t. ``outputs`` (cached-MNRL replay)."""
+        self.backward((outputs * grad).sum())
+
+    def step(self) -> tuple[float, bool]:
+        """Optimizer step (DeepSpeed reduces, clips, steps or skips on overflow). -> (grad norm, applied)."""
+        self.engine.step()
+        if not self._engine_steps_scheduler:
+            self.scheduler.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, bool(self.engine.was_step_applied())
+
+    def loss_scale(self) -> float | None:
+        return getattr(self.engine.optimizer, "loss_scale", None) if self.config["fp16"]["enabled"] else None
+
+    # -- weights and checkpoints ----------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None elsewhere). All ranks must call it (ZeRO-3 gathers)."""
+        if self.stage == 3:
+            sd = self.accelerator.get_state_dict(self.engine)  # collective: gathers every partition
+        else:
+            sd = self.engine.module.state_dict() if self.state.is_main else None
+        if sd is None or not self.state.is_main:
+            return None
+        return {k.removeprefix("transformer."): v.detach().to("cpu").contiguous() for k, v in sd.items()
+                if k.startswith("transformer.")}
+
+    def encoder_for_eval(self):
+        """The encoder rank 0 evaluates with full weights. All ranks must call it (ZeRO-3 gathers)."""
+        if self.stage < 3:
+            return self.engine.module  # ZeRO-1/2 shard optimizer state and gradients, not weights
+        weights = self.full_state_dict()
+        if self.eval_copy is not None:
+            self.eval_copy.transformer.load_state_dict(weights, strict=True)
+        return self.eval_copy
+
+    def save(self, directory: Path) -> None:
+        """Every rank writes its shards of the optimizer/model state under ``directory``."""
+        self.engine.save_checkpoint(str(directory), tag=STATE_TAG, client_state={}, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=STATE_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise ConfigError(f"{directory}: no DeepSpeed checkpoint found under tag {STATE_TAG!r}")
+
+    def describe(self) -> dict:
+        return {"backend": "deepspeed", "zero_stage": self.stage, "world_size": self.world_size}
