@@ -67,10 +67,12 @@ def run_worker(cfg, resume: str | None) -> int:
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT
-        if state.enabled and state.is_main:  # torchrun reports any failure as 1; tell our launcher which
-            out = Path(cfg.output_dir)
+        if state.enabled:  # torchrun reports any failure as 1; tell our launcher which (the first rank
+            out = Path(cfg.output_dir)  # to fail may be any rank, and the others get killed)
             out.mkdir(parents=True, exist_ok=True)
-            (out / BAD_INPUT_MARKER).write_text(f"{e}\n")
+            tmp = out / f"{BAD_INPUT_MARKER}.rank{state.rank}"
+            tmp.write_text(f"{e}\n")
+            os.replace(tmp, out / BAD_INPUT_MARKER)
     except Preempted as e:
         log.warning("%s; exit code %d (requeue and resume with --resume latest)", e, EXIT_PREEMPTED)
         code = EXIT_PREEMPTED

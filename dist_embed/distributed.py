@@ -172,11 +172,12 @@ def _reduce_bucket(grads: list[torch.Tensor]) -> None:
             offset += n
 
 
-def all_reduce_sum(values: list[float], state: DistState) -> list[float]:
+def all_reduce_sum(values: list[float], state: DistState, op=dist.ReduceOp.SUM) -> list[float]:
+    """A few floats combined over ranks (SUM, or e.g. ``op=dist.ReduceOp.MAX``)."""
     if not state.enabled:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=state.device if state.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 

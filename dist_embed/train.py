@@ -98,6 +98,20 @@ def check_precision(precision: str, device: torch.device) -> None:
                         "%s): bf16 matmuls are emulated and can be ~100x slower than fp32 here", cap)
 
 
+def peak_memory(state: DistState) -> dict[str, float]:
+    """Peak memory of the largest process so far, MiB: host RSS, and GPU memory allocated on CUDA."""
+    import resource
+
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # Linux reports KiB
+    if state.device.type == "cuda":
+        values.append(torch.cuda.max_memory_allocated(state.device) / 2**20)
+    values = all_reduce_sum(values, state, op=torch.distributed.ReduceOp.MAX)
+    out = {"mem/peak_rss_mib": round(values[0], 1)}
+    if len(values) > 1:
+        out["mem/peak_gpu_mib"] = round(values[1], 1)
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, state: DistState, resume: str | None = None):
         self.cfg, self.state = cfg, state
@@ -607,5 +621,6 @@ class Trainer:
                "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1),
                "seconds_per_step": elapsed / window["n"], "gather_seconds_per_step": gather / window["n"]}
         rec.update({f"time/{k}": v / total for k, v in phases.items()})
+        rec.update(peak_memory(self.state))
         self.metrics.write(rec)
         window.update(loss=0.0, n=0, samples=0, real=0, padded=0, t0=time.perf_counter())
