@@ -126,6 +126,10 @@ class Trainer:
                                                max_seq_length=m.max_seq_length, dropout=m.dropout,
                                                trust_remote_code=m.trust_remote_code, revision=m.revision)
         self.encoder.to(state.device).train()
+        if cfg.training.fast_dropout and state.device.type == "cpu":
+            from .fast_dropout import use_fast_dropout
+
+            use_fast_dropout(self.encoder.transformer)
         self.params = [p for p in self.encoder.parameters() if p.requires_grad]
         # word-embedding rows touched this step, for the sparse gradient all-reduce (multi-process only)
         emb = self.encoder.transformer.get_input_embeddings()

@@ -80,3 +80,59 @@ def test_packed_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normali
         for col, emb in zip(cols, packed):
             alone = torch.cat([enc(enc.tokenize([t])) for t in col])
             assert (emb - alone).abs().max() < 1e-5
+
+
+# -- fast dropout (CPU): same distribution and maths as torch's dropout, cheaper masks ------------
+
+
+def test_fast_dropout_is_dropout_with_the_same_distribution():
+    from dist_embed.fast_dropout import fast_dropout
+
+    x = torch.randn(1000, 1000, dtype=torch.float32, requires_grad=True)
+    torch.manual_seed(3)
+    out = fast_dropout(x, 0.1)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # keep probability 1 - p (n = 1e6, 6.7 sigma)
+    assert torch.allclose(out[kept], x[kept] / 0.9)  # survivors scaled by 1 / (1 - p), like F.dropout
+    out.sum().backward()  # gradient: the same mask and scale
+    assert torch.allclose(x.grad, kept.float() / 0.9)
+    torch.manual_seed(3)
+    assert torch.equal(fast_dropout(x, 0.1), out)  # seeded: reproducible (cached-MNRL replays rely on it)
+    assert fast_dropout(x, 0.0) is x
+
+
+def test_fast_attention_is_sdpa_maths(tiny_model):
+    """Dropout off: the swapped model is bit-identical. Dropout on: our attention equals SDPA's maths
+    (softmax(QK^T s + mask) V) with our dropout mask."""
+    from dist_embed.fast_dropout import _attention, use_fast_dropout
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(24))]
+    for pack in (0, 128):
+        spec = StepSpec("mnrl", pack=pack)
+        l0, g0 = loss_and_grads(tiny_model, spec, rows)
+        torch.manual_seed(0)
+        enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0)
+        assert use_fast_dropout(enc.transformer) > 0
+        enc.train()
+        batch = collate(rows, enc.tokenizer, enc.max_seq_length)
+        batch.update(global_size=len(rows), sizes=[len(rows)])
+        l1, _ = forward_backward(enc, batch, spec, DistState())
+        g1 = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
+        assert l0 == l1 and all(torch.equal(g0[n], g1[n]) for n in g0)
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    mask = torch.rand(2, 1, 10, 10) > 0.2
+    mask[..., 0] = True
+    module = torch.nn.Module()
+    module.is_causal = False
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    same, _ = _attention(module, q, k, v, mask, dropout=1e-12, scaling=0.3)  # our path, (almost) no drops
+    assert torch.allclose(ref, same, atol=1e-6)
+    torch.manual_seed(5)
+    out, _ = _attention(module, q, k, v, mask, dropout=0.5, scaling=0.3)
+    torch.manual_seed(5)
+    probs = torch.softmax((q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask, torch.finfo(torch.float32).min), -1)
+    keep = (torch.rand_like(probs) >= 0.5).float() / 0.5
+    assert torch.allclose(out, ((probs * keep) @ v).transpose(1, 2), atol=1e-6)
