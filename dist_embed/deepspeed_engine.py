@@ -124,7 +124,7 @@ def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, de
     ds["managed_gradient_accumulation"] = False
     ds.setdefault("steps_per_print", 10**9)  # we log; DeepSpeed's own per-step prints would duplicate it
     ds.setdefault("wall_clock_breakdown", False)
-    left = [k for k in _auto_keys(ds)]
+    left = _auto_keys(ds)
     if left:
         raise ConfigError(f"{origin}: no value to fill \"auto\" in {', '.join(left)}; set them explicitly")
     return ds
