@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -73,9 +73,10 @@ class TrainingConfig(_Section):
     # >0: encode the texts of all columns pooled, sorted by length, in chunks of this many (less padding,
     # same maths); 0: one padded forward per column, as sentence-transformers does
     length_sorted_chunks: int = Field(default=16, ge=0)
-    # >0: pack the batch's texts side by side into rows of this many tokens with a block-diagonal
-    # attention mask (BERT-type encoders; others fall back to length_sorted_chunks). Same maths.
-    pack_length: int = Field(default=128, ge=0)
+    # Pack the batch's texts side by side into rows with a block-diagonal attention mask (BERT-type
+    # encoders; others fall back to length_sorted_chunks). Same maths. "auto": rows as wide as the
+    # batch's longest text (least attention work); N > 0: rows of N tokens (wider if a text is); 0: off.
+    pack_length: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     # CPU only: dropout masks from a vectorised uniform draw instead of torch's element-wise
     # bernoulli_ (same distribution; ~9% faster MiniLM steps). GPUs keep their fused kernels.
     fast_dropout: bool = True

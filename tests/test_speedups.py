@@ -23,7 +23,7 @@ def loss_and_grads(model_dir, spec, rows):
 
 
 @pytest.mark.parametrize("loss_name", ["mnrl", "triplet", "cached_mnrl"])
-@pytest.mark.parametrize("chunk,pack", [(1, 0), (5, 0), (16, 0), (0, 32), (0, 128)])
+@pytest.mark.parametrize("chunk,pack", [(1, 0), (5, 0), (16, 0), (0, 32), (0, 128), (0, "auto")])
 def test_length_sorted_chunks_and_packing_change_nothing(tiny_model, loss_name, chunk, pack):
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(24))]
     plain = StepSpec(loss_name, mini_batch_size=7)
@@ -48,6 +48,24 @@ def test_chunks_really_cut_padding(tiny_model):
     lengths = sorted((int(m) for f in batch["features"] for m in f["attention_mask"].sum(1)), reverse=True)
     chunked = sum(max(lengths[i:i + 16]) * len(lengths[i:i + 16]) for i in range(0, len(lengths), 16))
     assert real / chunked > 0.85 and real / per_column < 0.75
+
+
+def test_pack_rows_places_every_text_once_within_the_row_length():
+    import random
+
+    from dist_embed.step import pack_rows
+
+    rng = random.Random(0)
+    for n, row_len in ((1, 5), (96, 52), (2000, 60), (300, 128)):
+        lengths = [rng.randint(2, row_len) for _ in range(n)]
+        rows = pack_rows(lengths, row_len)
+        assert sorted(i for row in rows for i in row) == list(range(n))
+        assert all(sum(lengths[i] for i in row) <= row_len for row in rows)
+        # a row is opened only when no row can take the text: so at most one row is half empty or worse
+        assert sum(sum(lengths[i] for i in row) <= row_len / 2 for row in rows) <= 1
+    assert len(pack_rows([3, 3, 2, 2], 5)) == 2 and len(pack_rows([4, 1, 3, 2], 5)) == 2
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([6], 5)
 
 
 def test_fast_tokenization_equals_the_tokenizer_call(minilm):
@@ -76,10 +94,10 @@ def test_packed_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normali
     cols = [[r["anchor"] for r in rows], [r["positive"] for r in rows]]
     feats = [enc.tokenize(c) for c in cols]
     with torch.no_grad():
-        packed = embed_packed(enc, feats, 64)
-        for col, emb in zip(cols, packed):
-            alone = torch.cat([enc(enc.tokenize([t])) for t in col])
-            assert (emb - alone).abs().max() < 1e-5
+        alone = [torch.cat([enc(enc.tokenize([t])) for t in col]) for col in cols]
+        for row_len in (64, "auto"):
+            for emb, ref in zip(embed_packed(enc, feats, row_len), alone):
+                assert (emb - ref).abs().max() < 1e-5
 
 
 # -- fast dropout (CPU): same distribution and maths as torch's dropout, cheaper masks ------------
@@ -108,7 +126,7 @@ def test_fast_attention_is_sdpa_maths(tiny_model):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(24))]
-    for pack in (0, 128):
+    for pack in (0, 128, "auto"):
         spec = StepSpec("mnrl", pack=pack)
         l0, g0 = loss_and_grads(tiny_model, spec, rows)
         torch.manual_seed(0)
