@@ -112,6 +112,9 @@ class DistributedConfig(_Section):
     deepspeed_config: str | None = None
     timeout_s: int = Field(default=1800, gt=0)
     bucket_mb: float = Field(default=25.0, gt=0)  # gradient all-reduce bucket size
+    # deal each global batch's rows out so that every rank gets about as many characters of text
+    # (no rank waits long for the one that drew the longest texts); same loss and gradients
+    balance_ranks: bool = True
 
 
 class WandbConfig(_Section):

@@ -393,7 +393,8 @@ class Trainer:
         """Micro-batches forever (epoch after epoch), each tagged with its epoch."""
         while True:
             ds = RankBatches(self.plan, self.pos.epoch, self.pos.segments, self.state.rank, self.state.world_size,
-                             self.encoder.tokenizer, self.encoder.max_seq_length)
+                             self.encoder.tokenizer, self.encoder.max_seq_length,
+                             balance=self.cfg.distributed.balance_ranks)
             loader = make_loader(ds, self.cfg.data.num_workers, pin_memory=self.state.device.type == "cuda")
             for batch in loader:
                 yield batch

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from dist_embed.data.batching import (buffered_shuffle, no_duplicate_batches, plan_epoch, rank_slice,
-                                      split_sizes)
+from dist_embed.data.batching import (balanced_order, buffered_shuffle, no_duplicate_batches, plan_epoch,
+                                      rank_slice, split_sizes)
 from dist_embed.data.readers import Row
 
 
@@ -51,6 +51,28 @@ def test_split_sizes_and_slices_cover_the_batch():
     assert split_sizes(10, 4) == [3, 3, 2, 2] and split_sizes(1, 2) == [1, 0]
     batch = list(range(10))
     assert sum((list(rank_slice(batch, r, 4)) for r in range(4)), []) == batch
+
+
+def test_balanced_order_deals_out_long_rows_and_keeps_slice_sizes():
+    import random
+
+    # contiguous slices would give rank 0 both long rows
+    assert balanced_order([10, 9, 1, 1, 1, 1], 2) == [0, 3, 5, 1, 2, 4]
+    rng = random.Random(0)
+    spread = {"contiguous": [], "balanced": []}
+    for n, world in ((64, 2), (33, 4), (5, 8), (256, 8)):
+        for _ in range(20):
+            costs = [rng.randint(20, 400) for _ in range(n)]
+            order = balanced_order(costs, world)
+            assert sorted(order) == list(range(n))
+            sizes = split_sizes(n, world)
+            for orders, name in ((order, "balanced"), (list(range(n)), "contiguous")):
+                loads = [sum(costs[i] for i in rank_slice(orders, r, world)) for r in range(world)]
+                spread[name].append(max(loads) - min(loads))
+            for r in range(world):
+                mine = rank_slice(order, r, world)
+                assert len(mine) == sizes[r] and list(mine) == sorted(mine)  # batch order kept per rank
+    assert sum(spread["balanced"]) < 0.2 * sum(spread["contiguous"])
 
 
 def test_plan_depends_on_global_batch_not_world_size():

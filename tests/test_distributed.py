@@ -47,6 +47,10 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_model,
     assert_same_run(one, two)
     log = (two / "metrics.jsonl").read_text()
     assert '"time/comm"' in log
+    if loss == "mnrl":  # rows dealt out to ranks by length (the default) or in contiguous blocks: same run
+        plain = train(tmp_path, "contiguous", cfg, "training.batch_size=8", "--nproc", "2",
+                      "distributed.balance_ranks=false")
+        assert_same_run(two, plain)
 
 
 def test_cached_mnrl_equals_mnrl_single_process(tmp_path, tiny_model, triplets):

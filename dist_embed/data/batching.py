@@ -107,6 +107,26 @@ def rank_slice(batch: Sequence[T], rank: int, world: int) -> Sequence[T]:
     return batch[start:start + sizes[rank]]
 
 
+def balanced_order(costs: Sequence[float], world: int) -> list[int]:
+    """A reordering of a global batch whose contiguous rank slices carry about equal cost.
+
+    Every rank waits for the slowest one at the gradient all-reduce, and a rank's forward/backward
+    time grows with its texts' lengths. The loss (a mean over the global batch, negatives gathered
+    from all ranks) does not depend on which rank holds which row, so we may deal the rows out:
+    costliest first, each to the least-loaded rank that still has room (slice sizes as
+    ``split_sizes``). Each rank's rows keep their batch order. Deterministic, so every rank computes
+    the same order without talking.
+    """
+    sizes = split_sizes(len(costs), world)
+    load = [0.0] * world
+    members: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min((r for r in range(world) if len(members[r]) < sizes[r]), key=lambda r: (load[r], r))
+        members[r].append(i)
+        load[r] += costs[i]
+    return [i for m in members for i in sorted(m)]
+
+
 def plan_epoch(rows_factory: Callable[[], Iterable], *, epoch: int, seed: int, global_batch: int,
                shuffle: bool, shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None,
                segments: Sequence[tuple[int, int]] = ()) -> Iterator[list]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .batching import plan_epoch, rank_slice, split_sizes
+from .batching import balanced_order, plan_epoch, rank_slice, split_sizes
 from .readers import Row, Schema, Source, validate_rows
 
 
@@ -98,12 +98,17 @@ def collate(rows: Sequence[Row], tokenizer, max_length: int) -> dict[str, Any]:
 
 
 class RankBatches(IterableDataset):
-    """This rank's slices of the global batches of one epoch, from ``start`` (resume) onwards."""
+    """This rank's slices of the global batches of one epoch, from ``start`` (resume) onwards.
 
-    def __init__(self, spec: PlanSpec, epoch: int, segments, rank: int, world: int, tokenizer, max_length: int):
+    ``balance``: the rows of each global batch are dealt out to ranks by text length first
+    (``balanced_order``); which rank holds a row does not change the loss."""
+
+    def __init__(self, spec: PlanSpec, epoch: int, segments, rank: int, world: int, tokenizer, max_length: int,
+                 balance: bool = False):
         self.spec, self.epoch, self.segments = spec, epoch, list(segments)
         self.rank, self.world = rank, world
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.balance = balance and world > 1
 
     def __iter__(self):
         info = get_worker_info()
@@ -111,6 +116,8 @@ class RankBatches(IterableDataset):
         for i, gbatch in enumerate(self.spec.batches(self.epoch, self.segments)):
             if i % n_workers != worker:
                 continue
+            if self.balance:
+                gbatch = [gbatch[j] for j in balanced_order([sum(map(len, r.texts)) for r in gbatch], self.world)]
             local = rank_slice(gbatch, self.rank, self.world)
             item = collate(local, self.tokenizer, self.max_length)
             item["global_size"] = len(gbatch)
