@@ -68,12 +68,20 @@ def test_pack_rows_places_every_text_once_within_the_row_length():
         pack_rows([6], 5)
 
 
-def test_fast_tokenization_equals_the_tokenizer_call(minilm):
+@pytest.mark.parametrize("single_type_id", [0, 1])
+def test_fast_tokenization_equals_the_tokenizer_call(minilm, single_type_id):
+    from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from dist_embed.data.loader import tokenize_columns
+    from dist_embed.data.loader import single_type_ids_are_zero, tokenize_columns
 
     tok = AutoTokenizer.from_pretrained(str(minilm))
+    assert single_type_ids_are_zero(tok.backend_tokenizer)  # BERT's template: type ids not read back
+    if single_type_id:  # a template that marks single texts with type 1: they must be read back
+        tok.backend_tokenizer.post_processor = TemplateProcessing(
+            single="[CLS]:1 $A:1 [SEP]:1", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)])
+        assert not single_type_ids_are_zero(tok.backend_tokenizer)
     rows = quick_triplets(300)
     columns = [[r[c] for r in rows] for c in ("anchor", "positive", "negative")]
     columns[0][5] = "word " * 300  # longer than max_length: truncated the same way
@@ -83,6 +91,7 @@ def test_fast_tokenization_equals_the_tokenizer_call(minilm):
         assert feat.keys() == dict(ref).keys()
         for k in feat:
             assert torch.equal(feat[k], ref[k]), k
+        assert int(feat["token_type_ids"].max()) == single_type_id
 
 
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", False)])

@@ -1,13 +1,17 @@
 """From global batch plans to tokenized per-rank batches, in a torch DataLoader.
 
 With ``num_workers`` dataloader workers, worker w tokenizes global batches w, w+W, w+2W, ...; the
-DataLoader hands them back in round-robin order, so the step order equals the plan order.
+DataLoader hands them back in round-robin order, so the step order equals the plan order. Workers
+send numpy arrays (pickled as plain bytes), not tensors: torch ships each tensor through its own
+shared-memory file, which for our small batches cost the main process more than the tokenizing
+(2 workers: 9.9k -> 15.9k triplets/s).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +64,7 @@ def tokenize_columns(tokenizer, columns: list[list[str]], max_length: int) -> li
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     encs = encode(flat)
     with_types = "token_type_ids" in tokenizer.model_input_names
+    zero_types = with_types and single_type_ids_are_zero(backend)
     pad_id = tokenizer.pad_token_id or 0
     out, start = [], 0
     for texts in columns:
@@ -70,11 +75,27 @@ def tokenize_columns(tokenizer, columns: list[list[str]], max_length: int) -> li
         total = int(lengths.sum())
         mask = np.arange(int(lengths.max())) < lengths[:, None]  # row-major: fills rows in order
         feat = {"input_ids": _padded(ids, mask, total, pad_id)}
-        if with_types:
+        if zero_types:
+            feat["token_type_ids"] = torch.zeros(mask.shape, dtype=torch.long)
+        elif with_types:
             feat["token_type_ids"] = _padded([e.type_ids for e in part], mask, total, 0)
         feat["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
         out.append(feat)
     return out
+
+
+def single_type_ids_are_zero(backend) -> bool:
+    """Whether the tokenizer's post-processor gives a single text type id 0 everywhere (BERT's
+    template does), so we need not read ``type_ids`` back from every encoding."""
+    post = backend.post_processor
+    if post is None:
+        return True
+    spec = json.loads(post.__getstate__())
+    if spec.get("type") in ("BertProcessing", "RobertaProcessing", "ByteLevel"):
+        return True
+    if spec.get("type") == "TemplateProcessing":
+        return all(next(iter(piece.values())).get("type_id", 0) == 0 for piece in spec.get("single", []))
+    return False
 
 
 def _padded(rows: list[list[int]], mask: np.ndarray, total: int, fill: int) -> torch.Tensor:
@@ -125,8 +146,32 @@ class RankBatches(IterableDataset):
             yield item
 
 
-def make_loader(dataset: RankBatches, num_workers: int, pin_memory: bool) -> DataLoader:
-    kwargs = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+def make_loader(dataset: RankBatches, num_workers: int, pin_memory: bool) -> Iterator[dict[str, Any]]:
+    """The dataset's batches, tokenized in ``num_workers`` processes (0: here), as tensors."""
+    kwargs = dict(batch_size=None, num_workers=num_workers, collate_fn=_as_arrays)
     if num_workers:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
-    return DataLoader(dataset, **kwargs)
+    for item in DataLoader(dataset, **kwargs):
+        yield _as_tensors(item, pin_memory)
+
+
+def _as_arrays(obj):
+    """Runs where the batch was made (a worker): tensors -> numpy arrays (zero-copy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _as_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_as_arrays(v) for v in obj]
+    return obj
+
+
+def _as_tensors(obj, pin: bool):
+    if isinstance(obj, np.ndarray):
+        t = torch.from_numpy(obj)
+        return t.pin_memory() if pin else t
+    if isinstance(obj, dict):
+        return {k: _as_tensors(v, pin) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_as_tensors(v, pin) for v in obj]
+    return obj
