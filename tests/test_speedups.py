@@ -1,4 +1,7 @@
 """Every speed-up must leave the maths alone: same loss and gradients as the plain path (fp32)."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -163,3 +166,21 @@ def test_fast_attention_is_sdpa_maths(tiny_model):
     probs = torch.softmax((q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask, torch.finfo(torch.float32).min), -1)
     keep = (torch.rand_like(probs) >= 0.5).float() / 0.5
     assert torch.allclose(out, ((probs * keep) @ v).transpose(1, 2), atol=1e-6)
+
+
+def test_gpu_benchmark_script_runs_and_computes_mfu(tmp_path):
+    """benchmarks/gpu.py on CPU (what a lent GPU would run, smaller): MFU = 6 x params x tokens/s / peak."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu.py"), "--device", "cpu", "--precisions", "fp32",
+                        "--models", "minilm", "--batch", "4", "--warmup", "1", "--steps", "2", "--peak-tflops", "0.5"],
+                       capture_output=True, text=True, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = [line for line in r.stdout.splitlines() if line.startswith("| minilm")]
+    assert len(row) == 1, r.stdout
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    params_m, tokens_s, mfu = float(cells[1]), float(cells[4].replace(",", "")), float(cells[7].rstrip("%")) / 100
+    assert 22 < params_m < 23.5  # all-MiniLM-L6-v2 without its pooler
+    assert tokens_s > 0 and abs(mfu - 6 * params_m * 1e6 * tokens_s / 0.5e12) < 0.002
