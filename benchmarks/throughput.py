@@ -4,8 +4,9 @@
 Same model (all-MiniLM-L6-v2), loss (MNRL, scale 20), optimizer (AdamW, lr 5e-5, wd 0.01, clip 1.0),
 precision, threads and process count, and the SAME rows in the SAME batches: SNLI triplets are
 written once in batch order and both trainers read them sequentially (ours with shuffling off,
-theirs with a sequential batch sampler; with 2 processes both give rank r the r-th block of 32 rows
-of each 64-row global batch). Runs alternate A B A B ...; the first --warmup steps and all start-up
+theirs with a sequential batch sampler; with 2 processes each 64-row global batch is split in two:
+theirs gives rank r the r-th block of 32 rows, ours deals the same 64 rows out by length,
+``distributed.balance_ranks``, which leaves the loss unchanged). Runs alternate A B A B ...; the first --warmup steps and all start-up
 are excluded. Prints per config: triplets/s, real (non-pad) tokens/s, median step time, peak RSS per
 process, and the ratio ours/theirs (median, min-max over repeats).
 
