@@ -512,10 +512,10 @@ class Trainer:
                 window["loss"] += loss
                 window["n"] += 1
             lr = self.scheduler.get_last_lr()[0]
+            rate = window["samples"] / max(time.perf_counter() - window["t0"], 1e-9)  # before the window resets
             if self.step % t.log_steps == 0 or self.step == self.total_steps:
                 self._log_window(window, timer, lr, grad_norm)
-            progress.update(self.step, {"loss": loss, "lr": lr,
-                                        "samples/s": window["samples"] / max(time.perf_counter() - window["t0"], 1e-9)})
+            progress.update(self.step, {"loss": loss, "lr": lr, "samples/s": rate})
             if cfg.eval.steps and self.step % cfg.eval.steps == 0 and self.step < self.total_steps:
                 self.evaluate()
             if cfg.checkpoint.steps and self.step % cfg.checkpoint.steps == 0 and self.step < self.total_steps:

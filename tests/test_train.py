@@ -1,5 +1,6 @@
 """End-to-end single-process runs of the real CLI on the tiny model."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ def test_train_writes_metrics_checkpoints_and_final(tmp_path, tiny_model, triple
     for m in train_lines:
         assert {"epoch", "loss", "lr", "samples_per_second", "tokens_per_second"} <= m.keys()
         assert np.isfinite(m["loss"])
+    # the progress lines report the logging window's rate (not the freshly reset one: 0)
+    rates = [float(x) for x in re.findall(r"samples/s=([0-9.e+-]+)", r.stderr)]
+    assert rates and all(x > 0 for x in rates), r.stderr[-2000:]
     evals = [m for m in metrics if "eval/snli/spearman_cosine" in m]
     assert [m["step"] for m in evals] == [0, 3, 6]
     # warm-up: lr rises for 2 steps then decays linearly to 0
