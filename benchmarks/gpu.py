@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = [REPO.parent / "shared" / "data" / "allnli" / "dev.jsonl.gz",
         REPO / "data" / "quickstart" / "snli-test-triplets-2k.jsonl.gz"]
 PEAKS_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float:
@@ -79,6 +78,7 @@ def measure(model_name: str, precision: str, device: torch.device, batch: int, w
             peak: float) -> dict:
     from dist_embed.distributed import DistState
     from dist_embed.step import AutogradBackward, StepSpec, forward_backward
+    from dist_embed.train import DTYPES, make_adamw
 
     enc = encoder(model_name, device).train()
     if device.type == "cpu":  # as the trainer does there
@@ -87,7 +87,7 @@ def measure(model_name: str, precision: str, device: torch.device, batch: int, w
         use_fast_dropout(enc.transformer)
     params = [p for p in enc.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=5e-5, fused=True)
+    opt = make_adamw([{"params": params}], 5e-5)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     spec = StepSpec("mnrl", scale=20.0, pack="auto", autocast_dtype=DTYPES[precision])
     state = DistState(device=device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from typing import Any, Iterator, Sequence
 
@@ -148,30 +149,22 @@ class RankBatches(IterableDataset):
 
 def make_loader(dataset: RankBatches, num_workers: int, pin_memory: bool) -> Iterator[dict[str, Any]]:
     """The dataset's batches, tokenized in ``num_workers`` processes (0: here), as tensors."""
-    kwargs = dict(batch_size=None, num_workers=num_workers, collate_fn=_as_arrays)
+    # the collate function runs where the batch was made (a worker): tensors -> numpy, zero-copy
+    to_arrays = partial(_map_leaves, kind=torch.Tensor, fn=torch.Tensor.numpy)
+    kwargs = dict(batch_size=None, num_workers=num_workers, collate_fn=to_arrays)
     if num_workers:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
+    to_tensor = (lambda a: torch.from_numpy(a).pin_memory()) if pin_memory else torch.from_numpy
     for item in DataLoader(dataset, **kwargs):
-        yield _as_tensors(item, pin_memory)
+        yield _map_leaves(item, np.ndarray, to_tensor)
 
 
-def _as_arrays(obj):
-    """Runs where the batch was made (a worker): tensors -> numpy arrays (zero-copy)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
+def _map_leaves(obj, kind: type, fn):
+    """``fn`` applied to every ``kind`` inside nested dicts and lists (a batch's structure)."""
+    if isinstance(obj, kind):
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _as_arrays(v) for k, v in obj.items()}
+        return {k: _map_leaves(v, kind, fn) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_as_arrays(v) for v in obj]
-    return obj
-
-
-def _as_tensors(obj, pin: bool):
-    if isinstance(obj, np.ndarray):
-        t = torch.from_numpy(obj)
-        return t.pin_memory() if pin else t
-    if isinstance(obj, dict):
-        return {k: _as_tensors(v, pin) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_as_tensors(v, pin) for v in obj]
+        return [_map_leaves(v, kind, fn) for v in obj]
     return obj
