@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Data pipeline throughput and memory, per training process: read + validate + shuffle +
 de-duplicate + tokenize this rank's slice, over the scale corpus, through the trainer's own loader
-(``RankBatches`` + ``make_loader``, so ``--workers N`` = ``data.num_workers: N``).
+(``PlanSpec.planner`` + ``rank_batches``, so ``--workers N`` = ``data.num_workers: N``).
 
     python benchmarks/data_pipeline.py [--sizes 55785,557850] [--world 1] [--workers 2] [--no-tokenize]
 
@@ -25,7 +25,7 @@ TOOL = REPO.parent / "shared" / "tools" / "make_scale_corpus.py"
 
 
 def measure(path: str, world: int, tokenize: bool, batch: int, workers: int) -> dict:
-    from dist_embed.data.loader import PlanSpec, RankBatches, make_loader
+    from dist_embed.data.loader import PlanSpec, rank_batches
     from dist_embed.data.readers import Schema, Source
     from dist_embed.model import resolve_model_path
     from transformers import AutoTokenizer
@@ -36,7 +36,7 @@ def measure(path: str, world: int, tokenize: bool, batch: int, workers: int) -> 
     t0 = time.perf_counter()
     rows = 0
     if tokenize:
-        for item in make_loader(RankBatches(spec, 0, [], 0, world, tok, 128, balance=True), workers, False):
+        for item, _ in rank_batches(spec.planner(0), batch * world, 0, world, tok, 128, workers, balance=True):
             rows += item["global_size"]
     else:
         rows = sum(len(gb) for gb in spec.batches(0))

@@ -44,13 +44,16 @@ def cmd_train(args) -> int:
 
         node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
         return launch_local(args.nproc, ["train", args.config, *args.overrides]
-                            + (["--resume", args.resume] if args.resume else []), cfg.output_dir,
+                            + (["--resume", args.resume] if args.resume else [])
+                            + (["--allow-data-change"] if args.allow_data_change else [])
+                            + (["--resume-or-start-fresh"] if args.resume_or_start_fresh else []), cfg.output_dir,
                             nnodes=args.nnodes, node_rank=node_rank, master_addr=args.master_addr,
                             master_port=args.master_port)
-    return run_worker(cfg, args.resume)
+    return run_worker(cfg, args.resume, allow_data_change=args.allow_data_change,
+                      allow_fresh_start=args.resume_or_start_fresh)
 
 
-def run_worker(cfg, resume: str | None) -> int:
+def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allow_fresh_start: bool = False) -> int:
     """The one worker entry point that --nproc, torchrun, srun and Ray all start."""
     from .config import ConfigError
     from .data.readers import DataError
@@ -63,7 +66,7 @@ def run_worker(cfg, resume: str | None) -> int:
     setup_logging(state.rank)
     code = EXIT_OK
     try:
-        Trainer(cfg, state, resume).fit()
+        Trainer(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start).fit()
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT
@@ -151,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. training.max_steps=50")
     tr.add_argument("--nproc", type=int, default=0, help="start N worker processes on this machine")
     tr.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    tr.add_argument("--allow-data-change", action="store_true",
+                    help="resume even though the data files or data settings differ from the checkpoint's")
+    tr.add_argument("--resume-or-start-fresh", action="store_true",
+                    help="with --resume latest: start from scratch when every checkpoint is unusable "
+                         "(default: refuse, exit 2)")
     tr.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one launcher per node)")
     tr.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: $SLURM_NODEID or 0)")
     tr.add_argument("--master-addr", default=None, help="rendezvous host for --nnodes > 1")

@@ -6,6 +6,7 @@ tested on its own against a single big batch.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -135,13 +136,16 @@ def can_pack(encoder) -> bool:
     return getattr(encoder.transformer.config, "model_type", "") in PACKABLE
 
 
-def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pack: int = 0) -> list[torch.Tensor]:
+def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pack: int = 0,
+                  min_forwards: int = 0) -> list[torch.Tensor]:
     """Embeddings (with grad) of every text column, each in its row order.
 
     ``chunk == 0``: one forward per column, padded to the column's longest text (what
     sentence-transformers does). ``chunk > 0``: the texts of ALL columns are pooled, sorted by length
     and encoded in chunks of ``chunk`` texts padded only to the chunk's longest, then put back in
     place. Same result (a text's embedding depends only on its own tokens), far fewer pad tokens.
+    ``min_forwards``: run placeholder forwards until at least that many ran (every rank must run
+    as many forwards as the others where forwards communicate, e.g. ZeRO-3's weight gathering).
     """
     if pack and can_pack(encoder):
         return embed_packed(encoder, feats, pack)
@@ -167,11 +171,27 @@ def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pac
             batch[key] = torch.stack(rows)
         outputs.append(encoder(batch))
     emb = torch.cat(outputs)[torch.argsort(order)]
+    for _ in range(min_forwards - len(outputs)):
+        emb = emb + 0.0 * encoder(placeholder_features(encoder, emb.device)).sum()
     return list(torch.split(emb, [f["attention_mask"].shape[0] for f in feats]))
 
 
-def empty_embedding(encoder, device) -> torch.Tensor:
-    return torch.zeros((0, encoder.dim), device=device, requires_grad=True)
+def placeholder_features(encoder, device) -> dict[str, torch.Tensor]:
+    """One short text (the tokenizer's special tokens around nothing): the forward a rank with an
+    empty slice runs, so that its parameters take part in the step like everyone else's."""
+    tok = encoder.tokenizer
+    ids = tok("")["input_ids"] or [getattr(tok, "pad_token_id", 0) or 0]
+    ids = torch.tensor([ids], dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def forwards_needed(spec: "StepSpec", n_cols: int, sizes: list[int], packable: bool) -> int:
+    """How many encoder forwards the rank with the largest slice runs for one micro-batch."""
+    if spec.pack and packable:
+        return 1
+    if spec.chunk:
+        return math.ceil(n_cols * max(sizes) / spec.chunk)
+    return n_cols
 
 
 def embedding_std(emb: torch.Tensor) -> float | None:
@@ -225,24 +245,33 @@ def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, 
     """Loss of one micro-batch (this rank's share of the global mean), gradients accumulated into
     the encoder's ``.grad`` (or DeepSpeed's partitions). ``loss_scale`` divides by the number of
     accumulation steps. ``encoder`` may be a DeepSpeed engine wrapping our Encoder (it passes
-    attribute lookups through), so that every forward is one the engine sees."""
+    attribute lookups through), so that every forward is one the engine sees.
+
+    Every rank issues the same collectives whatever its slice holds, an empty one included: the
+    same gathers (one per candidate column), the same number of forwards and backwards (an empty
+    or smaller slice runs placeholder forwards whose output is multiplied by zero)."""
     grads = grads or AutogradBackward()
     device = state.device
     feats = [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch["features"]]
-    n_cols = len(feats) or _n_cols(spec)
+    n_cols = batch.get("n_cols") or len(feats)
     if spec.loss == "cached_mnrl":
         return _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, timer)
+    forwards = forwards_needed(spec, n_cols, batch["sizes"], can_pack(encoder))
     with autocast(device, spec.autocast_dtype):
-        embs = embed_columns(encoder, feats, spec.chunk, spec.pack) if feats else \
-            [empty_embedding(encoder, device) for _ in range(n_cols)]
+        if feats:
+            embs = embed_columns(encoder, feats, spec.chunk, spec.pack, min_forwards=forwards)
+        else:
+            embs = _empty_slice_embeddings(encoder, n_cols, forwards, device)
         loss, info = loss_from_embeddings(embs, batch, spec, state, timer)
     grads.backward(loss * loss_scale)
     return float(loss.detach()), info
 
 
-def _n_cols(spec: StepSpec) -> int:
-    # an empty slice carries no columns; the loss still needs the right number (at least 2 for mnrl)
-    return {"triplet": 3}.get(spec.loss, 2)
+def _empty_slice_embeddings(encoder, n_cols: int, forwards: int, device) -> list[torch.Tensor]:
+    """Zero-row embeddings for each column, tied to ``forwards`` placeholder forwards (x 0)."""
+    zero = sum(0.0 * encoder(placeholder_features(encoder, device)).sum() for _ in range(max(forwards, 1)))
+    empty = torch.zeros((0, encoder.dim), device=device) + zero
+    return [empty for _ in range(n_cols)]
 
 
 class _RngReplay:
@@ -271,29 +300,42 @@ class _RngReplay:
 def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, timer) -> float:
     """Gradient caching (Gao et al. 2021): the loss sees the whole global batch, activations only
     ever exist for one mini-batch. 1) embed mini-batches without grad, 2) loss + gradient w.r.t. the
-    embeddings, 3) re-embed each mini-batch with grad (same RNG) and backpropagate its slice."""
+    embeddings, 3) re-embed each mini-batch with grad (same RNG) and backpropagate its slice.
+
+    Every rank runs ceil(largest slice / mini_batch_size) mini-batches per column, a smaller or
+    empty slice topping up with placeholder ones, so forwards and backwards pair up across ranks."""
     device = state.device
+    per_column = math.ceil(max(batch["sizes"]) / spec.mini_batch_size)
     reps, plans = [], []
-    for f in feats:
+    for c in range(n_cols):
+        f = feats[c] if feats else None
         col_parts, col_plan = [], []
-        for idx in chunks(f, spec.mini_batch_size, by_length=bool(spec.chunk)):
+        groups = chunks(f, spec.mini_batch_size, by_length=bool(spec.chunk)) if f is not None else []
+        for idx in groups + [None] * (per_column - len(groups)):
             rng = _RngReplay(device)
-            sub = _slice(f, idx)
+            sub = _slice(f, idx) if idx is not None else placeholder_features(encoder, device)
             with torch.no_grad(), autocast(device, spec.autocast_dtype):
-                col_parts.append(encoder(sub).float())
+                out = encoder(sub).float()
+            if idx is not None:
+                col_parts.append(out)
             col_plan.append((idx, sub, rng))
-        order = torch.cat([p[0] for p in col_plan])
-        reps.append(torch.cat(col_parts)[torch.argsort(order)].detach().requires_grad_())
+        if col_parts:
+            order = torch.cat([p[0] for p in col_plan if p[0] is not None])
+            rep = torch.cat(col_parts)[torch.argsort(order)]
+        else:
+            rep = torch.zeros((0, encoder.dim), device=device)
+        reps.append(rep.detach().requires_grad_())
         plans.append(col_plan)
-    if not feats:
-        reps = [empty_embedding(encoder, device) for _ in range(n_cols)]
     loss, info = loss_from_embeddings(reps, batch, spec, state, timer)
     # gradients of the (scaled) loss w.r.t. the cached embeddings; with gathering this backward runs
     # the all-reduce that hands each rank the gradients other ranks computed for its candidates
     grads.backward_cached(loss * loss_scale)
-    for rep, col_plan in zip(reps if feats else [], plans):
+    for rep, col_plan in zip(reps, plans):
         for idx, sub, rng in col_plan:
             with rng.replay(), autocast(device, spec.autocast_dtype):
                 emb = encoder(sub).float()
-            grads.backward_outputs(emb, rep.grad[idx])
+            if idx is None:
+                grads.backward_outputs(emb, torch.zeros_like(emb))
+            else:
+                grads.backward_outputs(emb, rep.grad[idx])
     return float(loss.detach()), info

@@ -16,8 +16,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_config
-from .data.loader import PlanSpec, RankBatches, make_loader
-from .data.readers import Schema, Source, detect_format, scan
+from .data.loader import PlanSpec, rank_batches
+from .data.readers import Schema, Source, scan
 from .distributed import DistState, all_reduce_grads, all_reduce_sum, barrier
 from .evaluation import PRIMARY, evaluate_sts, load_sts
 from .health import HealthMonitor, sts_events
@@ -39,32 +39,24 @@ class Preempted(Exception):
         self.signum, self.checkpoint = signum, checkpoint
 
 
-@dataclass
-class DataPosition:
-    """Where we are in the data: the epoch and the (batch size, batches done) segments of it."""
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up from 0 to the peak lr, then linear decay to 0, as a function of the run's
+    position in samples (HF's curve, step for step, while the global batch stays the same).
 
-    epoch: int = 0
-    segments: list = field(default_factory=list)
+    Measured in samples, the curve survives a change of world size: resuming a 2-process run with 1
+    process continues from the same point at the same lr and still ends at zero. ``total`` is
+    ``epochs x rows`` (rows actually trained) or ``max_steps x`` the starting global batch x
+    grad_accum; ``warmup`` is ``warmup_steps x`` that batch, or ``warmup_ratio x total``.
+    """
 
-    def advance(self, global_batch: int) -> None:
-        if not self.segments or self.segments[-1][0] != global_batch:
-            self.segments.append([global_batch, 0])
-        self.segments[-1][1] += 1
+    total: float
+    warmup: float
 
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.segments = []
-
-
-def linear_schedule(warmup: int, total: int):
-    """Linear warm-up from 0 to the peak lr, then linear decay to 0 at ``total`` (HF's definition)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
+    def factor(self, done: float) -> float:
+        if done < self.warmup:
+            return done / max(self.warmup, 1e-12)
+        return max(0.0, (self.total - done) / max(self.total - self.warmup, 1e-12))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -113,8 +105,10 @@ def peak_memory(state: DistState) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, state: DistState, resume: str | None = None):
+    def __init__(self, cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,
+                 allow_fresh_start: bool = False):
         self.cfg, self.state = cfg, state
+        self.allow_data_change, self.allow_fresh_start = allow_data_change, allow_fresh_start
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         check_precision(cfg.training.precision, state.device)
@@ -144,19 +138,26 @@ class Trainer:
         self.global_batch = t.batch_size * state.world_size
         self.plan = PlanSpec(self.source, self.schema, dict(d.columns), d.on_error, t.seed, self.global_batch,
                              d.shuffle, d.shuffle_buffer, d.no_duplicates, d.dedup_buffer)
-        self.rows = self._count_rows()
-        self.batches_per_epoch = batches_per_epoch = self._batches_per_epoch()
-        self.steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum) if batches_per_epoch else None
+        self.step = 0
+        self.epoch = 0
+        self.samples = 0.0  # the schedule's position (see Schedule)
+        self.planner_state: dict | None = None  # the data position: planner state after the last batch
+        self.history: list[dict] = []  # eval results, for best-checkpoint and the model card
+        self.samples_per_step = float(self.global_batch * t.grad_accum)  # at the run's start; kept on resume
+        saved = self._read_resume(resume) if resume else None
+        self.rows = saved["data"]["rows"] if saved and saved.get("data_unchanged") else self._count_rows()
         if t.max_steps > 0:
-            self.total_steps = t.max_steps
-        elif self.steps_per_epoch:
-            self.total_steps = t.epochs * self.steps_per_epoch
+            total = t.max_steps * self.samples_per_step
+        elif self.rows:
+            total = float(t.epochs * self.rows)
         else:
             raise ConfigError("data.train is a stream of unknown length: set training.max_steps")
-        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total_steps)
+        warmup = t.warmup_steps * self.samples_per_step if t.warmup_steps else t.warmup_ratio * total
+        self.schedule = Schedule(total, warmup)
+        warmup_steps = math.ceil(warmup / self.samples_per_step)
 
         groups = param_groups(self.encoder, t.weight_decay)
-        make_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(warmup, self.total_steps))
+        make_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self.schedule.factor(self.samples))
         self.ds = None  # DeepSpeedBackend when distributed.backend is deepspeed
         self.scaler = None
         if cfg.distributed.backend == "deepspeed":
@@ -177,13 +178,10 @@ class Trainer:
         self.eval_sets = [load_sts(s.path, s.name) for s in cfg.eval.sts] if state.is_main else []
 
         self.health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
-                                    warmup_steps=warmup)
+                                    warmup_steps=warmup_steps)
         self.stop_signal: int | None = None
-        self.step = 0
-        self.pos = DataPosition()
-        self.history: list[dict] = []  # eval results, for best-checkpoint and the model card
-        if resume:
-            self._resume(resume)
+        if saved:
+            self._resume(saved)
         if state.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
@@ -200,22 +198,29 @@ class Trainer:
             # audit trail for tests and drills: which rows each rank trained on, per optimizer step
             (self.out / "row_ids").mkdir(parents=True, exist_ok=True)
             self.row_log = open(self.out / "row_ids" / f"rank{state.rank}.jsonl", "a", encoding="utf-8")
-        log.info("world size %d, device %s, %s rows, global batch %d, %d optimizer steps (warm-up %d), "
+        log.info("world size %d, device %s, %s rows, global batch %d, about %d optimizer steps (warm-up %d), "
                  "precision %s, loss %s%s", state.world_size, state.device, self.rows, self.global_batch,
-                 self.total_steps, warmup, t.precision, cfg.loss.name,
+                 self.total_steps, warmup_steps, t.precision, cfg.loss.name,
                  " with negatives gathered across ranks" if gather and state.enabled else "")
 
     # ------------------------------------------------------------------------------------------
 
     def _count_rows(self) -> int | None:
         d = self.cfg.data
-        if detect_format(d.train, d.format) == "hf" and d.streaming:
+        if self.source.format == "hf" and d.streaming:
             return None  # a hub stream: no pre-scan; rows are validated as they arrive
         t0 = time.perf_counter()
         res = scan(self.source, self.schema, dict(d.columns), d.on_error, d.max_skip_fraction)
         log.info("%s: %d rows checked in %.1fs%s", d.train, res.rows, time.perf_counter() - t0,
                  f" ({res.skips.total} skipped)" if res.skips.total else "")
         return res.rows
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: exact for max_steps runs at one world size, else an
+        estimate (the run ends when the schedule's samples are done, or with the last epoch)."""
+        left = max(self.schedule.total - self.samples, 0.0)
+        return self.step + math.ceil(left / (self.global_batch * self.cfg.training.grad_accum) - 1e-9)
 
     def _dataset_info(self):
         """Name, size, columns and token-length statistics of the first 1000 rows, for the model card."""
@@ -237,23 +242,23 @@ class Trainer:
             info.sample = [t for t in texts[:3]]
         return info
 
-    def _batches_per_epoch(self) -> int | None:
-        if not self.rows:
-            return None
-        if not self.cfg.data.no_duplicates:
-            return math.ceil(self.rows / self.global_batch)
-        # de-duplication can defer rows into extra, shorter batches: count them (no tokenizing)
-        t0 = time.perf_counter()
-        n = sum(1 for _ in self.plan.batches(0))
-        log.info("no-duplicates batching: %d global batches per epoch (%.1fs to plan)", n, time.perf_counter() - t0)
-        return n
+    def _read_resume(self, what: str) -> dict | None:
+        """The checkpoint to resume from, its trainer.json and data state, checked against this run.
 
-    def _resume(self, what: str) -> None:
+        Refuses (ConfigError) a checkpoint made on other data or another data plan (files, seed,
+        buffers, max_rows...) unless ``--allow-data-change``; then the data position is kept if
+        the files are the same, else the checkpoint's epoch restarts on the new data."""
         if what == "latest":
             path = ckpt.find_resumable(self.ckpt_root)
             if path is None:
+                broken = ckpt.step_dirs(self.ckpt_root)
+                if broken and not self.allow_fresh_start:
+                    raise ConfigError(
+                        f"--resume latest: none of the {len(broken)} checkpoint(s) in {self.ckpt_root} is usable "
+                        "(see the warnings above); refusing to start over and overwrite them. Move them away, or "
+                        "pass --resume-or-start-fresh to start from scratch")
                 log.info("--resume latest: no usable checkpoint in %s, starting from scratch", self.ckpt_root)
-                return
+                return None
         else:
             path = Path(what)
             problem = ckpt.verify(path)
@@ -261,6 +266,31 @@ class Trainer:
                 raise ConfigError(f"--resume {path}: {problem}")
         sd = path / ckpt.STATE_DIR
         meta = json.loads((sd / "trainer.json").read_text())
+        data_file = sd / "data_state.json"
+        if not data_file.is_file():
+            raise ConfigError(f"--resume {path}: no data_state.json (a checkpoint of an older dist_embed); start a "
+                              f"new run from its weights with model.name_or_path={path}")
+        data = json.loads(data_file.read_text())
+        ours = self.plan.fingerprint()
+        changed = [k for k in sorted(set(ours) | set(data["fingerprint"])) if ours.get(k) != data["fingerprint"].get(k)]
+        data["data_unchanged"] = not changed
+        if changed:
+            what_changed = ", ".join("data files (names, sizes or modification times)" if k == "source" else k
+                                     for k in changed)
+            if not self.allow_data_change:
+                raise ConfigError(f"--resume {path}: the data configuration differs from the checkpoint's "
+                                  f"({what_changed}); resuming would not continue the same data order. Use the "
+                                  "original data and settings, or pass --allow-data-change to continue anyway")
+            log.warning("--allow-data-change: resuming on changed data (%s)", what_changed)
+            if "source" in changed:
+                data["planner"] = None  # reader offsets mean nothing in other files: restart this epoch
+                log.warning("the data files changed: epoch %d restarts from the beginning of the new data",
+                            data["epoch"])
+        return {"path": path, "meta": meta, "data": data}
+
+    def _resume(self, saved: dict) -> None:
+        path, meta, data = saved["path"], saved["meta"], saved["data"]
+        sd = path / ckpt.STATE_DIR
         self._check_resumable(path, meta.get("backend", {"backend": "ddp"}), meta["world_size"])
         if self.ds is not None:
             self.ds.load(sd)  # weights, optimizer shards and DeepSpeed's step counters
@@ -275,18 +305,50 @@ class Trainer:
         if self.scaler is not None and (sd / "scaler.pt").exists():
             self.scaler.load_state_dict(ckpt.load_tensors(sd / "scaler.pt"))
         self.step = meta["step"]
-        self.pos = DataPosition(meta["epoch"], [list(s) for s in meta["segments"]])
+        sched = meta["schedule"]
+        self.samples, self.samples_per_step = sched["samples"], sched["samples_per_step"]
+        t = self.cfg.training
+        # the schedule is fixed by the run's starting global batch, whatever the world size now
+        total = t.max_steps * self.samples_per_step if t.max_steps > 0 else float(t.epochs * self.rows)
+        warmup = t.warmup_steps * self.samples_per_step if t.warmup_steps else t.warmup_ratio * total
+        self.schedule = Schedule(total, warmup)
+        self.epoch, self.planner_state = data["epoch"], data["planner"]
         self.history = meta.get("history", [])
         rng_file = sd / f"rng-rank{self.state.rank}.pt"
         if meta["world_size"] == self.state.world_size and rng_file.exists():
             ckpt.set_rng_state(ckpt.load_tensors(rng_file))
         if meta["world_size"] != self.state.world_size:
-            log.warning("resuming a %d-process run with %d processes: global batch %d -> %d; the rest of epoch "
-                        "%d is re-planned over the rows not yet trained on (none repeated, none lost)",
-                        meta["world_size"], self.state.world_size, meta["global_batch"], self.global_batch,
-                        self.pos.epoch)
-        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, self.step, self.pos.epoch,
-                 sum(k for _, k in self.pos.segments))
+            log.warning("resuming a %d-process run with %d processes: global batch %d -> %d; the rest of epoch %d "
+                        "is cut into batches of the new size from the saved data position (no row repeated or "
+                        "lost); the lr schedule continues by samples trained", meta["world_size"],
+                        self.state.world_size, meta["global_batch"], self.global_batch, self.epoch)
+        if self.state.is_main:
+            self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d (epoch %d, %d rows into it)", path, self.step, self.epoch,
+                 (self.planner_state or {}).get("rows_done", 0))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """One history: drop what a stopped run logged after the checkpoint we resume from (those
+        steps are redone now), so metrics.jsonl and the plots hold each step once."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec_step = json.loads(line).get("step", 0)
+            except ValueError:
+                dropped += 1  # a line cut by a kill
+                continue
+            if rec_step is not None and rec_step > step:
+                dropped += 1
+            else:
+                keep.append(line)
+        if dropped:
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+            os.replace(tmp, path)
+            log.info("metrics.jsonl: dropped %d records after step %d (redone by this run)", dropped, step)
 
     def _backend_info(self) -> dict:
         return self.ds.describe() if self.ds is not None else {"backend": "ddp", "world_size": self.state.world_size}
@@ -357,11 +419,16 @@ class Trainer:
                     ckpt.save_tensors(self.scaler.state_dict(), sd / "scaler.pt")
                 at_step = next((h for h in reversed(self.history) if h["step"] == self.step), {})
                 (sd / "trainer.json").write_text(json.dumps({
-                    "step": self.step, "epoch": self.pos.epoch, "segments": self.pos.segments,
-                    "world_size": self.state.world_size, "global_batch": self.global_batch,
-                    "backend": self._backend_info(),
+                    "step": self.step, "epoch": self.epoch, "world_size": self.state.world_size,
+                    "global_batch": self.global_batch, "backend": self._backend_info(),
+                    "schedule": {"samples": self.samples, "samples_per_step": self.samples_per_step,
+                                 "total": self.schedule.total, "warmup": self.schedule.warmup},
                     "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
                     "history": self.history}, indent=1))
+                # the data position: the planner's state after the last batch trained (same on every rank)
+                (sd / "data_state.json").write_text(json.dumps({
+                    "fingerprint": self.plan.fingerprint(), "rows": self.rows, "epoch": self.epoch,
+                    "planner": self.planner_state}))
         barrier(self.state)
         if self.state.is_main:
             ckpt.commit(tmp, target)
@@ -390,27 +457,31 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _batches(self):
-        """Micro-batches forever (epoch after epoch), each tagged with its epoch."""
+        """(this rank's micro-batch, planner state after it), epoch after epoch, from the current
+        data position; (None, None) when a stream of unknown length ends an epoch."""
         while True:
-            ds = RankBatches(self.plan, self.pos.epoch, self.pos.segments, self.state.rank, self.state.world_size,
-                             self.encoder.tokenizer, self.encoder.max_seq_length,
-                             balance=self.cfg.distributed.balance_ranks)
-            loader = make_loader(ds, self.cfg.data.num_workers, pin_memory=self.state.device.type == "cuda")
-            for batch in loader:
-                yield batch
-            yield None  # end of epoch marker
+            epoch = self.epoch
+            planner = self.plan.planner(epoch, self.planner_state)
+            yield from rank_batches(planner, self.global_batch, self.state.rank, self.state.world_size,
+                                    self.encoder.tokenizer, self.encoder.max_seq_length, self.cfg.data.num_workers,
+                                    pin_memory=self.state.device.type == "cuda",
+                                    balance=self.cfg.distributed.balance_ranks)
+            if self.epoch == epoch:  # the loop did not see the epoch's last row (rows unknown)
+                yield None, None
+
+    def _epoch_complete(self) -> bool:
+        return bool(self.rows) and self.planner_state is not None and self.planner_state["rows_done"] >= self.rows
 
     def epoch_progress(self) -> float:
         """Epochs done as a fraction (sentence-transformers logs 0.5 for half an epoch)."""
-        per = self.batches_per_epoch
-        done = sum(k for _, k in self.pos.segments)
-        return round(self.pos.epoch + (min(done / per, 1.0) if per else 0.0), 4)
+        done = (self.planner_state or {}).get("rows_done", 0)
+        return round(self.epoch + (min(done / self.rows, 1.0) if self.rows else 0.0), 4)
 
     def report_events(self, events: list[dict]) -> None:
         for ev in events:
             log.warning("%s", ev["message"])
             if self.state.is_main:
-                self.metrics.write({**ev, "epoch": self.pos.epoch, **{f"health/{k}": v for k, v in
+                self.metrics.write({**ev, "epoch": self.epoch, **{f"health/{k}": v for k, v in
                                                                       self.health.counters.items()}})
 
     def _on_signal(self, signum, frame) -> None:
@@ -459,19 +530,20 @@ class Trainer:
         timer = Timer()
         window = {"loss": 0.0, "n": 0, "samples": 0, "real": 0, "padded": 0, "t0": time.perf_counter()}
         batches = self._batches()
-        done = self.step >= self.total_steps if t.max_steps > 0 else self.pos.epoch >= t.epochs
+        self.rows_trained = 0  # by this run (the summary's samples/s)
+        done = self._finished()
         while not done:
             micro = 0
             step_loss = 0.0
+            step_rows = 0
             row_ids = []
+            epoch_ended = False
             for _ in range(t.grad_accum):
                 t0 = time.perf_counter()
-                batch = next(batches)
+                batch, planner_state = next(batches)
                 timer.add("data", time.perf_counter() - t0)
-                if batch is None:  # epoch finished
-                    self.pos.next_epoch()
-                    if t.max_steps <= 0 and self.pos.epoch >= t.epochs:
-                        done = True
+                if batch is None:  # a stream of unknown length ended the epoch
+                    epoch_ended = True
                     break
                 t0 = time.perf_counter()
                 comm_before = timer.totals.get("comm", 0.0)
@@ -482,46 +554,56 @@ class Trainer:
                                                     loss_scale=1.0 / t.grad_accum, grads=self.grads, timer=timer)
                 step_loss += micro_loss
                 timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
-                self.pos.advance(self.global_batch)
+                self.planner_state = planner_state
                 micro += 1
-                window["samples"] += batch["global_size"]
+                step_rows += batch["global_size"]
                 window["real"] += batch["real_tokens"]
                 window["padded"] += batch["padded_tokens"]
                 if self.row_log:
                     row_ids.extend(batch["row_ids"].tolist())
-            if micro == 0:
+                if self._epoch_complete():  # every row of the epoch is in: close the step here
+                    epoch_ended = True
+                    break
+            if micro:
+                if micro < t.grad_accum:  # the epoch ended mid-accumulation: average over what we had
+                    if self.ds is None:
+                        for p in self.params:
+                            if p.grad is not None:
+                                p.grad.mul_(t.grad_accum / micro)
+                    else:  # the gradients already sit in DeepSpeed's partitions
+                        log.warning("step %d: the epoch ended after %d of %d accumulation micro-batches; under "
+                                    "DeepSpeed this step's gradient is not re-weighted (%.2f of a full step)",
+                                    self.step + 1, micro, t.grad_accum, micro / t.grad_accum)
+                    step_loss *= t.grad_accum / micro
+                # the schedule's position moves before the lr for the next step is set
+                self.samples += step_rows if t.max_steps <= 0 else self.global_batch * t.grad_accum
+                loss, grad_norm, ok = self._optimizer_step(step_loss / t.grad_accum, timer)
+                self.step += 1
+                self.rows_trained += step_rows
+                window["samples"] += step_rows
+            if epoch_ended:
+                self.epoch += 1
+                self.planner_state = None
+            done = self._finished()
+            if not micro:
                 continue
-            if micro < t.grad_accum:  # the epoch ended mid-accumulation: average over what we had
-                if self.ds is None:
-                    for p in self.params:
-                        if p.grad is not None:
-                            p.grad.mul_(t.grad_accum / micro)
-                else:  # the gradients already sit in DeepSpeed's partitions
-                    log.warning("step %d: the epoch ended after %d of %d accumulation micro-batches; under DeepSpeed "
-                                "this step's gradient is not re-weighted (%.2f of a full step)", self.step + 1,
-                                micro, t.grad_accum, micro / t.grad_accum)
-                step_loss *= t.grad_accum / micro
-            loss, grad_norm, ok = self._optimizer_step(step_loss / t.grad_accum, timer)
-            self.step += 1
             if ok:
                 self.report_events(self.health.good_step(self.step, loss, info["candidates"], info["emb_std"]))
             if self.row_log:
-                self.row_log.write(json.dumps({"step": self.step, "epoch": self.pos.epoch, "rows": row_ids}) + "\n")
+                self.row_log.write(json.dumps({"step": self.step, "epoch": self.epoch, "rows": row_ids}) + "\n")
                 self.row_log.flush()
             if math.isfinite(loss):
                 window["loss"] += loss
                 window["n"] += 1
             lr = self.scheduler.get_last_lr()[0]
             rate = window["samples"] / max(time.perf_counter() - window["t0"], 1e-9)  # before the window resets
-            if self.step % t.log_steps == 0 or self.step == self.total_steps:
+            if self.step % t.log_steps == 0 or done:
                 self._log_window(window, timer, lr, grad_norm)
             progress.update(self.step, {"loss": loss, "lr": lr, "samples/s": rate})
-            if cfg.eval.steps and self.step % cfg.eval.steps == 0 and self.step < self.total_steps:
+            if cfg.eval.steps and self.step % cfg.eval.steps == 0 and not done:
                 self.evaluate()
-            if cfg.checkpoint.steps and self.step % cfg.checkpoint.steps == 0 and self.step < self.total_steps:
+            if cfg.checkpoint.steps and self.step % cfg.checkpoint.steps == 0 and not done:
                 self.save()
-            if t.max_steps > 0 and self.step >= self.total_steps:
-                done = True
             if not done and self._stop_requested():
                 progress.close()
                 self._log_window(window, timer, lr, grad_norm)
@@ -539,13 +621,18 @@ class Trainer:
             log.info("%s", self.summary(final, time.perf_counter() - t_start, start_step))
         return final
 
+    def _finished(self) -> bool:
+        if self.cfg.training.max_steps > 0:
+            return self.samples >= self.schedule.total - 1e-6
+        return self.epoch >= self.cfg.training.epochs
+
     def summary(self, final: Path, seconds: float, start_step: int) -> str:
         """The end-of-run table: what ran, how fast, the eval metrics before and after, where it went."""
         steps = self.step - start_step
         lines = ["run summary",
                  f"  steps          {self.step} ({steps} in this run, {seconds:.0f}s, "
                  f"{steps / max(seconds, 1e-9):.2f} steps/s, "
-                 f"{steps * self.global_batch * self.cfg.training.grad_accum / max(seconds, 1e-9):.1f} samples/s)",
+                 f"{self.rows_trained / max(seconds, 1e-9):.1f} samples/s)",
                  f"  world size     {self.state.world_size} x batch {self.cfg.training.batch_size}"]
         if self.history:
             first, last = self.history[0], self.history[-1]

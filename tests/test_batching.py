@@ -4,7 +4,9 @@ from collections import Counter
 
 import pytest
 
-from dist_embed.data.batching import (balanced_order, buffered_shuffle, no_duplicate_batches, plan_epoch,
+import json
+
+from dist_embed.data.batching import (EpochPlanner, balanced_order, buffered_shuffle, no_duplicate_batches,
                                       rank_slice, split_sizes)
 from dist_embed.data.readers import Row
 
@@ -14,9 +16,41 @@ def make_rows(n, vocab=50, seed=0):
     return [Row(i, tuple(f"t{rng.randrange(vocab)}" for _ in range(3)), None) for i in range(n)]
 
 
-def plan(rows, G, segments=(), nodup=True, epoch=0, buf=None):
-    return list(plan_epoch(lambda: iter(rows), epoch=epoch, seed=3, global_batch=G, shuffle=True,
-                           shuffle_buffer=17, no_duplicates=nodup, dedup_buffer=buf, segments=segments))
+class ListCursor:
+    """Rows of a list from a position: the RowCursor a reader gives the planner."""
+
+    def __init__(self, rows, position):
+        self.rows, self.i = rows, (position or {}).get("i", 0)
+
+    @property
+    def position(self):
+        return {"i": self.i}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i >= len(self.rows):
+            raise StopIteration
+        self.i += 1
+        return self.rows[self.i - 1]
+
+
+def planner(rows, G, nodup=True, epoch=0, buf=None, state=None, shuffle_buffer=17):
+    return EpochPlanner(lambda pos: ListCursor(rows, pos), epoch=epoch, seed=3, shuffle=True,
+                        shuffle_buffer=shuffle_buffer, no_duplicates=nodup, dedup_buffer=buf, global_batch=G,
+                        make_row=lambda r: r if isinstance(r, Row) else Row(r[0], tuple(r[1]), r[2]), state=state)
+
+
+def drain(p, G):
+    out = []
+    while (b := p.next_batch(G)) is not None:
+        out.append(b)
+    return out
+
+
+def plan(rows, G, nodup=True, epoch=0, buf=None):
+    return drain(planner(rows, G, nodup, epoch, buf), G)
 
 
 def test_shuffle_is_a_permutation_and_seeded():
@@ -85,23 +119,57 @@ def test_plan_depends_on_global_batch_not_world_size():
     assert plan(rows, 16, epoch=1) != g  # a new order every epoch
 
 
+def saved(p) -> dict:
+    """The planner state as a checkpoint stores it (through JSON)."""
+    return json.loads(json.dumps(p.state_dict()))
+
+
 @pytest.mark.parametrize("nodup", [True, False])
 def test_resume_same_batch_size_continues_the_same_sequence(nodup):
-    rows = make_rows(300)
-    full = plan(rows, 16, nodup=nodup)
-    assert plan(rows, 16, segments=[(16, 5)], nodup=nodup) == full[5:]
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    rows = make_rows(rng.randint(1, 400), vocab=rng.randint(5, 300), seed=seed)
+    G = rng.randint(1, 40)
+    full = plan(rows, G, nodup=nodup)
+    stop = rng.randint(0, len(full))
+    p = planner(rows, G, nodup)
+    for _ in range(stop):
+        p.next_batch(G)
+    resumed = drain(planner(rows, G, nodup, state=saved(p)), G)
+    assert resumed == full[stop:], f"seed {seed}"
 
 
-def test_resume_with_other_batch_size_neither_repeats_nor_loses_rows():
-    rows = make_rows(300)
-    first = plan(rows, 16)[:5]
-    rest = plan(rows, 24, segments=[(16, 5)])
-    ids = [r.row_id for b in first + rest for r in b]
-    assert Counter(ids) == Counter(range(300))
-    # and a second change of size, resumed again
-    second = rest[:3]
-    tail = plan(rows, 8, segments=[(16, 5), (24, 3)])
-    ids = [r.row_id for b in first + second + tail for r in b]
-    assert sorted(ids) == list(range(300))
-    # resuming with the size of the last segment continues that segment
-    assert plan(rows, 24, segments=[(16, 5), (24, 3)]) == rest[3:]
+@pytest.mark.parametrize("case", range(20))
+def test_resume_with_other_batch_sizes_neither_repeats_nor_loses_rows(case):
+    """Random stops and random new global batch sizes (world-size changes), several in a row."""
+    seed = random.randrange(10**6) + case
+    rng = random.Random(seed)
+    rows = make_rows(rng.randint(1, 300), vocab=rng.randint(3, 200), seed=seed)
+    nodup = rng.random() < 0.7
+    ids, state, G = [], None, rng.randint(1, 32)
+    for _ in range(rng.randint(1, 4)):
+        p = planner(rows, G, nodup, state=state, buf=rng.choice([None, 2, 8]))
+        for _ in range(rng.randint(0, 10)):
+            b = p.next_batch(G)
+            if b is None:
+                break
+            if nodup:
+                texts = [t for r in b for t in set(r.texts)]
+                assert len(texts) == len(set(texts)), f"seed {seed}"
+            ids += [r.row_id for r in b]
+        state, G = saved(p), rng.randint(1, 32)
+    p = planner(rows, G, nodup, state=state)
+    ids += [r.row_id for b in drain(p, G) for r in b]
+    assert Counter(ids) == Counter(range(len(rows))), f"seed {seed}"
+
+
+def test_planner_state_is_small_and_independent_of_the_position():
+    """O(1) resume: the saved state holds the buffers, never the rows already trained."""
+    rows = make_rows(5000, vocab=4000)
+    p = planner(rows, 16, shuffle_buffer=50)
+    sizes = []
+    for i in range(300):
+        p.next_batch(16)
+        if i in (10, 299):
+            sizes.append(len(json.dumps(p.state_dict())))
+    assert sizes[1] < 1.5 * sizes[0]

@@ -1,24 +1,29 @@
-"""Global batch planning: the same sequence of global batches on every rank, whatever the world size.
+"""Global batch planning: the same sequence of global batches on every rank, with a saveable state.
 
-Every rank (and every dataloader worker) runs the same deterministic pipeline over the stream::
+Every rank runs the same deterministic pipeline over the stream::
 
     rows -> buffered shuffle (seed, epoch) -> global batches of G rows (optionally no duplicates)
-         -> rank r keeps its contiguous slice
+         -> rank r keeps its slice
 
-so the batches depend on the data, the seed and G = batch_size x world_size only. Workers then
-tokenize only their own slices. All functions here are pure (no torch, no process group) so tests can
-pin their behaviour directly.
+so the batches depend on the data, the seed and G = batch_size x world_size only. The planner's
+state between two batches is small and explicit: the reader's position in the source, the shuffle
+buffer's rows and RNG state, and the rows the no-duplicates batcher deferred. A checkpoint stores
+that state, so a resume costs O(buffers), not a replay of the epoch; and since the next batch is
+cut from that state with whatever G the resumed run has, a resume at another world size neither
+repeats nor loses a row.
 
-Ragged tail: the last global batch of an epoch may hold fewer than G rows (and with no-duplicates
-batching a batch can close early when the look-ahead buffer is full). Such a batch is split as evenly
-as possible (slice sizes differ by at most one row); a rank whose slice is empty still takes part in
-the step, contributing no anchors. No row is ever dropped.
+Ragged tail: the last global batch of an epoch (and, with no-duplicates batching, a batch closed
+early because the look-ahead buffer was full) may hold fewer than G rows, even fewer than there are
+ranks. It is split as evenly as possible (slice sizes differ by at most one row); a rank whose slice
+is empty still takes part in the step. No row is ever dropped.
+
+Everything here is pure Python (no torch, no process group) so tests can pin it directly.
 """
 from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -27,76 +32,128 @@ def epoch_rng(seed: int, epoch: int) -> random.Random:
     return random.Random(seed * 1_000_003 + epoch)
 
 
-def buffered_shuffle(items: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:
-    """Approximate shuffle of a stream with a bounded buffer (memory O(buffer_size))."""
-    buf: list[T] = []
-    for item in items:
-        if len(buf) < buffer_size:
-            buf.append(item)
-            continue
-        i = rng.randrange(buffer_size)
-        yield buf[i]
-        buf[i] = item
-    rng.shuffle(buf)
-    yield from buf
+def rng_from_json(state: list) -> random.Random:
+    rng = random.Random()
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+    return rng
 
 
-def fixed_batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+class ShuffleBuffer:
+    """Approximate shuffle of a stream with a bounded buffer (memory O(size)), resumable.
+
+    ``pull(next_item)`` returns the next shuffled item (None when the stream and the buffer are
+    empty): the buffer is topped up to ``size`` from the stream, then a random slot is emitted.
+    When the stream ends the rest is shuffled once and drained.
+    """
+
+    def __init__(self, size: int, rng: random.Random, buffer: list | None = None, draining: bool = False):
+        self.size, self.rng = size, rng
+        self.buffer: list = buffer if buffer is not None else []
+        self.draining = draining
+
+    def pull(self, next_item: Callable[[], Any]):
+        while not self.draining and len(self.buffer) < self.size:
+            item = next_item()
+            if item is None:
+                self.draining = True
+                self.rng.shuffle(self.buffer)
+                break
+            self.buffer.append(item)
+        if not self.buffer:
+            return None
+        if self.draining:
+            return self.buffer.pop()
+        i = self.rng.randrange(len(self.buffer))
+        out = self.buffer[i]
+        self.buffer[i] = self.buffer[-1]
+        self.buffer.pop()
+        return out
 
 
-def no_duplicate_batches(items: Iterable[T], size: int, keys: Callable[[T], Sequence[Hashable]],
-                         max_deferred: int) -> Iterator[list[T]]:
-    """Batches of ``size`` in which no key (text) occurs twice.
+class Batcher:
+    """Cuts global batches from a stream of rows; with ``keys`` no key (text) occurs twice in a batch.
 
     A row that would repeat a text already in the batch is deferred, in arrival order, and offered
     first to the next batch: never dropped. At most ``max_deferred`` rows wait; when that buffer is
-    full and the next row also clashes, the batch closes short (counted by the caller via its size).
+    full and the next row also clashes, the batch closes short (``short_batches`` counts them).
     Memory is O(size + max_deferred), independent of the stream length.
     """
-    it = iter(items)
-    deferred: deque[T] = deque()
-    exhausted = False
-    while True:
-        batch: list[T] = []
+
+    def __init__(self, keys: Callable[[Any], Sequence[Hashable]] | None, max_deferred: int,
+                 deferred: Iterable = (), exhausted: bool = False):
+        self.keys, self.max_deferred = keys, max_deferred
+        self.deferred: deque = deque(deferred)
+        self.exhausted = exhausted
+        self.short_batches = 0
+
+    def next_batch(self, size: int, next_item: Callable[[], Any]) -> list | None:
+        batch: list = []
+        if self.keys is None:
+            while len(batch) < size and not self.exhausted:
+                item = next_item()
+                if item is None:
+                    self.exhausted = True
+                else:
+                    batch.append(item)
+            return batch or None
         seen: set = set()
-        kept: deque[T] = deque()
-        for item in deferred:  # oldest first; what does not fit keeps its place in the queue
-            ks = set(keys(item))
+        kept: deque = deque()
+        for item in self.deferred:  # oldest first; what does not fit keeps its place in the queue
+            ks = set(self.keys(item))
             if len(batch) < size and seen.isdisjoint(ks):
                 batch.append(item)
                 seen |= ks
             else:
                 kept.append(item)
-        deferred = kept
-        while len(batch) < size and not exhausted:
-            try:
-                item = next(it)
-            except StopIteration:
-                exhausted = True
+        self.deferred = kept
+        closed_short = False
+        while len(batch) < size and not self.exhausted:
+            item = next_item()
+            if item is None:
+                self.exhausted = True
                 break
-            ks = set(keys(item))
+            ks = set(self.keys(item))
             if seen.isdisjoint(ks):
                 batch.append(item)
                 seen |= ks
             else:
-                deferred.append(item)
-                if len(deferred) > max_deferred:
-                    break  # buffer full: close this batch short rather than grow without bound
+                self.deferred.append(item)
+                if len(self.deferred) > self.max_deferred:
+                    closed_short = True  # buffer full: close this batch short rather than grow without bound
+                    break
         if not batch:
-            return
+            return None
+        if closed_short or (len(batch) < size and self.deferred):
+            self.short_batches += 1
+        return batch
+
+
+def buffered_shuffle(items: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:
+    """``ShuffleBuffer`` over an iterable (items must not be None)."""
+    it = iter(items)
+    buf = ShuffleBuffer(buffer_size, rng)
+    while (item := buf.pull(lambda: next(it, None))) is not None:
+        yield item
+
+
+def fixed_batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    b = Batcher(None, 0)
+    while (batch := b.next_batch(size, lambda: next(it, None))) is not None:
+        yield batch
+
+
+def no_duplicate_batches(items: Iterable[T], size: int, keys: Callable[[T], Sequence[Hashable]],
+                         max_deferred: int) -> Iterator[list[T]]:
+    """``Batcher`` with de-duplication over an iterable."""
+    it = iter(items)
+    b = Batcher(keys, max_deferred)
+    while (batch := b.next_batch(size, lambda: next(it, None))) is not None:
         yield batch
 
 
 def split_sizes(n: int, world: int) -> list[int]:
-    """Sizes of the ``world`` contiguous slices of an n-row global batch (differ by at most one)."""
+    """Sizes of the ``world`` slices of an n-row global batch (differ by at most one)."""
     base, extra = divmod(n, world)
     return [base + (1 if r < extra else 0) for r in range(world)]
 
@@ -127,36 +184,65 @@ def balanced_order(costs: Sequence[float], world: int) -> list[int]:
     return [i for m in members for i in sorted(m)]
 
 
-def plan_epoch(rows_factory: Callable[[], Iterable], *, epoch: int, seed: int, global_batch: int,
-               shuffle: bool, shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None,
-               segments: Sequence[tuple[int, int]] = ()) -> Iterator[list]:
-    """The global batches of one epoch, after the ``segments`` already consumed.
+class RowCursor(Protocol):
+    """An iterator of rows that knows where it stands: ``position`` re-opens the source right after
+    the last row it returned (a reader offset, JSON-serialisable)."""
 
-    ``segments`` is the resume history of this epoch: ``[(G1, k1), (G2, k2), ...]`` means k1 batches
-    of size G1 were trained, then (after a resume with another world size) k2 batches of size G2 over
-    the rows not yet seen, and so on. Replaying them reproduces exactly which rows are done, so a
-    resume with a different number of processes neither repeats nor loses a row.
+    position: dict
+
+    def __iter__(self): ...
+
+    def __next__(self): ...
+
+
+class EpochPlanner:
+    """The global batches of one epoch, from a saved state or from the start.
+
+    ``open_rows(position)`` opens the validated row stream at a reader position (None: the start).
+    Rows are ``(row_id, texts, score)`` tuples (``readers.Row``). ``next_batch(G)`` cuts the next
+    global batch with the G of the current run; ``state_dict()`` between two batches is all a
+    resume needs (JSON-serialisable, O(shuffle buffer + deferred rows)).
     """
-    done: set[int] = set()
-    for i, (g, k) in enumerate(segments):
-        gen = _plan(rows_factory, epoch, seed, g, shuffle, shuffle_buffer, no_duplicates, dedup_buffer,
-                    frozenset(done))
-        for _, batch in zip(range(k), gen):
-            done.update(r.row_id for r in batch)
-        if i == len(segments) - 1 and g == global_batch:
-            yield from gen  # same batch size as before the stop: continue the very same sequence
-            return
-    yield from _plan(rows_factory, epoch, seed, global_batch, shuffle, shuffle_buffer, no_duplicates,
-                     dedup_buffer, frozenset(done))
 
+    def __init__(self, open_rows: Callable[[dict | None], RowCursor], *, epoch: int, seed: int, shuffle: bool,
+                 shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None, global_batch: int,
+                 make_row: Callable[[list], Any] = tuple, state: dict | None = None):
+        self.epoch = epoch
+        state = state or {}
+        self.rows = open_rows(state.get("reader"))
+        self.rows_done = state.get("rows_done", 0)  # rows handed out in batches this epoch
+        self.batches_done = state.get("batches_done", 0)
+        sh = state.get("shuffle")
+        self.shuffle = None
+        if shuffle:
+            rng = rng_from_json(sh["rng"]) if sh else epoch_rng(seed, epoch)
+            self.shuffle = ShuffleBuffer(shuffle_buffer, rng, [make_row(r) for r in sh["buffer"]] if sh else None,
+                                         sh["draining"] if sh else False)
+        b = state.get("batcher", {})
+        keys = (lambda r: r.texts) if no_duplicates else None
+        self.batcher = Batcher(keys, dedup_buffer or 16 * global_batch, [make_row(r) for r in b.get("deferred", [])],
+                               b.get("exhausted", False))
 
-def _plan(rows_factory, epoch, seed, global_batch, shuffle, shuffle_buffer, no_duplicates, dedup_buffer,
-          exclude: set[int]) -> Iterator[list]:
-    rows = rows_factory()
-    if exclude:
-        rows = (r for r in rows if r.row_id not in exclude)
-    if shuffle:
-        rows = buffered_shuffle(rows, shuffle_buffer, epoch_rng(seed, epoch))
-    if no_duplicates:
-        return no_duplicate_batches(rows, global_batch, lambda r: r.texts, dedup_buffer or 16 * global_batch)
-    return fixed_batches(rows, global_batch)
+    def _next_row(self):
+        return next(self.rows, None)
+
+    def _pull(self):
+        return self.shuffle.pull(self._next_row) if self.shuffle is not None else self._next_row()
+
+    def next_batch(self, global_batch: int) -> list | None:
+        batch = self.batcher.next_batch(global_batch, self._pull)
+        if batch is not None:
+            self.rows_done += len(batch)
+            self.batches_done += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """A snapshot, cheap enough to take after every batch (shallow copies of immutable rows);
+        ``json.dumps`` writes it as is (rows and the RNG state become arrays)."""
+        out = {"epoch": self.epoch, "reader": dict(self.rows.position), "rows_done": self.rows_done,
+               "batches_done": self.batches_done,
+               "batcher": {"deferred": list(self.batcher.deferred), "exhausted": self.batcher.exhausted}}
+        if self.shuffle is not None:
+            out["shuffle"] = {"rng": self.shuffle.rng.getstate(), "buffer": list(self.shuffle.buffer),
+                              "draining": self.shuffle.draining}
+        return out

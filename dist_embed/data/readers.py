@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import gzip
-import re
 import json
+import re
+import zlib
 import logging
 import math
 from collections import Counter
@@ -74,28 +75,64 @@ def detect_format(path: str, fmt: str = "auto") -> str:
                     f"(one of {', '.join(FORMATS)})")
 
 
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
+
+
+def data_files(path: str) -> list[Path]:
+    """The files of a source: the file itself, or a directory's data files in name order
+    (a set of shards; sub-directories and files with other suffixes are ignored)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(SUFFIXES))
+        if not files:
+            raise DataError(f"{path}: a directory with no data files (expected names ending in "
+                            f"{', '.join(SUFFIXES)})")
+        return files
+    if not p.exists():
+        raise DataError(f"{path}: file not found")
+    return [p]
+
+
 def _open_binary(path: Path):
     if not path.exists():
         raise DataError(f"{path}: file not found")
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """(line number, text or None when the bytes are not UTF-8)."""
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, None
+def _decoded_lines(path: Path, offset: int = 0, lineno: int = 0) -> Iterator[tuple[int, str | None, int]]:
+    """(line number, text or None when the bytes are not UTF-8, offset after the line), from a
+    byte ``offset`` (of the uncompressed stream) that starts line ``lineno + 1``.
+
+    A gzip stream that ends early (a truncated copy) is bad input, not a crash; it cannot be skipped
+    row by row, since nothing after the break is readable."""
+    try:
+        with _open_binary(path) as f:
+            if offset:
+                f.seek(offset)  # gzip: decompresses up to there (O(1) memory)
+            for raw in f:
+                lineno += 1
+                offset += len(raw)
+                try:
+                    yield lineno, raw.decode("utf-8"), offset
+                except UnicodeDecodeError:
+                    yield lineno, None, offset
+    except (EOFError, OSError, zlib.error) as e:
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and path.suffix != ".gz":
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise DataError(f"{path}: truncated or corrupt gzip after line {lineno} ({e}); the stream cannot be "
+                        "read past that point, so data.on_error=skip cannot skip it: re-create the file") from None
 
 
-def read_jsonl(path: Path) -> Iterator[Record]:
-    row_id = 0
-    for lineno, text in _decoded_lines(path):
+def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) -> Iterator[Record]:
+    """``start``: a position from ``at`` (offset, line, row) to continue from; ``at`` is updated
+    before each record is yielded to the position right after it."""
+    start = start or {}
+    at = {} if at is None else at
+    row_id = start.get("row", 0)
+    for lineno, text, offset in _decoded_lines(path, start.get("offset", 0), start.get("line", 0)):
         where = f"{path}:{lineno}"
         if text is None:
-            yield Record(row_id, where, DataError(f"{where}: not valid UTF-8"))
+            obj = DataError(f"{where}: not valid UTF-8")
         elif not text.strip():
             continue  # blank lines carry no record
         else:
@@ -103,60 +140,105 @@ def read_jsonl(path: Path) -> Iterator[Record]:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 obj = DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+            except RecursionError:
+                obj = DataError(f"{where}: malformed JSON: nested too deeply")
             if not isinstance(obj, (dict, DataError)):
                 obj = DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield Record(row_id, where, obj)
+        at.update(offset=offset, line=lineno, row=row_id + 1)
+        yield Record(row_id, where, obj)
         row_id += 1
 
 
-def read_delimited(path: Path, delimiter: str) -> Iterator[Record]:
+def read_delimited(path: Path, delimiter: str, start: dict | None = None, at: dict | None = None) -> Iterator[Record]:
     """CSV with standard quoting; TSV with quoting off (STS-B style: quotes are text)."""
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    start = start or {}
+    at = {} if at is None else at
     bad_lines: dict[int, str] = {}
+    where_now = {"line": 0, "offset": 0}
 
-    def lines():
-        for lineno, text in _decoded_lines(path):
+    def lines(offset: int = 0, lineno: int = 0):
+        for n, text, end in _decoded_lines(path, offset, lineno):
+            where_now.update(line=n, offset=end)
             if text is None:
-                bad_lines[lineno] = "not valid UTF-8"
+                bad_lines[n] = "not valid UTF-8"
                 yield "\n"
             else:
-                yield text
+                yield text.lstrip("\ufeff") if n == 1 else text  # a byte-order mark is not part of the header
 
-    reader = csv.reader(lines(), delimiter=delimiter, quoting=quoting)
+    header_lines = lines()
     try:
-        header = next(reader)
+        header = next(csv.reader(header_lines, delimiter=delimiter, quoting=quoting))
     except StopIteration:
         raise DataError(f"{path}: empty file (no header line)") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:{where_now['line']}: unreadable header: {e}") from None
     header = [h.strip() for h in header]
-    row_id = 0
-    for values in reader:
-        lineno = reader.line_num
+    header_lines.close()
+    if "offset" in start:
+        body = lines(start["offset"], start["line"])
+    else:
+        body = lines(where_now["offset"], where_now["line"])
+    reader = csv.reader(body, delimiter=delimiter, quoting=quoting)
+    row_id = start.get("row", 0)
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a quoted field that never closes, a NUL byte
+            values = DataError(f"{path}:{where_now['line']}: malformed {'CSV' if delimiter == ',' else 'TSV'}: {e}")
+        lineno = where_now["line"]
         where = f"{path}:{lineno}"
-        if lineno in bad_lines:
-            yield Record(row_id, where, DataError(f"{where}: {bad_lines.pop(lineno)}"))
+        if isinstance(values, DataError):
+            rec = Record(row_id, where, values)
+        elif lineno in bad_lines:
+            rec = Record(row_id, where, DataError(f"{where}: {bad_lines.pop(lineno)}"))
         elif not values or values == [""]:
             continue
         elif len(values) != len(header):
-            yield Record(row_id, where, DataError(
+            rec = Record(row_id, where, DataError(
                 f"{where}: expected {len(header)} fields ({', '.join(header)}), found {len(values)}"))
         else:
-            yield Record(row_id, where, dict(zip(header, values)))
+            rec = Record(row_id, where, dict(zip(header, values)))
+        at.update(offset=where_now["offset"], line=lineno, row=row_id + 1)
+        yield rec
         row_id += 1
 
 
-def read_parquet(path: Path) -> Iterator[Record]:
+def read_parquet(path: Path, start: dict | None = None, at: dict | None = None) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    row_id = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for obj in batch.to_pylist():
-            yield Record(row_id, f"{path}:row {row_id}", obj)
-            row_id += 1
+    start = start or {}
+    at = {} if at is None else at
+    first = start.get("index", 0)  # rows of this file already read
+    row_id = start.get("row", 0)
+    try:
+        pf = pq.ParquetFile(path)
+        skip, groups = first, []
+        for g in range(pf.metadata.num_row_groups):  # whole row groups before the position are not read
+            n = pf.metadata.row_group(g).num_rows
+            if skip >= n:
+                skip -= n
+            else:
+                groups.append(g)
+        index = first
+        for batch in (pf.iter_batches(batch_size=4096, row_groups=groups) if groups else ()):
+            for obj in batch.to_pylist()[skip:]:
+                index += 1
+                at.update(index=index, row=row_id + 1)
+                yield Record(row_id, f"{path}:row {index - 1}", obj)
+                row_id += 1
+            skip = 0
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: unreadable parquet file: {e}") from None
 
 
-def read_hub(name: str, subset: str | None, split: str, streaming: bool) -> Iterator[Record]:
+def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: dict | None = None,
+             at: dict | None = None) -> Iterator[Record]:
     """A Hugging Face hub dataset (e.g. sentence-transformers/all-nli, subset triplet)."""
     try:
         import datasets
@@ -164,13 +246,65 @@ def read_hub(name: str, subset: str | None, split: str, streaming: bool) -> Iter
         raise DataError(f"{name}: reading hub datasets needs the 'datasets' package "
                         f"(pip install 'dist_embed[hub]')") from None
     ds = datasets.load_dataset(name, subset, split=split, streaming=streaming)
-    for row_id, obj in enumerate(ds):
+    first = (start or {}).get("row", 0)
+    at = {} if at is None else at
+    if first:
+        ds = ds.skip(first) if hasattr(ds, "skip") else ds.select(range(first, len(ds)))
+    for row_id, obj in enumerate(ds, start=first):
+        at.update(row=row_id + 1)
         yield Record(row_id, f"{name}[{split}] row {row_id}", obj)
+
+
+class RecordCursor:
+    """Records of a source from a position on; ``position`` reopens it right after the last one."""
+
+    def __init__(self, source: "Source", position: dict | None):
+        self.source = source
+        self.position = dict(position or {"file": 0, "row": 0})
+        self._it = self._records()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Record:
+        return next(self._it)
+
+    def _records(self) -> Iterator[Record]:
+        src = self.source
+        fmt = src.format
+        if fmt == "hf":
+            at = dict(self.position)
+            for rec in read_hub(src.path, src.subset, src.split, src.streaming, self.position, at):
+                if src.max_rows is not None and rec.row_id >= src.max_rows:
+                    return
+                self.position = dict(at)
+                yield rec
+            return
+        files = data_files(src.path)
+        read = {"jsonl": read_jsonl, "parquet": read_parquet,
+                "csv": lambda p, s, a: read_delimited(p, ",", s, a),
+                "tsv": lambda p, s, a: read_delimited(p, "\t", s, a)}.get(fmt)
+        if read is None:
+            raise DataError(f"{src.path}: unknown format {fmt!r}")
+        index = self.position.get("file", 0)
+        start = {k: v for k, v in self.position.items() if k != "file"}
+        while index < len(files):
+            at: dict = {}
+            for rec in read(files[index], start, at):
+                if src.max_rows is not None and rec.row_id >= src.max_rows:
+                    return
+                self.position = {"file": index, **at}
+                yield rec
+            index += 1
+            start = {"row": self.position.get("row", start.get("row", 0))}
+            self.position = {"file": index, **start}
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where the rows come from. Re-iterable: each ``records()`` call streams from the start."""
+    """Where the rows come from: a file, a directory of files (shards, read in name order, one
+    format), or a hub dataset. Re-iterable: each ``records()`` call streams from the start, or from
+    a ``position`` that an earlier cursor reported."""
 
     path: str
     fmt: str = "auto"
@@ -181,25 +315,27 @@ class Source:
 
     @property
     def format(self) -> str:
+        p = Path(self.path)
+        if self.fmt == "auto" and p.is_dir():
+            files = data_files(self.path)
+            kinds = {detect_format(f.name) for f in files}
+            if len(kinds) > 1:
+                raise DataError(f"{self.path}: the directory mixes formats ({', '.join(sorted(kinds))}); "
+                                "keep one format per directory")
+            return kinds.pop()
         return detect_format(self.path, self.fmt)
 
-    def records(self) -> Iterator[Record]:
-        fmt = self.format
-        p = Path(self.path)
-        if fmt == "jsonl":
-            it = read_jsonl(p)
-        elif fmt in ("csv", "tsv"):
-            it = read_delimited(p, "," if fmt == "csv" else "\t")
-        elif fmt == "parquet":
-            it = read_parquet(p)
-        elif fmt == "hf":
-            it = read_hub(self.path, self.subset, self.split, self.streaming)
-        else:
-            raise DataError(f"{self.path}: unknown format {fmt!r}")
-        for rec in it:
-            if self.max_rows is not None and rec.row_id >= self.max_rows:
-                return
-            yield rec
+    def records(self, position: dict | None = None) -> RecordCursor:
+        return RecordCursor(self, position)
+
+    def fingerprint(self) -> dict:
+        """What identifies the data: each file's name, size and modification time, or the hub id.
+        A resume compares it with the checkpoint's, so it never continues on other data by mistake."""
+        if self.format == "hf":
+            return {"hub": self.path, "subset": self.subset, "split": self.split, "max_rows": self.max_rows}
+        files = data_files(self.path)
+        return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+                "format": self.format, "max_rows": self.max_rows}
 
 
 @dataclass
@@ -243,10 +379,20 @@ def _resolve_columns(schema: Schema, mapping: dict[str, str], available: Iterabl
     return out[: len(schema.texts)], extras, (out[-1] if schema.score else None)
 
 
+def first_keys(source: "Source") -> list[str] | None:
+    """The columns of the source's first readable record (None if it has none)."""
+    for rec in source.records():
+        if not isinstance(rec.fields, DataError):
+            return list(rec.fields.keys())
+    return None
+
+
 def validate_rows(records: Iterable[Record], schema: Schema, columns: dict[str, str],
-                  on_error: str = "raise", skips: SkipCounter | None = None) -> Iterator[Row]:
-    """Check every record against ``schema``; raise on the first bad one or skip and count it."""
-    resolved = None
+                  on_error: str = "raise", skips: SkipCounter | None = None,
+                  keys: list[str] | None = None) -> Iterator[Row]:
+    """Check every record against ``schema``; raise on the first bad one or skip and count it.
+    Columns are resolved from ``keys`` (a resumed stream: the first record's) or the first record."""
+    resolved = _resolve_columns(schema, columns, keys, "first row") if keys is not None else None
     for rec in records:
         try:
             obj = rec.fields
