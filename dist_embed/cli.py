@@ -36,8 +36,16 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
+    for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
+        if value is not None and value < 1:
+            print(f"dist-embed: error: {flag} must be at least 1 (got {value})", file=sys.stderr)
+            return EXIT_BAD_INPUT
     cfg = _load_config(args)
     if cfg is None:
+        return EXIT_BAD_INPUT
+    problem = output_dir_problem(cfg.output_dir)
+    if problem:
+        print(f"dist-embed: error: output_dir {cfg.output_dir}: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.nproc and (args.nproc > 1 or args.nnodes > 1) and not _inside_launched_job():
         from .launch import launch_local
@@ -51,6 +59,25 @@ def cmd_train(args) -> int:
                             master_port=args.master_port)
     return run_worker(cfg, args.resume, allow_data_change=args.allow_data_change,
                       allow_fresh_start=args.resume_or_start_fresh)
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot take a run's outputs (None if it can): checked before any heavy work."""
+    import tempfile
+
+    p = Path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            break
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return f"not writable ({e.strerror or e})"
+    return None
 
 
 def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allow_fresh_start: bool = False) -> int:
@@ -152,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train from a YAML config (+ key.sub=value overrides)")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. training.max_steps=50")
-    tr.add_argument("--nproc", type=int, default=0, help="start N worker processes on this machine")
+    tr.add_argument("--nproc", type=int, default=None, help="start N worker processes on this machine (N >= 1)")
     tr.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     tr.add_argument("--allow-data-change", action="store_true",
                     help="resume even though the data files or data settings differ from the checkpoint's")

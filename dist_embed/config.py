@@ -158,22 +158,19 @@ class Config(_Section):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``training.lr=1e-4`` -> (["training", "lr"], 0.0001); values are parsed as YAML scalars."""
+    """``training.lr=1e-4`` -> (["training", "lr"], "1e-4"); values are parsed as YAML, except that
+    a number stays the text it was written as: the typed config turns it into a number where the
+    key is numeric and keeps it as written where the key is text (``model.revision=2.0``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)  # YAML 1.1 reads "5e-5" as a string
-    return key.split("."), value
-
-
-def _looks_like_float(s: str) -> bool:
     try:
-        float(s)
-    except ValueError:
-        return False
-    return any(c in s.lower() for c in "e.") and not s.strip().lower() in ("nan", "inf", "-inf")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: invalid YAML value: {getattr(e, 'problem', e)}") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = raw.strip()
+    return key.split("."), value
 
 
 def _set_path(tree: dict, path: list[str], value: Any, origin: str) -> None:
@@ -184,16 +181,6 @@ def _set_path(tree: dict, path: list[str], value: Any, origin: str) -> None:
             raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])} is not a section")
         node = child
     node[path[-1]] = value
-
-
-def _fix_yaml_floats(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str) and _looks_like_float(node) and node.strip()[0] in "0123456789-+.":
-        return float(node)
-    return node
 
 
 def _key_lines(text: str) -> dict[tuple, int]:
@@ -242,7 +229,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree.update(_fix_yaml_floats(loaded))
+        tree.update(loaded)
         lines = _key_lines(text)
     overridden: set[tuple] = set()
     for item in overrides:

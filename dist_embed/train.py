@@ -180,6 +180,7 @@ class Trainer:
         self.health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
                                     warmup_steps=warmup_steps)
         self.stop_signal: int | None = None
+        self.logged_until = 0  # the last step a stopped run had logged (W&B has it already)
         if saved:
             self._resume(saved)
         if state.is_main:
@@ -191,7 +192,8 @@ class Trainer:
         if state.is_main and cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
             from .wandb_run import WandbRun
 
-            self.wandb = WandbRun(cfg.logging.wandb, self.out, cfg.to_dict(), state.world_size)
+            self.wandb = WandbRun(cfg.logging.wandb, self.out, cfg.to_dict(), state.world_size,
+                                  skip_until=self.logged_until)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl" if state.is_main else None, self.wandb)
         self.row_log = None
         if os.environ.get("DIST_EMBED_LOG_ROW_IDS"):
@@ -329,7 +331,11 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """One history: drop what a stopped run logged after the checkpoint we resume from (those
-        steps are redone now), so metrics.jsonl and the plots hold each step once."""
+        steps are redone now), so metrics.jsonl and the plots hold each step once.
+
+        W&B cannot take back logged steps; the redone steps up to the last one it has are not sent
+        again (``logged_until``). Resume is exact, so at the same world size they are the values it
+        already shows; after a world-size change it keeps the stopped run's values for them."""
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
@@ -340,6 +346,7 @@ class Trainer:
             except ValueError:
                 dropped += 1  # a line cut by a kill
                 continue
+            self.logged_until = max(self.logged_until, rec_step or 0)
             if rec_step is not None and rec_step > step:
                 dropped += 1
             else:

@@ -39,10 +39,11 @@ def system_info(world_size: int) -> dict:
 
 
 class WandbRun:
-    def __init__(self, cfg, out_dir: Path, resolved_config: dict, world_size: int):
+    def __init__(self, cfg, out_dir: Path, resolved_config: dict, world_size: int, skip_until: int = 0):
         import wandb
 
         self.cfg = cfg
+        self.skip_until = skip_until  # steps a stopped run already logged (redone identically after a resume)
         mode = cfg.mode
         if mode is None:
             mode = "online" if _has_api_key() else "offline"
@@ -62,6 +63,8 @@ class WandbRun:
 
     def log(self, record: dict) -> None:
         step = record.get("step")
+        if step is not None and step <= self.skip_until and "event" not in record:
+            return
         if "event" in record:
             self.run.alert(title=f"dist-embed: {record['event']}", text=record["message"],
                            level=self._wandb.AlertLevel.WARN)

@@ -83,13 +83,13 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
-def tiny_config(tmp_path: Path, model: Path, train: Path, **sections) -> Path:
+def tiny_config(tmp_path: Path, model_path: Path, train: Path, /, **sections) -> Path:
     """A YAML config for fast runs on the tiny model (dropout off, fp32, per-step logging)."""
     import yaml
 
     cfg = {
         "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": str(model), "dropout": 0.0, "max_seq_length": 48},
+        "model": {"name_or_path": str(model_path), "dropout": 0.0, "max_seq_length": 48},
         "data": {"train": str(train), "shuffle": True, "shuffle_buffer": 64},
         "loss": {"name": "mnrl"},
         "training": {"batch_size": 8, "max_steps": 6, "lr": 1e-3, "warmup_steps": 2, "log_steps": 1,

@@ -102,3 +102,28 @@ def test_wandb_without_key_or_mode_runs_offline_and_says_where(tmp_path, tiny_mo
     assert r.returncode == 0, r.stderr[-3000:]
     assert "W&B: no API key found; logging offline" in r.stderr
     assert f"wandb sync {tmp_path / 'run' / 'wandb'}" in r.stderr
+
+
+def test_wandb_and_metrics_hold_one_history_after_a_resume(tmp_path, tiny_model, triplets):
+    """Resuming from an earlier checkpoint redoes steps: metrics.jsonl keeps them once (the redone
+    ones), W&B (which cannot take back a step) is not sent them again; with exact resume both agree."""
+    cfg = tiny_config(tmp_path, tiny_model, triplets, model={"dropout": None}, training={"max_steps": 6},
+                      checkpoint={"steps": 2, "keep_last": 5},
+                      logging={"wandb": {"project": "dist-embed-test", "mode": "offline"}})
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "offline"}
+    assert run_cli("train", cfg, env=env).returncode == 0
+    r = run_cli("train", cfg, "--resume", str(out / "checkpoints" / "step-2"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped 4 records after step 2" in r.stderr
+    ours = {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    run_id = (out / "wandb_run_id").read_text().strip()
+    logged = {}
+    for run_dir in sorted((out / "wandb").glob(f"offline-run-*-{run_id}")):
+        for h in wandb_history(run_dir):
+            if "train/loss" in h:
+                assert h["_step"] not in logged, "a step sent to W&B twice"
+                logged[h["_step"]] = h["train/loss"]
+    assert logged == pytest.approx(ours)

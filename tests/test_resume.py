@@ -27,10 +27,18 @@ def train(cfg, out, *args, env=None, expect=0):
     return r
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_gives_the_same_losses_and_weights(tmp_path, tiny_model, triplets, nproc):
-    cfg = tiny_config(tmp_path, tiny_model, triplets, data={"no_duplicates": True},
-                      training={"max_steps": 8, "batch_size": 8, "lr": 1e-4},
+RESUME_CASES = [  # (nproc, fast_dropout, data workers, grad_accum, loss): dropout ON in every case
+    (1, True, 0, 1, "mnrl"), (1, False, 2, 2, "cached_mnrl"), (2, True, 2, 1, "cached_mnrl"),
+    (2, False, 0, 2, "mnrl"), (2, True, 0, 2, "triplet"),
+]
+
+
+@pytest.mark.parametrize("nproc,fast,workers,accum,loss", RESUME_CASES)
+def test_resume_gives_the_same_losses_and_weights_with_dropout_on(tmp_path, tiny_model, triplets, nproc, fast,
+                                                                   workers, accum, loss):
+    cfg = tiny_config(tmp_path, tiny_model, triplets, model={"dropout": None}, data={"no_duplicates": True,
+                      "num_workers": workers}, loss={"name": loss, "mini_batch_size": 3},
+                      training={"max_steps": 8, "batch_size": 8, "lr": 1e-4, "fast_dropout": fast, "grad_accum": accum},
                       checkpoint={"steps": 4, "keep_last": 5})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(cfg, straight, "--nproc", nproc)
@@ -40,7 +48,87 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path, tiny_model, triplets
     assert sorted(b) == [5, 6, 7, 8]
     for step in b:
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    diff = max_weight_diff(straight, resumed)
+    print(f"max weight diff after resume: {diff:.3g}")
+    assert diff < 1e-6
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_quickstart_resume_is_exact_with_dropout_on(tmp_path, nproc):
+    """The issue's scenario as written: configs/quickstart.yaml, 6 steps, resume from step 3."""
+    args = ["training.max_steps=6", "checkpoint.steps=3", "eval.sts=[]", "training.log_steps=1",
+            "checkpoint.keep_last=5"] + (["--nproc", "2"] if nproc == 2 else [])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(REPO / "configs" / "quickstart.yaml", straight, *args)
+    train(REPO / "configs" / "quickstart.yaml", resumed, *args, "--resume", straight / "checkpoints" / "step-3")
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(b) == [4, 5, 6] and all(a[s] == pytest.approx(b[s], rel=1e-6) for s in b), (a, b)
     assert max_weight_diff(straight, resumed) < 1e-6
+
+
+def test_ragged_tail_smaller_than_the_world_does_not_hang(tmp_path):
+    """9 triplets, 2 processes x batch 4: the last global batch has 1 row, rank 1's slice is empty."""
+    nine = write_jsonl(tmp_path / "nine.jsonl", quick_triplets(9))
+    out = tmp_path / "run"
+    r = run_cli("train", REPO / "configs" / "quickstart.yaml", f"output_dir={out}", f"data.train={nine}",
+                "training.batch_size=4", "training.max_steps=-1", "eval.sts=[]", "distributed.timeout_s=30",
+                "--nproc", "2", env=ROWS, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ids = [i for rows in chain_rows(read_row_log(out)).values() for i in rows]
+    assert Counter(ids) == Counter(range(9))
+
+
+def lr_by_step(out: Path) -> dict[int, float]:
+    return {m["step"]: m["lr"] for m in read_metrics(out) if "lr" in m}
+
+
+@pytest.mark.parametrize("budget", ["max_steps", "epochs"])
+def test_world_size_change_continues_the_lr_curve_and_ends_at_zero(tmp_path, tiny_model, budget):
+    train_file = write_jsonl(tmp_path / "t.jsonl", quick_triplets(150))
+    training = {"batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.1, "warmup_steps": 0, "log_steps": 1}
+    training.update({"max_steps": 12} if budget == "max_steps" else {"max_steps": -1, "epochs": 2})
+    cfg = tiny_config(tmp_path, tiny_model, train_file, data={"no_duplicates": True}, training=training,
+                      checkpoint={"steps": 4, "keep_last": 10})
+    two, one = tmp_path / "two", tmp_path / "one"
+    train(cfg, two, "--nproc", 2, env=ROWS)
+    r = train(cfg, one, "--resume", two / "checkpoints" / "step-4", env=ROWS)  # 1 process now
+    assert "resuming a 2-process run with 1 processes" in r.stderr
+    before, after = lr_by_step(two), lr_by_step(one)
+    meta = json.loads((two / "checkpoints" / "step-4" / "training_state" / "trainer.json").read_text())["schedule"]
+    # a 1-process step trains half the samples of a 2-process one: the next lr is half a step further on
+    expect = 1e-3 * (meta["total"] - meta["samples"] - (8 if budget == "max_steps" else 0)) / (
+        meta["total"] - meta["warmup"])
+    if budget == "max_steps":
+        assert after[5] == pytest.approx(expect, rel=1e-9)
+        assert len(after) == 16  # 8 two-process steps left = 16 one-process steps: same samples in all
+    assert before[4] > after[5] > after[6]  # no jump up, decaying
+    assert after[max(after)] == 0.0 and before[max(before)] == 0.0
+    if budget == "epochs":  # every row once per epoch across the change
+        done = chain_rows(read_row_log(two), upto=4)
+        rest = chain_rows(read_row_log(one))
+        ids = [i for rows in list(done.values()) + list(rest.values()) for i in rows]
+        assert Counter(ids) == Counter({i: 2 for i in range(150)})
+
+
+def test_resume_skips_the_scan_and_refuses_changed_data(tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 6},
+                      checkpoint={"steps": 2, "keep_last": 5})
+    out = tmp_path / "run"
+    first = train(cfg, out)
+    assert "rows checked" in first.stderr
+    ckpt = out / "checkpoints" / "step-4"
+    r = train(cfg, tmp_path / "again", "--resume", ckpt)
+    assert "rows checked" not in r.stderr  # the data position and row count come from the checkpoint
+    r = train(cfg, tmp_path / "seed", "training.seed=8", "--resume", ckpt, expect=2)
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "the data configuration differs from the checkpoint's (seed); resuming would not continue the same data "
+        "order. Use the original data and settings, or pass --allow-data-change to continue anyway")
+    with open(triplets, "a") as f:  # the data file grows
+        f.write(json.dumps(quick_triplets(201)[-1]) + "\n")
+    r = train(cfg, tmp_path / "grown", "--resume", ckpt, expect=2)
+    assert "data files (names, sizes or modification times)" in r.stderr
+    r = train(cfg, tmp_path / "grown", "--resume", ckpt, "--allow-data-change")
+    assert "epoch 0 restarts from the beginning of the new data" in r.stderr
 
 
 def chain_rows(logs: dict, upto: int | None = None) -> dict[int, list[int]]:
@@ -123,8 +211,7 @@ def test_sigkill_drill_every_row_once_in_the_chain_that_made_the_weights(tmp_pat
     out = tmp_path / "run"
     proc = start(cfg, out, "--nproc", "2", env=ROWS)
     wait_for_step(out, 12, proc)
-    torchrun = child_pids(proc.pid)
-    workers = [p for t in torchrun for p in child_pids(t)]
+    workers = child_pids(proc.pid)  # --nproc starts the workers itself
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
     proc.communicate(timeout=120)
@@ -143,6 +230,9 @@ def test_sigkill_drill_every_row_once_in_the_chain_that_made_the_weights(tmp_pat
     ids = [i for rows in chain.values() for i in rows]
     assert Counter(ids) == Counter(range(1200))
     assert (out / "final" / "model.safetensors").exists()
+    # one history: each step once in metrics.jsonl, from the chain that made the weights
+    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert len(steps) == len(set(steps)) and sorted(steps) == list(range(1, max(steps) + 1))
 
 
 def test_corrupt_checkpoints_are_reported_and_skipped(tmp_path, tiny_model, triplets):
@@ -163,7 +253,12 @@ def test_corrupt_checkpoints_are_reported_and_skipped(tmp_path, tiny_model, trip
     for d in root.iterdir():
         (d / "manifest.json").unlink()
     assert find_resumable(root) is None
-    r = train(cfg, out, "--resume", "latest")
+    r = train(cfg, out, "--resume", "latest", expect=2)  # never start over on top of the evidence
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "refusing to start over and overwrite them. Move them away, or pass --resume-or-start-fresh to start "
+        "from scratch")
+    assert not (root / "step-2" / "manifest.json").exists()
+    r = train(cfg, out, "--resume", "latest", "--resume-or-start-fresh")
     assert "no usable checkpoint" in r.stderr
 
 
