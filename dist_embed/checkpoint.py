@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -114,6 +115,23 @@ def commit(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot take a run's outputs (None if it can): checked before any heavy work."""
+    p = Path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            break
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return f"not writable ({e.strerror or e})"
+    return None
+
+
 def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     if not ckpt_root.is_dir():
         return []
@@ -160,7 +178,12 @@ def prune(ckpt_root: Path, keep_last: int | None, protect: set[Path] = frozenset
 def rng_state() -> dict:
     import random
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -169,8 +192,13 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     import random
 
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
     random.setstate(_tuplify(state["python"]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

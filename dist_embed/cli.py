@@ -43,6 +43,8 @@ def cmd_train(args) -> int:
     cfg = _load_config(args)
     if cfg is None:
         return EXIT_BAD_INPUT
+    from .checkpoint import output_dir_problem
+
     problem = output_dir_problem(cfg.output_dir)
     if problem:
         print(f"dist-embed: error: output_dir {cfg.output_dir}: {problem}", file=sys.stderr)
@@ -59,25 +61,6 @@ def cmd_train(args) -> int:
                             master_port=args.master_port)
     return run_worker(cfg, args.resume, allow_data_change=args.allow_data_change,
                       allow_fresh_start=args.resume_or_start_fresh)
-
-
-def output_dir_problem(path: str) -> str | None:
-    """Why ``path`` cannot take a run's outputs (None if it can): checked before any heavy work."""
-    import tempfile
-
-    p = Path(path)
-    for parent in [p, *p.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{parent} is a file, not a directory"
-            break
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        return f"not writable ({e.strerror or e})"
-    return None
 
 
 def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allow_fresh_start: bool = False) -> int:
@@ -120,7 +103,7 @@ def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allo
 def cmd_eval(args) -> int:
     from .data.readers import DataError
     from .evaluation import evaluate_sts, load_sts
-    from .model import Encoder
+    from .model import Encoder, ModelError
     from .tracking import setup_logging
 
     setup_logging(0)
@@ -133,8 +116,8 @@ def cmd_eval(args) -> int:
                 name, path = Path(spec).name.split(".")[0], spec
             data = load_sts(path, name)
             results.update({f"eval/{name}/{k}": v for k, v in evaluate_sts(enc, data, args.batch_size).items()})
-    except (DataError, FileNotFoundError, OSError, ValueError) as e:
-        print(f"dist-embed: error: {e}", file=sys.stderr)
+    except (DataError, ModelError, FileNotFoundError, OSError, ValueError) as e:
+        print(f"dist-embed: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(results))
     return EXIT_OK
@@ -168,6 +151,9 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     from .slurm import status
 
+    if not Path(args.output_dir).is_dir():
+        print(f"dist-embed: error: {args.output_dir}: no such run directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(status(Path(args.output_dir)))
     return EXIT_OK
 
@@ -177,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train from a YAML config (+ key.sub=value overrides)")
-    tr.add_argument("config")
-    tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. training.max_steps=50")
+    tr.add_argument("config", help="YAML config file (see configs/; every key is listed in dist_embed/config.py)")
+    tr.add_argument("overrides", nargs="*", help="optional key.sub=value overrides, e.g. training.max_steps=50")
     tr.add_argument("--nproc", type=int, default=None, help="start N worker processes on this machine (N >= 1)")
     tr.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     tr.add_argument("--allow-data-change", action="store_true",
@@ -189,13 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one launcher per node)")
     tr.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: $SLURM_NODEID or 0)")
     tr.add_argument("--master-addr", default=None, help="rendezvous host for --nnodes > 1")
-    tr.add_argument("--master-port", type=int, default=None)
+    tr.add_argument("--master-port", type=int, default=None, help="rendezvous port for --nnodes > 1")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="STS evaluation of a saved model; prints one JSON object")
     ev.add_argument("model", help="model directory (ours or any sentence-transformers model) or hub id")
     ev.add_argument("--sts", action="append", required=True, help="[name=]path of a tsv/csv/jsonl STS file")
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
     ev.set_defaults(func=cmd_eval)
 
     sb = sub.add_parser("submit", help="run a config on a cluster: slurm or ray")
@@ -209,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", help="Slurm job state and the latest metrics of an output_dir")
-    st.add_argument("output_dir")
+    st.add_argument("output_dir", help="a run's output_dir")
     st.set_defaults(func=cmd_status)
 
     rp = sub.add_parser("report", help="summary of a run from metrics.jsonl, and OUTPUT_DIR/report.png")
-    rp.add_argument("output_dir")
+    rp.add_argument("output_dir", help="a run's output_dir (reads its metrics.jsonl)")
     rp.set_defaults(func=cmd_report)
     return ap
 

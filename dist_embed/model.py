@@ -61,6 +61,59 @@ def read_st_settings(path: str) -> dict:
     return out
 
 
+class ModelError(ValueError):
+    """A model that cannot be used as asked: not a model directory, a truncated weights file, a
+    setting it cannot honour. The CLI reports it as one line with exit code 2."""
+
+
+def check_model_dir(path: str) -> None:
+    """Raise ModelError unless ``path`` looks like a loadable model (a hub id passes through)."""
+    p = Path(path)
+    if not p.exists():
+        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        if looks_like_hub_id:
+            return
+        raise ModelError(f"not a model directory: {path} (no such file or directory)")
+    if not p.is_dir():
+        raise ModelError(f"not a model directory: {path} (a file)")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"not a model directory: {path} (no config.json)")
+    for weights in sorted(p.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ModelError(f"{weights}: {problem}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unusable (None if its header and size agree)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                return f"truncated (size {size} bytes, shorter than its header)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"not a safetensors file ({e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        return f"truncated (size {size} bytes, expected {8 + n + end})"
+    return None
+
+
+def position_limit(config) -> int | None:
+    """Tokens a text may have: absolute position embeddings bound it (RoBERTa/XLM-R spend
+    padding_idx + 1 of them before the first token); rotary/relative models have no such table."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not n or getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"):
+        n -= (getattr(config, "pad_token_id", 1) or 0) + 1
+    if getattr(config, "model_type", "") in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "t5"):
+        return None  # rotary / relative positions: max_position_embeddings is a soft hint
+    return int(n)
+
+
 def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "cls":
         return token_embeddings[:, 0]
@@ -93,6 +146,7 @@ class Encoder(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = resolve_model_path(name_or_path)
+        check_model_dir(path)
         st = read_st_settings(path) if os.path.isdir(path) else {}
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         if dropout is not None:
@@ -108,8 +162,11 @@ class Encoder(nn.Module):
             extra = {f"pooler.{k}": v.detach().clone() for k, v in transformer.pooler.state_dict().items()}
             transformer.pooler = None
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-        limit = getattr(config, "max_position_embeddings", 512) or 512
+        limit = position_limit(config)
         msl = max_seq_length or st.get("max_seq_length") or min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
+        if limit and int(msl) > limit:
+            raise ModelError(f"model.max_seq_length={msl} is more than {name_or_path} can take: its position "
+                                  f"embeddings cover {limit} tokens (set model.max_seq_length <= {limit})")
         return cls(transformer, tokenizer, pooling=pooling or st.get("pooling", "mean"),
                    normalize=st.get("normalize", False) if normalize is None else normalize,
                    max_seq_length=int(msl), extra_state=extra)

@@ -17,18 +17,36 @@ log = logging.getLogger(__name__)
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
-    from .config import load_config
+    from .config import Config
     from .distributed import init_distributed
     from .tracking import setup_logging
     from .train import Trainer
 
-    os.chdir(config["cwd"])  # relative paths in the config mean the submitter's directory
     ctx = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
-    cfg = load_config(config["config"], config["overrides"])
+    cfg = Config.model_validate(config["config"])  # resolved on the driver: no working directory needed
     state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
     setup_logging(state.rank)
     Trainer(cfg, state, "latest").fit()
+
+
+def resolved_paths(cfg) -> dict:
+    """The config with every local path made absolute here, on the driver: a worker on another node
+    has no notion of the submitter's working directory (hub ids and missing paths stay as written)."""
+    tree = cfg.to_dict()
+
+    def absolute(value):
+        if isinstance(value, str) and not value.startswith(("package:", "/")) and Path(value).exists():
+            return str(Path(value).resolve())
+        return value
+
+    tree["output_dir"] = str(Path(tree["output_dir"]).resolve())
+    tree["data"]["train"] = absolute(tree["data"]["train"])
+    tree["model"]["name_or_path"] = absolute(tree["model"]["name_or_path"])
+    tree["distributed"]["deepspeed_config"] = absolute(tree["distributed"]["deepspeed_config"])
+    for s in tree["eval"]["sts"]:
+        s["path"] = absolute(s["path"])
+    return tree
 
 
 def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
@@ -42,8 +60,7 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     resources = {"CPU": args.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": str(Path(config_path).resolve()), "overrides": list(overrides),
-                           "cwd": os.getcwd()},
+        train_loop_config={"config": resolved_paths(cfg)},
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo",
                                  timeout_s=cfg.distributed.timeout_s),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
@@ -63,11 +80,11 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("ray", help="run on an existing Ray cluster with Ray Train (TorchTrainer)")
-    sp.add_argument("config")
-    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("config", help="YAML config file")
+    sp.add_argument("overrides", nargs="*", help="optional key.sub=value overrides")
     sp.add_argument("--address", required=True, help="Ray cluster address, e.g. 10.0.0.1:6379 or auto")
-    sp.add_argument("--num-workers", type=int, required=True)
-    sp.add_argument("--use-gpu", action="store_true")
-    sp.add_argument("--cpus-per-worker", type=float, default=1.0)
+    sp.add_argument("--num-workers", type=int, required=True, help="training processes (one per GPU)")
+    sp.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    sp.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per worker")
     sp.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the latest checkpoint")
     sp.set_defaults(launcher="ray")

@@ -7,15 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
 JOB_ID_FILE = "slurm_job_id"
 
 
 def template_text() -> str:
-    if not TEMPLATE.is_file():
-        raise FileNotFoundError(f"{TEMPLATE}: the sbatch template ships in the repository's slurm/ folder; "
-                                f"run from a clone (pip install -e .)")
-    return TEMPLATE.read_text(encoding="utf-8")
+    """slurm/train.sbatch, as installed with the package (dist_embed.slurm_templates)."""
+    from importlib.resources import files
+
+    return files("dist_embed.slurm_templates").joinpath("train.sbatch").read_text(encoding="utf-8")
 
 
 def _directive(key: str, value: str) -> str:
@@ -75,6 +74,11 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "train.sbatch"
     path.write_text(script, encoding="utf-8")
+    asked = re.search(r"^#SBATCH --cpus-per-task=(\d+)", script, re.M)
+    problem = cannot_start(path, cmd_args, args.partition, int(asked.group(1)) if asked else 0)
+    if problem:
+        print(f"dist-embed: error: this job could never start: {problem}", file=sys.stderr)
+        return 2
     r = subprocess.run(["sbatch", "--parsable", str(path), *cmd_args], capture_output=True, text=True)
     if r.returncode != 0:
         print(f"dist-embed: error: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
@@ -85,6 +89,37 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def cannot_start(script: Path, cmd_args: list[str], partition: str | None, cpus_per_task: int) -> str | None:
+    """Why Slurm could never run this job (None if it could): a job that asks for more than any node
+    of the partition has is accepted by sbatch and then pends forever (reason PartitionConfig)."""
+    try:
+        r = subprocess.run(["sbatch", "--test-only", str(script), *cmd_args], capture_output=True, text=True,
+                           timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None  # no sbatch here: the real submission reports it
+    if r.returncode != 0:
+        return f"sbatch --test-only: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'refused'}"
+    if cpus_per_task:
+        q = subprocess.run(["sinfo", "-h", "-o", "%c"] + (["-p", partition] if partition else []),
+                           capture_output=True, text=True, timeout=60)
+        counts = [int(c) for c in re.findall(r"\d+", q.stdout)] if q.returncode == 0 else []
+        if counts and cpus_per_task > max(counts):
+            where = f"partition {partition}" if partition else "the cluster"
+            return (f"--cpus-per-task {cpus_per_task}, but the largest node in {where} has {max(counts)} CPUs "
+                    f"(Slurm would leave it pending with reason PartitionConfig); ask for at most {max(counts)}")
+    return None
+
+
+PENDING_REASONS = {
+    "PartitionConfig": "the job asks for more than the partition's nodes have (CPUs, GPUs, memory, nodes or time); "
+                       "it will never start: scancel it and submit with less",
+    "Resources": "waiting for resources to free up",
+    "Priority": "waiting behind higher-priority jobs",
+    "BeginTime": "held until its begin time (e.g. a requeued job waits a little before it may start)",
+    "ReqNodeNotAvail": "a requested node is down or reserved",
+}
+
+
 def job_state(job_id: str) -> str:
     """RUNNING / PENDING / ... from squeue, or the final state from sacct, or 'not in queue'."""
     try:
@@ -92,7 +127,11 @@ def job_state(job_id: str) -> str:
     except FileNotFoundError:
         return "unknown (no squeue here)"
     if r.returncode == 0 and r.stdout.strip():
-        return r.stdout.strip()
+        line = r.stdout.strip()
+        reason = re.search(r"\((\w+)", line) if line.startswith("PENDING") else None
+        if reason and reason.group(1) in PENDING_REASONS:
+            line += f": {PENDING_REASONS[reason.group(1)]}"
+        return line
     try:
         r = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True,
                            timeout=30)
@@ -120,18 +159,19 @@ def status(out_dir: Path) -> str:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("slurm", help="render slurm/train.sbatch for this config and sbatch it")
-    sp.add_argument("config")
-    sp.add_argument("overrides", nargs="*")
-    sp.add_argument("--nodes", type=int, default=1)
-    sp.add_argument("--gpus-per-node", type=int, default=0)
+    sp.add_argument("config", help="YAML config file")
+    sp.add_argument("overrides", nargs="*", help="optional key.sub=value overrides")
+    sp.add_argument("--nodes", type=int, default=1, help="nodes (one launcher task each)")
+    sp.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: a CPU job)")
     sp.add_argument("--nproc-per-node", type=int, default=0, help="workers per node (default: GPUs, else 1)")
-    sp.add_argument("--cpus-per-task", type=int, default=0)
-    sp.add_argument("--partition")
-    sp.add_argument("--time")
-    sp.add_argument("--account")
-    sp.add_argument("--qos")
-    sp.add_argument("--constraint")
-    sp.add_argument("--job-name")
+    sp.add_argument("--cpus-per-task", type=int, default=0,
+                    help="CPUs for each node's launcher task (default: the template's)")
+    sp.add_argument("--partition", help="Slurm partition")
+    sp.add_argument("--time", help="time limit, e.g. 12:00:00")
+    sp.add_argument("--account", help="Slurm account")
+    sp.add_argument("--qos", help="quality of service")
+    sp.add_argument("--constraint", help="node features, e.g. a100")
+    sp.add_argument("--job-name", help="default: dist-embed-<output_dir name>")
     sp.add_argument("--signal-seconds", type=int, default=180, help="SIGUSR1 this long before the time limit")
     sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     sp.set_defaults(launcher="slurm")

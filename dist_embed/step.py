@@ -132,8 +132,14 @@ def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int | s
     return list(torch.split(emb, [f["attention_mask"].shape[0] for f in feats]))
 
 
+MASK_AWARE = ("sdpa", "dist_embed_sdpa")  # attention functions that honour a boolean 4D mask
+
+
 def can_pack(encoder) -> bool:
-    return getattr(encoder.transformer.config, "model_type", "") in PACKABLE
+    """Packing needs absolute positions from 0 and an attention that applies our block-diagonal
+    boolean mask; "eager" attention ADDS a mask to the scores, so packed texts would see each other."""
+    cfg = encoder.transformer.config
+    return getattr(cfg, "model_type", "") in PACKABLE and getattr(cfg, "_attn_implementation", "sdpa") in MASK_AWARE
 
 
 def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pack: int = 0,

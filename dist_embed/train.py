@@ -21,7 +21,7 @@ from .data.readers import Schema, Source, scan
 from .distributed import DistState, all_reduce_grads, all_reduce_sum, barrier
 from .evaluation import PRIMARY, evaluate_sts, load_sts
 from .health import HealthMonitor, sts_events
-from .model import Encoder
+from .model import Encoder, ModelError
 from .step import AutogradBackward, StepSpec, forward_backward
 from .tracking import MetricsWriter, Progress, Timer
 
@@ -109,6 +109,9 @@ class Trainer:
                  allow_fresh_start: bool = False):
         self.cfg, self.state = cfg, state
         self.allow_data_change, self.allow_fresh_start = allow_data_change, allow_fresh_start
+        problem = ckpt.output_dir_problem(cfg.output_dir) if state.is_main else None
+        if problem:  # before any heavy work
+            raise ConfigError(f"output_dir {cfg.output_dir}: {problem}")
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         check_precision(cfg.training.precision, state.device)
@@ -116,9 +119,12 @@ class Trainer:
         random.seed(cfg.training.seed + state.rank)
 
         m = cfg.model
-        self.encoder = Encoder.from_pretrained(m.name_or_path, pooling=m.pooling, normalize=m.normalize,
-                                               max_seq_length=m.max_seq_length, dropout=m.dropout,
-                                               trust_remote_code=m.trust_remote_code, revision=m.revision)
+        try:
+            self.encoder = Encoder.from_pretrained(m.name_or_path, pooling=m.pooling, normalize=m.normalize,
+                                                   max_seq_length=m.max_seq_length, dropout=m.dropout,
+                                                   trust_remote_code=m.trust_remote_code, revision=m.revision)
+        except (ModelError, FileNotFoundError) as e:
+            raise ConfigError(f"model.name_or_path: {e}") from None
         self.encoder.to(state.device).train()
         if cfg.training.fast_dropout and state.device.type == "cpu":
             from .fast_dropout import use_fast_dropout
@@ -145,7 +151,7 @@ class Trainer:
         self.history: list[dict] = []  # eval results, for best-checkpoint and the model card
         self.samples_per_step = float(self.global_batch * t.grad_accum)  # at the run's start; kept on resume
         saved = self._read_resume(resume) if resume else None
-        self.rows = saved["data"]["rows"] if saved and saved.get("data_unchanged") else self._count_rows()
+        self.rows = saved["data"]["rows"] if saved and saved["data"]["data_unchanged"] else self._count_rows()
         if t.max_steps > 0:
             total = t.max_steps * self.samples_per_step
         elif self.rows:
@@ -589,6 +595,7 @@ class Trainer:
                 self.rows_trained += step_rows
                 window["samples"] += step_rows
             if epoch_ended:
+                self._warn_short_batches()
                 self.epoch += 1
                 self.planner_state = None
             done = self._finished()
@@ -628,6 +635,14 @@ class Trainer:
             log.info("%s", self.summary(final, time.perf_counter() - t_start, start_step))
         return final
 
+    def _warn_short_batches(self) -> None:
+        short, lonely = ((self.planner_state or {}).get("batcher") or {}).get("short", (0, 0))
+        if short and self.state.is_main:
+            log.warning("no-duplicates batching, epoch %d: %d global batches closed short of %d rows because their "
+                        "rows repeat texts; %d rows could not be batched with any other row (trained alone). "
+                        "De-duplicate the data, raise data.dedup_buffer, or set data.no_duplicates=false",
+                        self.epoch, short, self.global_batch, lonely)
+
     def _finished(self) -> bool:
         if self.cfg.training.max_steps > 0:
             return self.samples >= self.schedule.total - 1e-6
@@ -640,6 +655,7 @@ class Trainer:
                  f"  steps          {self.step} ({steps} in this run, {seconds:.0f}s, "
                  f"{steps / max(seconds, 1e-9):.2f} steps/s, "
                  f"{self.rows_trained / max(seconds, 1e-9):.1f} samples/s)",
+                 f"  rows trained   {self.rows_trained} in this run",
                  f"  world size     {self.state.world_size} x batch {self.cfg.training.batch_size}"]
         if self.history:
             first, last = self.history[0], self.history[-1]

@@ -136,3 +136,19 @@ def test_ds_config_errors_name_the_file_and_key(tmp_path):
         fill_ds_config(base, _cfg(tmp_path, precision="fp16"), 2, 32, "cpu")
     with pytest.raises(ConfigError, match="stage: expected 1, 2 or 3"):
         fill_ds_config({"zero_optimization": {"stage": 0}}, cfg, 2, 32, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,loss", [("zero3", "cached_mnrl"), ("zero2", "mnrl"), ("zero3", "triplet")])
+def test_ragged_tail_smaller_than_the_world_trains_under_zero(tmp_path, tiny_model, stage, loss):
+    """Rank 1 holds an empty slice in the last batch (7 rows, 2 x 3 per batch: 6 + 1) and rank 0
+    has more mini-batches than rank 1 in cached MNRL: under ZeRO every forward and backward
+    communicates, so every rank must run as many as the others (placeholder passes)."""
+    data = write_jsonl(tmp_path / "seven.jsonl", quick_triplets(7))
+    cfg = tiny_config(tmp_path, tiny_model, data, model={"dropout": None},
+                      loss={"name": loss, "mini_batch_size": 2},
+                      training={"max_steps": -1, "batch_size": 3}, distributed={"timeout_s": 60})
+    out = tmp_path / "run"
+    r = run_cli("train", cfg, f"output_dir={out}", "--nproc", "2", *ds_args(stage), timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(train_losses(out)) == [1, 2]

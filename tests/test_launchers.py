@@ -119,8 +119,55 @@ def test_ray_two_workers_equal_nproc_two(ray_cluster, tmp_path, tiny_model, trip
     r = run_cli("train", cfg, f"output_dir={local}", "--nproc", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     on_ray = tmp_path / "ray"
-    r = run_cli("submit", "ray", cfg, f"output_dir={on_ray}", "--address", ray_cluster.address, "--num-workers", "2",
-                env=ray_cluster.env)
+    # relative paths, meaningful only in the submitter's directory: resolved on the driver, the
+    # workers (whose working directory is Ray's own, as on another node) need no cwd
+    rel = {k: os.path.relpath(v, tmp_path) for k, v in (("out", on_ray), ("data", triplets), ("model", tiny_model))}
+    r = run_cli("submit", "ray", cfg.name, f"output_dir={rel['out']}", f"data.train={rel['data']}",
+                f"model.name_or_path={rel['model']}", "--address", ray_cluster.address, "--num-workers", "2",
+                env=ray_cluster.env, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert train_losses(local) == pytest.approx(train_losses(on_ray), rel=1e-6)
     assert max_weight_diff(local, on_ray) < 1e-6
+
+
+def test_slurm_job_that_can_never_start_is_refused_and_status_says_why(slurm, tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    # the template's default --cpus-per-task=8 on 2-CPU nodes: Slurm would keep it pending forever
+    r = run_cli("submit", "slurm", cfg, "--nproc-per-node", "2", env=slurm.env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("dist-embed: error: this job could never start: ")
+    assert "8" in r.stderr and "PartitionConfig" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "slurm_job_id").exists()
+    # a job submitted by hand that pends for that reason: status says so
+    out = tmp_path / "run"
+    job = slurm.run("sbatch", "--parsable", "--cpus-per-task=8", f"--output={out}/x.out", "--wrap", "true").stdout
+    job = job.strip().split(";")[0]
+    (out / "slurm_job_id").write_text(job + "\n")
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            s = run_cli("status", out, env=slurm.env)
+            if "PartitionConfig" in s.stdout:
+                break
+            time.sleep(1)
+        assert "PENDING" in s.stdout and "it will never start" in s.stdout, s.stdout
+    finally:
+        slurm.run("scancel", job, check=False)
+
+
+def test_installed_wheel_renders_the_sbatch_template_outside_the_checkout(tmp_path, tiny_model, triplets):
+    """`pip install .` (not editable): the template ships in the package."""
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONSAFEPATH="1")
+    r = subprocess.run([sys.executable, "-m", "dist_embed.cli", "submit", "slurm", str(cfg), "--dry-run"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "#SBATCH --requeue" in r.stdout
+    probe = subprocess.run([sys.executable, "-c", "import dist_embed; print(dist_embed.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert probe.stdout.startswith(str(site)), probe.stdout  # the installed copy, not the checkout

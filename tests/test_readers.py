@@ -97,3 +97,22 @@ def test_real_sts_and_snli_files_read_cleanly():
         assert len(load_sts(str(SHARED / "stsb" / "dev.tsv")).scores) == 1500
     assert len(load_sts(str(QUICK / "snli-dev-pairs-1k.tsv")).scores) == 1000
     assert len(rows_of(QUICK / "snli-test-triplets-2k.jsonl.gz")) == 2000
+
+
+def test_json_errors_name_the_real_column(tmp_path):
+    line = '{"anchor": "a cat", "positive": an animal}'
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(DataError) as e:
+        rows_of(f)
+    col = line.index("an animal") + 1
+    assert str(e.value) == f"{f}:2: malformed JSON at column {col}: Expecting value"
+
+
+def test_bom_and_crlf_are_read(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n" + json.dumps(GOOD).encode() + b"\r\n")
+    assert len(rows_of(f)) == 2
+    t = tmp_path / "bom.tsv"
+    t.write_bytes(b"\xef\xbb\xbfanchor\tpositive\r\nx\ty\r\n")
+    assert [r.texts for r in rows_of(t)] == [("x", "y")]

@@ -184,3 +184,21 @@ def test_gpu_benchmark_script_runs_and_computes_mfu(tmp_path):
     params_m, tokens_s, mfu = float(cells[1]), float(cells[4].replace(",", "")), float(cells[7].rstrip("%")) / 100
     assert 22 < params_m < 23.5  # all-MiniLM-L6-v2 without its pooler
     assert tokens_s > 0 and abs(mfu - 6 * params_m * 1e6 * tokens_s / 0.5e12) < 0.002
+
+
+def test_eager_attention_is_never_packed(tiny_model):
+    """Eager attention adds a mask to the scores instead of applying a boolean one: packed texts
+    would attend to each other. Such a model falls back to per-text padding: same embeddings."""
+    from dist_embed.step import can_pack, embed_columns
+
+    enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0).eval()
+    enc.transformer.set_attn_implementation("eager")
+    assert not can_pack(enc)
+    rows = [Row(i, (r["anchor"], r["positive"]), None) for i, r in enumerate(quick_triplets(12))]
+    feats = collate(rows, enc.tokenizer, enc.max_seq_length)["features"]
+    with torch.no_grad():
+        packed = embed_columns(enc, feats, chunk=0, pack="auto")
+        alone = [torch.cat([enc({k: v[i:i + 1, :int(f["attention_mask"][i].sum())] for k, v in f.items()})
+                            for i in range(len(rows))]) for f in feats]
+    for a, b in zip(packed, alone):
+        assert torch.allclose(a, b, atol=1e-5)

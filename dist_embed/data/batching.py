@@ -80,11 +80,12 @@ class Batcher:
     """
 
     def __init__(self, keys: Callable[[Any], Sequence[Hashable]] | None, max_deferred: int,
-                 deferred: Iterable = (), exhausted: bool = False):
+                 deferred: Iterable = (), exhausted: bool = False, short: Sequence[int] = (0, 0)):
         self.keys, self.max_deferred = keys, max_deferred
         self.deferred: deque = deque(deferred)
         self.exhausted = exhausted
-        self.short_batches = 0
+        # batches closed short because their rows repeat texts, and rows trained alone in such a batch
+        self.short_batches, self.lonely_rows = short
 
     def next_batch(self, size: int, next_item: Callable[[], Any]) -> list | None:
         batch: list = []
@@ -125,6 +126,7 @@ class Batcher:
             return None
         if closed_short or (len(batch) < size and self.deferred):
             self.short_batches += 1
+            self.lonely_rows += len(batch) == 1
         return batch
 
 
@@ -221,7 +223,7 @@ class EpochPlanner:
         b = state.get("batcher", {})
         keys = (lambda r: r.texts) if no_duplicates else None
         self.batcher = Batcher(keys, dedup_buffer or 16 * global_batch, [make_row(r) for r in b.get("deferred", [])],
-                               b.get("exhausted", False))
+                               b.get("exhausted", False), b.get("short", (0, 0)))
 
     def _next_row(self):
         return next(self.rows, None)
@@ -241,7 +243,8 @@ class EpochPlanner:
         ``json.dumps`` writes it as is (rows and the RNG state become arrays)."""
         out = {"epoch": self.epoch, "reader": dict(self.rows.position), "rows_done": self.rows_done,
                "batches_done": self.batches_done,
-               "batcher": {"deferred": list(self.batcher.deferred), "exhausted": self.batcher.exhausted}}
+               "batcher": {"deferred": list(self.batcher.deferred), "exhausted": self.batcher.exhausted,
+                           "short": (self.batcher.short_batches, self.batcher.lonely_rows)}}
         if self.shuffle is not None:
             out["shuffle"] = {"rng": self.shuffle.rng.getstate(), "buffer": list(self.shuffle.buffer),
                               "draining": self.shuffle.draining}

@@ -136,10 +136,12 @@ def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) ->
         elif not text.strip():
             continue  # blank lines carry no record
         else:
+            if lineno == 1:
+                text = text.lstrip("\ufeff")  # a byte-order mark (Windows editors) is not part of the data
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                obj = DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+                obj = DataError(f"{where}: malformed JSON at column {e.colno}: {e.msg.removesuffix(' at')}")
             except RecursionError:
                 obj = DataError(f"{where}: malformed JSON: nested too deeply")
             if not isinstance(obj, (dict, DataError)):
@@ -175,6 +177,8 @@ def read_delimited(path: Path, delimiter: str, start: dict | None = None, at: di
         raise DataError(f"{path}:{where_now['line']}: unreadable header: {e}") from None
     header = [h.strip() for h in header]
     header_lines.close()
+    if not any(header):
+        raise DataError(f"{path}:{where_now['line']}: empty header line (expected the column names)")
     if "offset" in start:
         body = lines(start["offset"], start["line"])
     else:
