@@ -11,10 +11,14 @@ JOB_ID_FILE = "slurm_job_id"
 
 
 def template_text() -> str:
-    """slurm/train.sbatch, as installed with the package (dist_embed.slurm_templates)."""
+    """slurm/train.sbatch: from the installed package (a wheel maps slurm/ to
+    dist_embed.slurm_templates), or from the checkout beside this file (an editable install)."""
     from importlib.resources import files
 
-    return files("dist_embed.slurm_templates").joinpath("train.sbatch").read_text(encoding="utf-8")
+    try:
+        return files("dist_embed.slurm_templates").joinpath("train.sbatch").read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch").read_text(encoding="utf-8")
 
 
 def _directive(key: str, value: str) -> str:

@@ -173,3 +173,22 @@ def test_planner_state_is_small_and_independent_of_the_position():
         if i in (10, 299):
             sizes.append(len(json.dumps(p.state_dict())))
     assert sizes[1] < 1.5 * sizes[0]
+
+
+def test_resume_with_other_plan_settings_loses_no_row():
+    """--allow-data-change with shuffle / no-duplicates / buffer sizes changed mid-epoch."""
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    rows = make_rows(400, vocab=60, seed=seed)
+    ids, state = [], None
+    for _ in range(5):
+        shuffle, nodup, size = rng.random() < 0.5, rng.random() < 0.5, rng.randint(1, 40)
+        p = EpochPlanner(lambda pos: ListCursor(rows, pos), epoch=0, seed=3, shuffle=shuffle,
+                         shuffle_buffer=rng.randint(1, 50), no_duplicates=nodup, dedup_buffer=rng.randint(1, 20),
+                         global_batch=size, make_row=lambda r: Row(r[0], tuple(r[1]), r[2]), state=state)
+        for _ in range(rng.randint(0, 8)):
+            b = p.next_batch(size)
+            ids += [r.row_id for r in b or []]
+        state = saved(p)
+    ids += [r.row_id for b in drain(planner(rows, 16, state=state), 16) for r in b]
+    assert Counter(ids) == Counter(range(400)), f"seed {seed}"

@@ -90,6 +90,8 @@ class Batcher:
     def next_batch(self, size: int, next_item: Callable[[], Any]) -> list | None:
         batch: list = []
         if self.keys is None:
+            while self.deferred and len(batch) < size:  # rows deferred under an earlier no-duplicates setting
+                batch.append(self.deferred.popleft())
             while len(batch) < size and not self.exhausted:
                 item = next_item()
                 if item is None:
@@ -216,6 +218,8 @@ class EpochPlanner:
         self.batches_done = state.get("batches_done", 0)
         sh = state.get("shuffle")
         self.shuffle = None
+        # rows a saved shuffle buffer held when shuffling is now off (--allow-data-change): first out
+        self.leftover = [make_row(r) for r in sh["buffer"]] if sh and not shuffle else []
         if shuffle:
             rng = rng_from_json(sh["rng"]) if sh else epoch_rng(seed, epoch)
             self.shuffle = ShuffleBuffer(shuffle_buffer, rng, [make_row(r) for r in sh["buffer"]] if sh else None,
@@ -229,6 +233,8 @@ class EpochPlanner:
         return next(self.rows, None)
 
     def _pull(self):
+        if self.leftover:
+            return self.leftover.pop()
         return self.shuffle.pull(self._next_row) if self.shuffle is not None else self._next_row()
 
     def next_batch(self, global_batch: int) -> list | None:
@@ -248,4 +254,6 @@ class EpochPlanner:
         if self.shuffle is not None:
             out["shuffle"] = {"rng": self.shuffle.rng.getstate(), "buffer": list(self.shuffle.buffer),
                               "draining": self.shuffle.draining}
+        elif self.leftover:
+            out["shuffle"] = {"rng": random.Random(0).getstate(), "buffer": list(self.leftover), "draining": False}
         return out
