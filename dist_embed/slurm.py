@@ -96,22 +96,26 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
 def cannot_start(script: Path, cmd_args: list[str], partition: str | None, cpus_per_task: int) -> str | None:
     """Why Slurm could never run this job (None if it could): a job that asks for more than any node
     of the partition has is accepted by sbatch and then pends forever (reason PartitionConfig)."""
-    try:
-        r = subprocess.run(["sbatch", "--test-only", str(script), *cmd_args], capture_output=True, text=True,
-                           timeout=60)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return None  # no sbatch here: the real submission reports it
-    if r.returncode != 0:
-        return f"sbatch --test-only: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'refused'}"
     if cpus_per_task:
-        q = subprocess.run(["sinfo", "-h", "-o", "%c"] + (["-p", partition] if partition else []),
-                           capture_output=True, text=True, timeout=60)
-        counts = [int(c) for c in re.findall(r"\d+", q.stdout)] if q.returncode == 0 else []
+        q = _run(["sinfo", "-h", "-o", "%c"] + (["-p", partition] if partition else []))
+        counts = [int(c) for c in re.findall(r"\d+", q.stdout)] if q is not None and q.returncode == 0 else []
         if counts and cpus_per_task > max(counts):
             where = f"partition {partition}" if partition else "the cluster"
             return (f"--cpus-per-task {cpus_per_task}, but the largest node in {where} has {max(counts)} CPUs "
                     f"(Slurm would leave it pending with reason PartitionConfig); ask for at most {max(counts)}")
+    r = _run(["sbatch", "--test-only", str(script), *cmd_args])
+    if r is None:
+        return None  # no sbatch here: the real submission reports it
+    if r.returncode != 0:
+        return f"sbatch --test-only: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'refused'}"
     return None
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
 
 
 PENDING_REASONS = {
