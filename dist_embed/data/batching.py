@@ -214,6 +214,7 @@ class EpochPlanner:
         self.epoch = epoch
         state = state or {}
         self.rows = open_rows(state.get("reader"))
+        self._rows_it = iter(self.rows)
         self.rows_done = state.get("rows_done", 0)  # rows handed out in batches this epoch
         self.batches_done = state.get("batches_done", 0)
         sh = state.get("shuffle")
@@ -230,7 +231,7 @@ class EpochPlanner:
                                b.get("exhausted", False), b.get("short", (0, 0)))
 
     def _next_row(self):
-        return next(self.rows, None)
+        return next(self._rows_it, None)
 
     def _pull(self):
         if self.leftover:

@@ -80,7 +80,7 @@ class RowStream:
         return self.records.position
 
     def __iter__(self):
-        return self
+        return self._rows
 
     def __next__(self) -> Row:
         return next(self._rows)

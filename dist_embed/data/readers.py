@@ -129,8 +129,9 @@ def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) ->
     start = start or {}
     at = {} if at is None else at
     row_id = start.get("row", 0)
+    name = str(path)
     for lineno, text, offset in _decoded_lines(path, start.get("offset", 0), start.get("line", 0)):
-        where = f"{path}:{lineno}"
+        where = f"{name}:{lineno}"
         if text is None:
             obj = DataError(f"{where}: not valid UTF-8")
         elif not text.strip():
@@ -146,7 +147,7 @@ def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) ->
                 obj = DataError(f"{where}: malformed JSON: nested too deeply")
             if not isinstance(obj, (dict, DataError)):
                 obj = DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        at.update(offset=offset, line=lineno, row=row_id + 1)
+        at["offset"], at["line"], at["row"] = offset, lineno, row_id + 1
         yield Record(row_id, where, obj)
         row_id += 1
 
@@ -260,28 +261,37 @@ def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: 
 
 
 class RecordCursor:
-    """Records of a source from a position on; ``position`` reopens it right after the last one."""
+    """Records of a source from a position on; ``position`` reopens it right after the last one.
+
+    Readers keep their position in a small dict updated before each record (no read-ahead), so
+    the position is read only when someone asks (a checkpoint), not built per record."""
 
     def __init__(self, source: "Source", position: dict | None):
         self.source = source
-        self.position = dict(position or {"file": 0, "row": 0})
-        self._it = self._records()
+        start = dict(position or {"file": 0, "row": 0})
+        self._file = start.pop("file", 0)
+        self._at = start  # the reader's live position inside file number self._file
+        self._it = self._records(start)
+
+    @property
+    def position(self) -> dict:
+        return {"file": self._file, **self._at}
 
     def __iter__(self):
-        return self
+        return self._it
 
     def __next__(self) -> Record:
         return next(self._it)
 
-    def _records(self) -> Iterator[Record]:
+    def _records(self, start: dict) -> Iterator[Record]:
         src = self.source
         fmt = src.format
+        limit = src.max_rows
         if fmt == "hf":
-            at = dict(self.position)
-            for rec in read_hub(src.path, src.subset, src.split, src.streaming, self.position, at):
-                if src.max_rows is not None and rec.row_id >= src.max_rows:
+            at = self._at = dict(start)
+            for rec in read_hub(src.path, src.subset, src.split, src.streaming, start, at):
+                if limit is not None and rec.row_id >= limit:
                     return
-                self.position = dict(at)
                 yield rec
             return
         files = data_files(src.path)
@@ -290,18 +300,15 @@ class RecordCursor:
                 "tsv": lambda p, s, a: read_delimited(p, "\t", s, a)}.get(fmt)
         if read is None:
             raise DataError(f"{src.path}: unknown format {fmt!r}")
-        index = self.position.get("file", 0)
-        start = {k: v for k, v in self.position.items() if k != "file"}
-        while index < len(files):
-            at: dict = {}
-            for rec in read(files[index], start, at):
-                if src.max_rows is not None and rec.row_id >= src.max_rows:
+        while self._file < len(files):
+            at = self._at = dict(start)
+            for rec in read(files[self._file], start, at):
+                if limit is not None and rec.row_id >= limit:
                     return
-                self.position = {"file": index, **at}
                 yield rec
-            index += 1
-            start = {"row": self.position.get("row", start.get("row", 0))}
-            self.position = {"file": index, **start}
+            start = {"row": at.get("row", start.get("row", 0))}
+            self._file += 1
+            self._at = dict(start)
 
 
 @dataclass(frozen=True)
