@@ -59,3 +59,16 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert "loss.temperature: unknown key" in r.stderr and f"{p}:6" in r.stderr
+
+
+def test_number_like_strings_stay_strings(tmp_path):
+    """A revision "2.0" or a run name "1e3" is text; numeric keys still get numbers."""
+    text = BASE + 'model:\n  revision: "2.0"\ntraining:\n  lr: 5e-5\nlogging:\n  wandb:\n    name: "1e3"\n'
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.model.revision == "2.0" and cfg.logging.wandb.name == "1e3" and cfg.training.lr == 5e-5
+    cfg = load_config(write(tmp_path, BASE), ["model.revision=2.0", "logging.wandb.name=1e3", "training.lr=1e-4",
+                                              "training.max_grad_norm=2", "data.max_rows=10"])
+    assert cfg.model.revision == "2.0" and cfg.logging.wandb.name == "1e3"
+    assert cfg.training.lr == 1e-4 and cfg.training.max_grad_norm == 2.0 and cfg.data.max_rows == 10
+    r = run_cli("train", write(tmp_path, BASE), "model.revision=2.0", "training.lr=abc")
+    assert r.returncode == 2 and "training.lr" in r.stderr and "Traceback" not in r.stderr
