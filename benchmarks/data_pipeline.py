@@ -26,7 +26,8 @@ TOOL = REPO.parent / "shared" / "tools" / "make_scale_corpus.py"
 
 def measure(path: str, world: int, tokenize: bool, batch: int, workers: int) -> dict:
     from dist_embed.data.loader import PlanSpec, rank_batches
-    from dist_embed.data.readers import Schema, Source
+    from dist_embed.data.readers import Source
+    from dist_embed.data.rows import Schema
     from dist_embed.model import resolve_model_path
     from transformers import AutoTokenizer
 

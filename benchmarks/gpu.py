@@ -60,7 +60,7 @@ def encoder(name: str, device: torch.device):
 
 def batches(tokenizer, batch: int, n: int) -> list[dict]:
     from dist_embed.data.loader import collate
-    from dist_embed.data.readers import Row
+    from dist_embed.data.rows import Row
 
     src = next(p for p in DATA if p.exists())
     rows = [json.loads(l) for l in gzip.open(src, "rt")]
@@ -78,7 +78,7 @@ def measure(model_name: str, precision: str, device: torch.device, batch: int, w
             peak: float) -> dict:
     from dist_embed.distributed import DistState
     from dist_embed.step import AutogradBackward, StepSpec, forward_backward
-    from dist_embed.train import DTYPES, make_adamw
+    from dist_embed.optim import DTYPES, make_adamw
 
     enc = encoder(model_name, device).train()
     if device.type == "cpu":  # as the trainer does there

@@ -69,7 +69,8 @@ def main() -> None:
     from dist_embed import checkpoint as ckpt
     from dist_embed.config import load_config
     from dist_embed.data.loader import PlanSpec
-    from dist_embed.data.readers import Schema, Source
+    from dist_embed.data.readers import Source
+    from dist_embed.data.rows import Schema
 
     tmp = Path(tempfile.mkdtemp(prefix="resume-cost-"))
     corpus = tmp / "corpus.jsonl.gz"

@@ -100,7 +100,7 @@ def theirs(tmp: Path, data: Path, precision: str, nproc: int, steps: int, batch:
               "--steps", str(steps), "--batch", str(batch), "--precision", precision,
               "--max-seq-length", str(max_len)]
     if nproc > 1:
-        from dist_embed.launch import free_port
+        from dist_embed.distributed import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                "127.0.0.1", "--master-port", str(free_port()), *worker]

@@ -12,9 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; requeue and --resume latest
-BAD_INPUT_MARKER = "BAD_INPUT"  # written by rank 0 of a multi-process run that stopped on bad input (exit 2)
+from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 log = logging.getLogger("dist_embed")
 
@@ -50,7 +48,7 @@ def cmd_train(args) -> int:
         print(f"dist-embed: error: output_dir {cfg.output_dir}: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.nproc and (args.nproc > 1 or args.nnodes > 1) and not _inside_launched_job():
-        from .launch import launch_local
+        from .launch.local import launch_local
 
         node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
         return launch_local(args.nproc, ["train", args.config, *args.overrides]
@@ -70,13 +68,13 @@ def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allo
     from .distributed import finish, init_distributed
     from .tracking import setup_logging
     from .health import TrainingHealthError
-    from .train import Preempted, Trainer
+    from .train import Preempted, train
 
     state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
     setup_logging(state.rank)
     code = EXIT_OK
     try:
-        Trainer(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start).fit()
+        train(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start)
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT
@@ -140,16 +138,16 @@ def cmd_submit(args) -> int:
     if cfg is None:
         return EXIT_BAD_INPUT
     if args.launcher == "slurm":
-        from .slurm import submit
+        from .launch.slurm import submit
 
         return submit(args, cfg, args.config, args.overrides)
-    from .ray_launcher import submit as submit_ray
+    from .launch.ray import submit as submit_ray
 
     return submit_ray(args, cfg, args.config, args.overrides)
 
 
 def cmd_status(args) -> int:
-    from .slurm import status
+    from .launch.slurm import status
 
     if not Path(args.output_dir).is_dir():
         print(f"dist-embed: error: {args.output_dir}: no such run directory", file=sys.stderr)
@@ -186,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("submit", help="run a config on a cluster: slurm or ray")
     launchers = sb.add_subparsers(dest="launcher", required=True)
-    from .slurm import add_parser as add_slurm
+    from .launch.slurm import add_parser as add_slurm
 
     add_slurm(launchers)
-    from .ray_launcher import add_parser as add_ray
+    from .launch.ray import add_parser as add_ray
 
     add_ray(launchers)
     sb.set_defaults(func=cmd_submit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,13 @@ class DistState:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for a rendezvous on this machine)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _env_int(*names: str) -> int | None:
@@ -67,8 +75,6 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False, group_of_on
         if not group_of_one:
             return DistState(device=device)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        from .launch import free_port
-
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:

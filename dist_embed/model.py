@@ -114,15 +114,28 @@ def position_limit(config) -> int | None:
     return int(n)
 
 
-def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "cls":
-        return token_embeddings[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
+def pool_tokens(states: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor, mode: str) -> torch.Tensor:
+    """One embedding per text from its real tokens: ``states`` [N, D] holds the tokens of every text,
+    text after text; ``owner`` [N] says whose each token is; ``counts`` [texts] how many each has.
+    The one pooling implementation: padded batches (``pool``) and packed rows (packing.py) use it."""
+    n, dim = counts.shape[0], states.shape[-1]
     if mode == "mean":
-        return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        sums = torch.zeros((n, dim), dtype=states.dtype, device=states.device).index_add(0, owner, states)
+        return sums / counts.clamp(min=1).to(states.dtype)[:, None]
+    if mode == "cls":
+        return states[torch.cumsum(counts, 0) - counts]  # each text's first token
     if mode == "max":
-        return token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min).max(1).values
+        out = torch.full((n, dim), torch.finfo(states.dtype).min, dtype=states.dtype, device=states.device)
+        return out.scatter_reduce(0, owner[:, None].expand_as(states), states, reduce="amax")
     raise ValueError(f"unknown pooling {mode!r}")
+
+
+def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pooling of a padded batch [texts, length, D] (left or right padding) over its real tokens."""
+    mask = attention_mask.bool()
+    counts = mask.sum(1)
+    owner = torch.repeat_interleave(torch.arange(mask.shape[0], device=mask.device), counts)
+    return pool_tokens(token_embeddings[mask], owner, counts, mode)
 
 
 class Encoder(nn.Module):
@@ -192,9 +205,10 @@ class Encoder(nn.Module):
         return emb
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_seq_length,
-                             return_tensors="pt")
-        return {k: v for k, v in enc.items()}
+        """Padded to the longest text, truncated to max_seq_length: the training batches' path."""
+        from .tokenization import tokenize_columns
+
+        return tokenize_columns(self.tokenizer, [list(texts)], self.max_seq_length)[0]
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -13,6 +13,7 @@ import torch
 
 from . import losses
 from .distributed import DistState, gather_with_grad
+from .packing import can_pack, embed_packed
 from .tracking import Timer
 
 
@@ -50,96 +51,6 @@ def chunks(features: dict[str, torch.Tensor], size: int, by_length: bool) -> lis
     order = torch.argsort(features["attention_mask"].sum(1), descending=True, stable=True) if by_length \
         else torch.arange(n)
     return list(torch.split(order, size))
-
-
-PACKABLE = ("bert",)  # absolute positions from 0 and a 4D-mask-aware attention: safe to pack
-
-
-def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
-    """Best-fit decreasing: text indices per row, each row holding at most ``row_len`` tokens.
-
-    Longest texts first, each into the row it leaves the least room in (rows are kept in buckets
-    by free room, so a text scans at most ``row_len`` buckets, not every row: 6k texts in ~10 ms).
-    """
-    rows: list[list[int]] = []
-    by_room: list[list[int]] = [[] for _ in range(row_len + 1)]  # free room -> row numbers
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        n = lengths[i]
-        if n > row_len:
-            raise ValueError(f"a text of {n} tokens does not fit rows of {row_len}")
-        room = next((f for f in range(n, row_len + 1) if by_room[f]), None)
-        if room is None:
-            rows.append([])
-            r, room = len(rows) - 1, row_len
-        else:
-            r = by_room[room].pop()
-        rows[r].append(i)
-        by_room[room - n].append(r)
-    return rows
-
-
-def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int | str) -> list[torch.Tensor]:
-    """Embeddings of all columns with the texts packed side by side into rows of ``row_len`` tokens
-    (``"auto"``: as many as the longest text has).
-
-    Each text keeps its own position ids (0..n-1) and attends only to itself (a block-diagonal 4D
-    mask), so its embedding is the one it gets alone; but the linear layers, most of the compute,
-    see almost no padding. Attention still spans the whole row, so narrow rows are cheaper: on
-    SNLI batches rows as wide as the longest text (~40 tokens) fill 96% of their slots, like
-    128-token rows, and make a MiniLM step ~15% faster. Pooling is per text over its own tokens.
-    """
-    device = feats[0]["input_ids"].device
-    masks = [f["attention_mask"].bool() for f in feats]
-    tokens = torch.cat([f["input_ids"][m] for f, m in zip(feats, masks)])  # real tokens, text after text
-    counts = torch.cat([m.sum(1) for m in masks])
-    lengths = counts.tolist()
-    width = max(lengths) if row_len == "auto" else max(int(row_len), max(lengths))
-    start = [0] * len(lengths)  # where each text begins in the flattened [rows, width] grid
-    layout = pack_rows(lengths, width)
-    for r, members in enumerate(layout):
-        offset = r * width
-        for i in members:
-            start[i] = offset
-            offset += lengths[i]
-    owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)  # text of each token
-    first = torch.cumsum(counts, 0) - counts  # index in `tokens` of each text's first token
-    pos = torch.arange(len(tokens), device=device) - first[owner]
-    starts = torch.tensor(start, dtype=torch.long, device=device)
-    slot = starts[owner] + pos
-    pad_id = getattr(encoder.tokenizer, "pad_token_id", 0) or 0
-    cells = len(layout) * width
-    input_ids = torch.full((cells,), pad_id, dtype=torch.long, device=device).index_put_((slot,), tokens)
-    positions = torch.zeros(cells, dtype=torch.long, device=device).index_put_((slot,), pos)
-    segment = torch.full((cells,), -1, dtype=torch.long, device=device).index_put_((slot,), owner)
-    segment = segment.view(len(layout), width)
-    # padding tokens attend among themselves (a fully masked query row would give NaN)
-    mask = (segment[:, :, None] == segment[:, None, :])[:, None]
-    out = encoder({"input_ids": input_ids.view_as(segment), "position_ids": positions.view_as(segment),
-                   "token_type_ids": torch.zeros_like(segment), "attention_mask": mask}, pooled=False)
-    flat = out.reshape(-1, out.shape[-1])
-    n_texts = len(lengths)
-    if encoder.pooling == "mean":
-        sums = torch.zeros((n_texts, flat.shape[-1]), dtype=flat.dtype, device=device).index_add(0, owner, flat[slot])
-        emb = sums / counts.to(flat.dtype)[:, None]
-    elif encoder.pooling == "cls":
-        emb = flat[starts]
-    else:
-        tokens_out = flat[slot]
-        emb = torch.full((n_texts, flat.shape[-1]), torch.finfo(flat.dtype).min, dtype=flat.dtype, device=device)
-        emb = emb.scatter_reduce(0, owner[:, None].expand_as(tokens_out), tokens_out, reduce="amax")
-    if encoder.normalize:
-        emb = torch.nn.functional.normalize(emb.float(), p=2, dim=-1)
-    return list(torch.split(emb, [f["attention_mask"].shape[0] for f in feats]))
-
-
-MASK_AWARE = ("sdpa", "dist_embed_sdpa")  # attention functions that honour a boolean 4D mask
-
-
-def can_pack(encoder) -> bool:
-    """Packing needs absolute positions from 0 and an attention that applies our block-diagonal
-    boolean mask; "eager" attention ADDS a mask to the scores, so packed texts would see each other."""
-    cfg = encoder.transformer.config
-    return getattr(cfg, "model_type", "") in PACKABLE and getattr(cfg, "_attn_implementation", "sdpa") in MASK_AWARE
 
 
 def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pack: int = 0,

@@ -107,3 +107,65 @@ class Timer:
     def pop(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
         return out
+
+
+class Window:
+    """What happened since the last log line: loss, rows, tokens, time; one metrics record."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.n, self.samples, self.real, self.padded = 0.0, 0, 0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def add_batch(self, batch: dict) -> None:
+        self.real += batch["real_tokens"]
+        self.padded += batch["padded_tokens"]
+
+    def add_step(self, loss: float, rows: int) -> None:
+        self.samples += rows
+        if math.isfinite(loss):
+            self.loss += loss
+            self.n += 1
+
+    def rate(self) -> float:
+        return self.samples / max(time.perf_counter() - self.t0, 1e-9)
+
+    def record(self, state, timer: "Timer") -> dict | None:
+        """The window as a metrics record (all ranks call it: tokens and memory are summed/maxed
+        over ranks), then a fresh window; None if no step finished in it."""
+        from .distributed import all_reduce_sum
+
+        if not self.n:
+            return None
+        elapsed = time.perf_counter() - self.t0
+        real, padded = all_reduce_sum([self.real, self.padded], state)
+        phases = timer.pop()
+        gather = phases.pop("gather", 0.0)
+        total = sum(phases.values()) or 1.0
+        rec = {"loss": self.loss / self.n, "samples_per_second": self.samples / elapsed,
+               "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1),
+               "seconds_per_step": elapsed / self.n, "gather_seconds_per_step": gather / self.n}
+        rec.update({f"time/{k}": v / total for k, v in phases.items()})
+        rec.update(peak_memory(state))
+        self.reset()
+        return rec
+
+
+def peak_memory(state) -> dict[str, float]:
+    """Peak memory of the largest process so far, MiB: host RSS, and GPU memory allocated on CUDA."""
+    import resource
+
+    import torch
+
+    from .distributed import all_reduce_sum
+
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # Linux reports KiB
+    if state.device.type == "cuda":
+        values.append(torch.cuda.max_memory_allocated(state.device) / 2**20)
+    values = all_reduce_sum(values, state, op=torch.distributed.ReduceOp.MAX)
+    out = {"mem/peak_rss_mib": round(values[0], 1)}
+    if len(values) > 1:
+        out["mem/peak_gpu_mib"] = round(values[1], 1)
+    return out

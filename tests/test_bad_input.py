@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_embed.data.readers import DataError, Schema, Source, scan
+from dist_embed.data.readers import DataError, Source
+from dist_embed.data.rows import Schema, scan
 
 from conftest import REPO, QUICK, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl
 

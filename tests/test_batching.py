@@ -8,7 +8,7 @@ import json
 
 from dist_embed.data.batching import (EpochPlanner, balanced_order, buffered_shuffle, no_duplicate_batches,
                                       rank_slice, split_sizes)
-from dist_embed.data.readers import Row
+from dist_embed.data.rows import Row
 
 
 def make_rows(n, vocab=50, seed=0):

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dist_embed.data.readers import DataError, Schema, SkipCounter, Source, scan, validate_rows
+from dist_embed.data.readers import DataError, Source
+from dist_embed.data.rows import Schema, SkipCounter, scan, validate_rows
 from dist_embed.evaluation import load_sts
 
 MNRL = Schema.for_loss("mnrl")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_embed.checkpoint import find_resumable, verify
-from dist_embed.launch import child_pids
+from dist_embed.launch.local import child_pids
 
 from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl
 from test_distributed import max_weight_diff, read_row_log

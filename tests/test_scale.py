@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from dist_embed.data.loader import PlanSpec
-from dist_embed.data.readers import Schema, Source
+from dist_embed.data.readers import Source
+from dist_embed.data.rows import Schema
 
 from conftest import REPO
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_embed.data.loader import collate
-from dist_embed.data.readers import Row
+from dist_embed.data.rows import Row
 from dist_embed.distributed import DistState
 from dist_embed.model import Encoder
 from dist_embed.step import StepSpec, forward_backward
@@ -56,7 +56,7 @@ def test_chunks_really_cut_padding(tiny_model):
 def test_pack_rows_places_every_text_once_within_the_row_length():
     import random
 
-    from dist_embed.step import pack_rows
+    from dist_embed.packing import pack_rows
 
     rng = random.Random(0)
     for n, row_len in ((1, 5), (96, 52), (2000, 60), (300, 128)):
@@ -76,7 +76,7 @@ def test_fast_tokenization_equals_the_tokenizer_call(minilm, single_type_id):
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from dist_embed.data.loader import single_type_ids_are_zero, tokenize_columns
+    from dist_embed.tokenization import single_type_ids_are_zero, tokenize_columns
 
     tok = AutoTokenizer.from_pretrained(str(minilm))
     assert single_type_ids_are_zero(tok.backend_tokenizer)  # BERT's template: type ids not read back
@@ -99,7 +99,7 @@ def test_fast_tokenization_equals_the_tokenizer_call(minilm, single_type_id):
 
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", False)])
 def test_packed_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normalize):
-    from dist_embed.step import embed_packed
+    from dist_embed.packing import embed_packed
 
     enc = Encoder.from_pretrained(str(tiny_model), pooling=pooling, normalize=normalize, dropout=0.0).eval()
     rows = quick_triplets(20)
@@ -189,7 +189,8 @@ def test_gpu_benchmark_script_runs_and_computes_mfu(tmp_path):
 def test_eager_attention_is_never_packed(tiny_model):
     """Eager attention adds a mask to the scores instead of applying a boolean one: packed texts
     would attend to each other. Such a model falls back to per-text padding: same embeddings."""
-    from dist_embed.step import can_pack, embed_columns
+    from dist_embed.packing import can_pack
+    from dist_embed.step import embed_columns
 
     enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0).eval()
     enc.transformer.set_attn_implementation("eager")

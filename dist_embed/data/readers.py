@@ -3,21 +3,18 @@
 Readers never hold a file in memory. Each yields ``Record(row_id, where, fields)`` where ``row_id``
 is the record's 0-based position in the source (bad records included, so ids are stable whether
 bad rows raise or are skipped) and ``where`` is ``file:line`` for error messages.
-``validate_rows`` then turns records into ``Row`` tuples for the loss's column schema.
+``rows.validate_rows`` then turns records into ``Row`` tuples for the loss's column schema.
 """
 from __future__ import annotations
 
 import csv
 import gzip
 import json
-import re
-import zlib
 import logging
-import math
-from collections import Counter
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +27,6 @@ class Record(NamedTuple):
     row_id: int
     where: str
     fields: Any  # dict from the source, or a DataError for a row that could not be parsed
-
-
-class Row(NamedTuple):
-    row_id: int
-    texts: tuple[str, ...]  # in schema order, e.g. (anchor, positive, negative)
-    score: float | None
-
-
-@dataclass(frozen=True)
-class Schema:
-    """Which columns a loss reads: text columns in order, optional extra text columns, a score."""
-
-    texts: tuple[str, ...]
-    optional_prefix: str | None = None  # e.g. "negative": negative, negative_2, ... are optional extras
-    score: str | None = None
-
-    @staticmethod
-    def for_loss(loss_name: str) -> "Schema":
-        if loss_name in ("mnrl", "cached_mnrl"):
-            return Schema(("anchor", "positive"), optional_prefix="negative")
-        if loss_name == "triplet":
-            return Schema(("anchor", "positive", "negative"))
-        if loss_name == "cosine":
-            return Schema(("sentence1", "sentence2"), score="score")
-        raise ValueError(f"no data schema for loss {loss_name!r}")
 
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "hf")
@@ -349,128 +321,3 @@ class Source:
                 "format": self.format, "max_rows": self.max_rows}
 
 
-@dataclass
-class SkipCounter:
-    """Rows skipped under ``on_error: skip``, counted per reason."""
-
-    total: int = 0
-    by_reason: Counter = field(default_factory=Counter)
-    first: dict = field(default_factory=dict)  # reason -> first location, for the summary
-
-    def add(self, reason: str, message: str) -> None:
-        self.total += 1
-        self.by_reason[reason] += 1
-        self.first.setdefault(reason, message)
-
-    def summary(self) -> str:
-        parts = [f"{n} {reason} (first: {self.first[reason]})" for reason, n in self.by_reason.most_common()]
-        return f"{self.total} rows skipped: " + "; ".join(parts)
-
-
-def _reason(message: str) -> str:
-    """Group errors by kind for the skip summary: the message without its location and values."""
-    tail = message.split(": ", 1)[-1].split(" (")[0]
-    return re.sub(r": '.*'$|: .*got .*$", "", tail)
-
-
-def _resolve_columns(schema: Schema, mapping: dict[str, str], available: Iterable[str], where: str):
-    available = list(available)
-    out = []
-    for col in schema.texts + ((schema.score,) if schema.score else ()):
-        src = mapping.get(col, col)
-        if src not in available:
-            raise DataError(f"{where}: missing column {src!r}"
-                            + (f" (data.columns maps {col} -> {src})" if col in mapping else "")
-                            + f"; the row has {', '.join(map(repr, available)) or 'no columns'}")
-        out.append(src)
-    extras = []
-    if schema.optional_prefix:
-        p = mapping.get(schema.optional_prefix, schema.optional_prefix)
-        extras = sorted((c for c in available if c == p or c.startswith(p + "_")), key=lambda c: (len(c), c))
-    return out[: len(schema.texts)], extras, (out[-1] if schema.score else None)
-
-
-def first_keys(source: "Source") -> list[str] | None:
-    """The columns of the source's first readable record (None if it has none)."""
-    for rec in source.records():
-        if not isinstance(rec.fields, DataError):
-            return list(rec.fields.keys())
-    return None
-
-
-def validate_rows(records: Iterable[Record], schema: Schema, columns: dict[str, str],
-                  on_error: str = "raise", skips: SkipCounter | None = None,
-                  keys: list[str] | None = None) -> Iterator[Row]:
-    """Check every record against ``schema``; raise on the first bad one or skip and count it.
-    Columns are resolved from ``keys`` (a resumed stream: the first record's) or the first record."""
-    resolved = _resolve_columns(schema, columns, keys, "first row") if keys is not None else None
-    for rec in records:
-        try:
-            obj = rec.fields
-            if isinstance(obj, DataError):
-                raise obj
-            if resolved is None:
-                resolved = _resolve_columns(schema, columns, obj.keys(), rec.where)
-            text_cols, extra_cols, score_col = resolved
-            texts = []
-            for col in text_cols + extra_cols:
-                if col not in obj:
-                    raise DataError(f"{rec.where}: missing column {col!r}")
-                value = obj[col]
-                if value is None:
-                    raise DataError(f"{rec.where}: column {col!r}: null text")
-                if not isinstance(value, str):
-                    raise DataError(f"{rec.where}: column {col!r}: expected text, got {type(value).__name__}")
-                if not value.strip():
-                    raise DataError(f"{rec.where}: column {col!r}: empty or whitespace-only text")
-                texts.append(value)
-            score = None
-            if score_col is not None:
-                raw = obj.get(score_col)
-                try:
-                    if isinstance(raw, bool) or raw is None:
-                        raise ValueError
-                    score = float(raw)
-                except (TypeError, ValueError):
-                    raise DataError(f"{rec.where}: column {score_col!r}: score is not a number: {raw!r}") from None
-                if not math.isfinite(score):
-                    raise DataError(f"{rec.where}: column {score_col!r}: score is not finite: {raw!r}")
-            yield Row(rec.row_id, tuple(texts), score)
-        except DataError as e:
-            if on_error == "raise":
-                raise
-            if skips is not None:
-                skips.add(_reason(str(e)), str(e))
-
-
-@dataclass
-class ScanResult:
-    rows: int  # valid rows
-    records: int  # all records, bad ones included
-    skips: SkipCounter
-
-
-def scan(source: Source, schema: Schema, columns: dict[str, str], on_error: str,
-         max_skip_fraction: float) -> ScanResult:
-    """One validating pass before training: bad data fails in seconds, not mid-run."""
-    skips = SkipCounter()
-    n = 0
-    records = 0
-
-    def counted(it):
-        nonlocal records
-        for rec in it:
-            records += 1
-            yield rec
-
-    for _ in validate_rows(counted(source.records()), schema, columns, on_error, skips):
-        n += 1
-    if skips.total:
-        log.warning("%s: %s", source.path, skips.summary())
-        frac = skips.total / max(records, 1)
-        if frac > max_skip_fraction:
-            raise DataError(f"{source.path}: {skips.total} of {records} rows are bad ({frac:.1%}), more than "
-                            f"data.max_skip_fraction={max_skip_fraction:.1%}; {skips.summary()}")
-    if n == 0:
-        raise DataError(f"{source.path}: no usable rows")
-    return ScanResult(n, records, skips)

@@ -25,8 +25,11 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
-from .distributed import DistState
+from .. import checkpoint as ckpt
+from ..config import Config, ConfigError
+from ..distributed import DistState
+from ..optim import make_adamw
+from . import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +164,13 @@ class DeepSpeedBackend:
             optimizer = DummyOptim(param_groups, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
             scheduler = DummyScheduler(optimizer, lr_scheduler_callable=make_scheduler)
         else:  # our fused AdamW, wrapped by ZeRO
-            from .train import make_adamw
-
             optimizer = make_adamw(param_groups, cfg.training.lr)
             scheduler = make_scheduler(optimizer)
         # ZeRO-3 leaves each rank a shard of every weight; rank 0 evaluates on a plain copy that is
         # refreshed from the gathered weights at each eval (costs one model's memory on rank 0)
         self.eval_copy = copy.deepcopy(encoder) if self.stage == 3 and state.is_main else None
         self.engine, self.optimizer, scheduler = self.accelerator.prepare(encoder, optimizer, scheduler)
+        self.model = self.engine  # every training forward goes through the engine
         # the schedule object itself (accelerate wraps it); DeepSpeed steps it only if it was handed over
         self.scheduler = getattr(scheduler, "scheduler", scheduler)
         self._engine_steps_scheduler = self.engine.lr_scheduler is not None
@@ -191,14 +193,26 @@ class DeepSpeedBackend:
         """Backpropagate a known gradient w.r.t. ``outputs`` (cached-MNRL replay)."""
         self.backward((outputs * grad).sum())
 
-    def step(self) -> tuple[float, bool]:
-        """Optimizer step (DeepSpeed reduces, clips, steps or skips on overflow). -> (grad norm, applied)."""
+    def note_batch(self, batch: dict) -> None:
+        pass
+
+    def rescale_grads(self, factor: float) -> bool:
+        return False  # the gradients already sit in DeepSpeed's partitions
+
+    def step(self, loss: float, timer=None) -> StepResult:
+        """DeepSpeed reduces, clips and steps; it skips a step whose gradients are not finite (and
+        lowers the fp16 loss scale)."""
+        import math
+
+        scale = self.loss_scale()
         self.engine.step()
         if not self._engine_steps_scheduler:
             self.scheduler.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return norm, bool(self.engine.was_step_applied())
+        if not self.engine.was_step_applied():
+            return StepResult(norm, False, (scale, self.loss_scale()) if scale is not None else None)
+        return StepResult(norm, math.isfinite(loss))
 
     def loss_scale(self) -> float | None:
         return getattr(self.engine.optimizer, "loss_scale", None) if self.config["fp16"]["enabled"] else None
@@ -225,15 +239,19 @@ class DeepSpeedBackend:
             self.eval_copy.transformer.load_state_dict(weights, strict=True)
         return self.eval_copy
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, is_main: bool) -> None:
         """Every rank writes its shards of the optimizer/model state under ``directory``."""
         self.engine.save_checkpoint(str(directory), tag=STATE_TAG, client_state={}, save_latest=False)
+        if is_main:
+            ckpt.save_tensors(self.scheduler.state_dict(), directory / "scheduler.pt")
 
-    def load(self, directory: Path) -> None:
+    def load(self, checkpoint: Path, directory: Path) -> None:
+        """Weights, optimizer shards and DeepSpeed's step counters, then our schedule."""
         path, _ = self.engine.load_checkpoint(str(directory), tag=STATE_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise ConfigError(f"{directory}: no DeepSpeed checkpoint found under tag {STATE_TAG!r}")
+        self.scheduler.load_state_dict(ckpt.load_tensors(directory / "scheduler.pt"))
 
     def describe(self) -> dict:
         return {"backend": "deepspeed", "zero_stage": self.stage, "world_size": self.world_size}

@@ -1,6 +1,6 @@
 """``dist-embed submit ray``: the same worker entry point under Ray Train's TorchTrainer.
 
-Ray starts the workers and their torch process group; each worker then runs the same Trainer as
+Ray starts the workers and their torch process group; each worker then runs the same training as
 ``--nproc`` and Slurm, always with ``--resume latest``: when Ray restarts the worker group after a
 lost worker (FailureConfig), or the job is submitted again, training continues from the newest good
 checkpoint in output_dir (which must be storage every node sees).
@@ -17,17 +17,17 @@ log = logging.getLogger(__name__)
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
-    from .config import Config
-    from .distributed import init_distributed
-    from .tracking import setup_logging
-    from .train import Trainer
+    from ..config import Config
+    from ..distributed import init_distributed
+    from ..tracking import setup_logging
+    from ..train import train
 
     ctx = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
     cfg = Config.model_validate(config["config"])  # resolved on the driver: no working directory needed
     state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
     setup_logging(state.rank)
-    Trainer(cfg, state, "latest").fit()
+    train(cfg, state, "latest")
 
 
 def resolved_paths(cfg) -> dict:

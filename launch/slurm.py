@@ -1,4 +1,5 @@
-"""``dist-embed submit slurm``: render slurm/train.sbatch with the job's options and submit it."""
+"""``dist-embed submit slurm``: render train.sbatch (beside this file; also at slurm/train.sbatch)
+with the job's options, check that Slurm could ever start it, and submit it."""
 from __future__ import annotations
 
 import re
@@ -7,18 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..exit_codes import EXIT_BAD_INPUT
+
 JOB_ID_FILE = "slurm_job_id"
 
 
-def template_text() -> str:
-    """slurm/train.sbatch: from the installed package (a wheel maps slurm/ to
-    dist_embed.slurm_templates), or from the checkout beside this file (an editable install)."""
-    from importlib.resources import files
+TEMPLATE = Path(__file__).resolve().parent / "train.sbatch"
 
-    try:
-        return files("dist_embed.slurm_templates").joinpath("train.sbatch").read_text(encoding="utf-8")
-    except ModuleNotFoundError:
-        return (Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch").read_text(encoding="utf-8")
+
+def template_text() -> str:
+    return TEMPLATE.read_text(encoding="utf-8")
 
 
 def _directive(key: str, value: str) -> str:
@@ -82,7 +81,7 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     problem = cannot_start(path, cmd_args, args.partition, int(asked.group(1)) if asked else 0)
     if problem:
         print(f"dist-embed: error: this job could never start: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     r = subprocess.run(["sbatch", "--parsable", str(path), *cmd_args], capture_output=True, text=True)
     if r.returncode != 0:
         print(f"dist-embed: error: sbatch failed: {r.stderr.strip()}", file=sys.stderr)
@@ -151,7 +150,7 @@ def job_state(job_id: str) -> str:
 
 
 def status(out_dir: Path) -> str:
-    from .report import summary
+    from ..report import summary
 
     lines = []
     id_file = out_dir / JOB_ID_FILE

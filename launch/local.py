@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from ..distributed import free_port
+from ..exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def child_pids(pid: int) -> list[int]:
@@ -52,8 +48,6 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
     """Run this node's ``nproc`` workers, ranks node_rank*nproc ... (multi-node: one call per node,
     e.g. one srun task per node, all given the same master address and port). Returns the job's
     exit code: 0, 75 (stopped by a signal after a checkpoint), 2 (bad input), else the failure's."""
-    from .cli import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED
-
     if nnodes > 1 and not (master_addr and master_port):
         raise ValueError("--nnodes > 1 needs --master-addr and --master-port (the same on every node)")
     env = dict(os.environ)
@@ -61,7 +55,7 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.update(WORLD_SIZE=str(nnodes * nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK=str(node_rank),
                MASTER_ADDR=master_addr or "127.0.0.1", MASTER_PORT=str(master_port or free_port()))
-    markers = {name: Path(output_dir) / name for name in ("PREEMPTED", BAD_INPUT_MARKER)} if output_dir else {}
+    markers = {name: Path(output_dir) / name for name in (PREEMPTED_MARKER, BAD_INPUT_MARKER)} if output_dir else {}
     for marker in markers.values():
         marker.unlink(missing_ok=True)
     procs = []
@@ -89,9 +83,9 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
     failed = [c for c in codes if c != 0]
     if not failed:
         return 0
-    if all(c == EXIT_PREEMPTED for c in failed) and markers.get("PREEMPTED", Path("/nonexistent")).exists():
+    if all(c == EXIT_PREEMPTED for c in failed) and markers.get(PREEMPTED_MARKER, Path("/nonexistent")).exists():
         name = signal.Signals(signalled[0]).name if signalled else "a signal"
-        where = markers["PREEMPTED"].read_text().strip()
+        where = markers[PREEMPTED_MARKER].read_text().strip()
         print(f"dist-embed: stopped by {name}; checkpoint at {where}; resume with --resume latest", file=sys.stderr)
         return EXIT_PREEMPTED
     if BAD_INPUT_MARKER in markers and markers[BAD_INPUT_MARKER].exists():

@@ -1,0 +1,109 @@
+"""Our data-parallel path: no DDP wrapper, one bucketed gradient all-reduce per optimizer step.
+
+Gradients are summed after all micro-batches and cached-MNRL replays, which gives one sync per
+step by construction, lets ranks with an empty slice of a ragged batch take part, and needs no
+unused-parameter handling. The word-embedding gradient is reduced only over the rows some rank
+touched (about 3 MB instead of 47 MB for MiniLM).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..distributed import DistState, all_reduce_grads
+from ..optim import make_adamw
+from ..step import AutogradBackward
+from . import StepResult
+
+
+class DDPBackend(AutogradBackward):
+    """backward / backward_cached / backward_outputs: autograd (with the fp16 GradScaler), from
+    AutogradBackward; the gradients are summed over ranks in ``step``."""
+
+    def __init__(self, cfg, state: DistState, encoder, groups: list[dict], make_scheduler):
+        self.cfg, self.state, self.encoder = cfg, state, encoder
+        self.model = encoder
+        self.params = [p for p in encoder.parameters() if p.requires_grad]
+        self.optimizer = make_adamw(groups, cfg.training.lr)
+        self.scheduler = make_scheduler(self.optimizer)
+        super().__init__(torch.amp.GradScaler("cuda") if cfg.training.precision == "fp16" else None)
+        emb = encoder.transformer.get_input_embeddings()
+        sparse = state.enabled and emb is not None and emb.weight.requires_grad
+        self.word_embeddings = emb.weight if sparse else None
+        self.used_rows = torch.zeros(emb.weight.shape[0], dtype=torch.bool) if sparse else None
+
+    def note_batch(self, batch: dict) -> None:
+        if self.used_rows is not None:
+            for f in batch["features"]:
+                self.used_rows[f["input_ids"].unique()] = True
+
+    def rescale_grads(self, factor: float) -> bool:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        return True
+
+    # -- the optimizer step -----------------------------------------------------------------------
+
+    def step(self, loss: float, timer=None) -> StepResult:
+        sparse = (self.word_embeddings, self.used_rows.to(self.state.device)) if self.used_rows is not None else None
+        all_reduce_grads(self.params, self.state, self.cfg.distributed.bucket_mb, timer, sparse)
+        if self.used_rows is not None:
+            self.used_rows.zero_()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.training.max_grad_norm
+        if max_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        result = StepResult(grad_norm, True)
+        if self.scaler is not None:
+            # fp16: the scaler skips steps whose gradients overflowed and lowers the scale
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                result = StepResult(grad_norm, False, (scale, self.scaler.get_scale()))
+            elif not math.isfinite(loss):
+                result = StepResult(grad_norm, False)
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            result = StepResult(grad_norm, False)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def save(self, directory: Path, is_main: bool) -> None:
+        if is_main:
+            ckpt.save_tensors(self.optimizer.state_dict(), directory / "optimizer.pt")
+            ckpt.save_tensors(self.scheduler.state_dict(), directory / "scheduler.pt")
+            if self.scaler is not None:
+                ckpt.save_tensors(self.scaler.state_dict(), directory / "scaler.pt")
+
+    def load(self, checkpoint: Path, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        self.encoder.transformer.load_state_dict(
+            {k: v for k, v in weights.items() if k not in self.encoder.extra_state}, strict=True)
+        self.optimizer.load_state_dict(ckpt.load_tensors(directory / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_tensors(directory / "scheduler.pt"))
+        if self.scaler is not None and (directory / "scaler.pt").exists():
+            self.scaler.load_state_dict(ckpt.load_tensors(directory / "scaler.pt"))
+
+    def full_state_dict(self):
+        return None  # the encoder itself holds the full weights
+
+    def encoder_for_eval(self):
+        return self.encoder
+
+    def describe(self) -> dict:
+        return {"backend": "ddp", "world_size": self.state.world_size}

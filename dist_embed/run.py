@@ -1,0 +1,187 @@
+"""Setup: everything a training run is made of, built from the config (the loop is in train.py).
+
+``build_run`` checks the output directory, seeds, loads the model, plans the data, reads the
+checkpoint to resume from (resume.py), fixes the learning-rate schedule, wraps the model in its
+backend and opens the trackers, in that order, so that a bad setting fails before heavy work.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .backends import Backend, make_backend
+from .config import Config, ConfigError, dump_config
+from .data.loader import PlanSpec
+from .data.readers import Source
+from .data.rows import Schema, scan
+from .distributed import DistState
+from .evaluation import StsData, load_sts
+from .health import HealthMonitor
+from .model import Encoder, ModelError
+from .optim import DTYPES, Schedule, lambda_lr
+from .step import StepSpec
+from .tracking import MetricsWriter
+
+log = logging.getLogger("dist_embed.train")
+
+
+@dataclass
+class Position:
+    """Where the run stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: float = 0.0  # the schedule's position (see optim.Schedule)
+    samples_per_step: float = 0.0  # global batch x grad_accum at the run's start; kept on resume
+    planner_state: dict | None = None  # the data position: the planner's state after the last batch
+    history: list = field(default_factory=list)  # eval results, for best-checkpoint and the model card
+    logged_until: int = 0  # the last step a stopped run had logged (W&B has it already)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    state: DistState
+    out: Path
+    encoder: Encoder
+    backend: Backend
+    plan: PlanSpec
+    rows: int | None  # rows per epoch (None: a stream of unknown length)
+    global_batch: int
+    spec: StepSpec
+    schedule: Schedule
+    health: HealthMonitor
+    metrics: MetricsWriter
+    eval_sets: list[StsData]
+    pos: Position
+    wandb: object = None
+    row_log: object = None  # DIST_EMBED_LOG_ROW_IDS: per-step row ids of each rank (tests, drills)
+    dataset_info: object = None  # for the model card (rank 0)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: exact for max_steps runs at one world size, else an
+        estimate (the run ends when the schedule's samples are done, or with the last epoch)."""
+        left = max(self.schedule.total - self.pos.samples, 0.0)
+        return self.pos.step + math.ceil(left / (self.global_batch * self.cfg.training.grad_accum) - 1e-9)
+
+    def epoch_progress(self) -> float:
+        """Epochs done as a fraction (sentence-transformers logs 0.5 for half an epoch)."""
+        done = (self.pos.planner_state or {}).get("rows_done", 0)
+        return round(self.pos.epoch + (min(done / self.rows, 1.0) if self.rows else 0.0), 4)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("training.precision=fp16 needs a CUDA GPU; this worker runs on "
+                          f"{device.type}. Use training.precision=bf16 (autocast works on CPU) or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("training.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+    if precision == "bf16" and device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        if "BF16" not in cap.upper() and "AMX" not in cap.upper() and cap.upper() != "AVX512":
+            log.warning("training.precision=bf16 on a CPU without native bf16 matrix instructions (torch reports "
+                        "%s): bf16 matmuls are emulated and can be ~100x slower than fp32 here", cap)
+
+
+def load_encoder(cfg: Config, state: DistState) -> Encoder:
+    m = cfg.model
+    try:
+        encoder = Encoder.from_pretrained(m.name_or_path, pooling=m.pooling, normalize=m.normalize,
+                                          max_seq_length=m.max_seq_length, dropout=m.dropout,
+                                          trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except (ModelError, FileNotFoundError) as e:
+        raise ConfigError(f"model.name_or_path: {e}") from None
+    encoder.to(state.device).train()
+    if cfg.training.fast_dropout and state.device.type == "cpu":
+        from .fast_dropout import use_fast_dropout
+
+        use_fast_dropout(encoder.transformer)
+    return encoder
+
+
+def count_rows(plan: PlanSpec, cfg: Config) -> int | None:
+    """One validating pass over local data (bad data fails in seconds); None for a hub stream."""
+    d = cfg.data
+    if plan.source.format == "hf" and d.streaming:
+        return None  # a hub stream: no pre-scan; rows are validated as they arrive
+    t0 = time.perf_counter()
+    res = scan(plan.source, plan.schema, dict(d.columns), d.on_error, d.max_skip_fraction)
+    log.info("%s: %d rows checked in %.1fs%s", d.train, res.rows, time.perf_counter() - t0,
+             f" ({res.skips.total} skipped)" if res.skips.total else "")
+    return res.rows
+
+
+def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,
+              allow_fresh_start: bool = False) -> Run:
+    from . import resume as resuming
+
+    problem = ckpt.output_dir_problem(cfg.output_dir) if state.is_main else None
+    if problem:  # before any heavy work
+        raise ConfigError(f"output_dir {cfg.output_dir}: {problem}")
+    out = Path(cfg.output_dir)
+    d, t = cfg.data, cfg.training
+    check_precision(t.precision, state.device)
+    torch.manual_seed(t.seed + state.rank)
+    random.seed(t.seed + state.rank)
+    encoder = load_encoder(cfg, state)
+
+    global_batch = t.batch_size * state.world_size
+    plan = PlanSpec(Source(d.train, d.format, d.subset, d.split, d.streaming, d.max_rows),
+                    Schema.for_loss(cfg.loss.name), dict(d.columns), d.on_error, t.seed, global_batch, d.shuffle,
+                    d.shuffle_buffer, d.no_duplicates, d.dedup_buffer)
+    pos = Position(samples_per_step=float(global_batch * t.grad_accum))
+    saved = resuming.read_checkpoint(out / "checkpoints", resume, plan, allow_data_change, allow_fresh_start) \
+        if resume else None
+    rows = saved.rows if saved and saved.data_unchanged else count_rows(plan, cfg)
+    if saved:
+        pos.samples_per_step = saved.meta["schedule"]["samples_per_step"]  # the schedule is the run's
+    if t.max_steps <= 0 and not rows:
+        raise ConfigError("data.train is a stream of unknown length: set training.max_steps")
+    schedule = Schedule.for_run(t, pos.samples_per_step, rows)
+    backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)))
+
+    gather = cfg.loss.gather_across_devices if cfg.loss.gather_across_devices is not None else state.enabled
+    spec = StepSpec(cfg.loss.name, scale=cfg.loss.scale, margin=cfg.loss.margin, distance=cfg.loss.distance,
+                    gather=gather, mini_batch_size=cfg.loss.mini_batch_size, chunk=t.length_sorted_chunks,
+                    pack=t.pack_length, autocast_dtype=DTYPES[t.precision])
+    warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
+    health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
+                           warmup_steps=warmup_steps)
+    run = Run(cfg=cfg, state=state, out=out, encoder=encoder, backend=backend, plan=plan, rows=rows,
+              global_batch=global_batch, spec=spec, schedule=schedule, health=health, metrics=None,
+              eval_sets=[load_sts(s.path, s.name) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
+    if saved:
+        resuming.restore(run, saved)
+    if state.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        if getattr(backend, "config", None) is not None:  # what DeepSpeed ran with, every "auto" filled
+            (out / "deepspeed_config.json").write_text(json.dumps(backend.config, indent=2) + "\n")
+        if cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
+            from .wandb_run import WandbRun
+
+            run.wandb = WandbRun(cfg.logging.wandb, out, cfg.to_dict(), state.world_size,
+                                 skip_until=pos.logged_until)
+    run.metrics = MetricsWriter(out / "metrics.jsonl" if state.is_main else None, run.wandb)
+    if os.environ.get("DIST_EMBED_LOG_ROW_IDS"):
+        (out / "row_ids").mkdir(parents=True, exist_ok=True)
+        run.row_log = open(out / "row_ids" / f"rank{state.rank}.jsonl", "a", encoding="utf-8")
+    log.info("world size %d, device %s, %s rows, global batch %d, about %d optimizer steps (warm-up %d), "
+             "precision %s, loss %s%s", state.world_size, state.device, rows, global_batch, run.total_steps,
+             warmup_steps, t.precision, cfg.loss.name,
+             " with negatives gathered across ranks" if gather and state.enabled else "")
+    return run
