@@ -171,3 +171,25 @@ def test_installed_wheel_renders_the_sbatch_template_outside_the_checkout(tmp_pa
     probe = subprocess.run([sys.executable, "-c", "import dist_embed; print(dist_embed.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert probe.stdout.startswith(str(site)), probe.stdout  # the installed copy, not the checkout
+
+
+def test_accelerate_launch_equals_nproc_two(tmp_path, tiny_model, triplets):
+    """`accelerate launch --config_file configs/accelerate/cpu.yaml -m dist_embed train ...` starts
+    workers that join the same process-group logic: the same losses and weights as --nproc 2
+    (dropout on: every rank seeds itself the same way under either launcher)."""
+    from dist_embed.distributed import free_port
+
+    cfg = tiny_config(tmp_path, tiny_model, triplets, model={"dropout": None}, training={"max_steps": 4})
+    local = tmp_path / "local"
+    r = run_cli("train", cfg, f"output_dir={local}", "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    acc = tmp_path / "acc"
+    exe = Path(sys.executable).parent / "accelerate"
+    r = subprocess.run([str(exe), "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml"),
+                        "--main_process_port", str(free_port()), "-m", "dist_embed", "train", str(cfg),
+                        f"output_dir={acc}"], capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size 2" in r.stderr
+    assert train_losses(acc) == pytest.approx(train_losses(local), rel=1e-6)
+    assert max_weight_diff(local, acc) < 1e-6
