@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dist_embed.config import ConfigError, load_config
-from dist_embed.deepspeed_engine import fill_ds_config, read_ds_config
+from dist_embed.backends.deepspeed import fill_ds_config, read_ds_config
 
 from conftest import QUICK, REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl
 

@@ -157,8 +157,13 @@ def test_slurm_job_that_can_never_start_is_refused_and_status_says_why(slurm, tm
 
 def test_installed_wheel_renders_the_sbatch_template_outside_the_checkout(tmp_path, tiny_model, triplets):
     """`pip install .` (not editable): the template ships in the package."""
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    import shutil
+
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    # a clean copy: no build/ left over from an earlier build, no virtual environment
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache", "wandb"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels)], check=True, capture_output=True, cwd=tmp_path)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                     *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
@@ -171,6 +176,9 @@ def test_installed_wheel_renders_the_sbatch_template_outside_the_checkout(tmp_pa
     probe = subprocess.run([sys.executable, "-c", "import dist_embed; print(dist_embed.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert probe.stdout.startswith(str(site)), probe.stdout  # the installed copy, not the checkout
+    r = subprocess.run([sys.executable, "-m", "dist_embed", "submit", "ray", "--help"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "--num-workers" in r.stdout, r.stderr[-2000:]
 
 
 def test_accelerate_launch_equals_nproc_two(tmp_path, tiny_model, triplets):
