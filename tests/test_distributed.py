@@ -16,10 +16,10 @@ def weights(run: Path) -> dict:
     return load_file(str(run / "final" / "model.safetensors"))
 
 
-def max_weight_diff(a: Path, b: Path) -> float:
+def max_weight_diff(a: Path, b: Path, skip: tuple[str, ...] = ()) -> float:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa if k not in skip)
 
 
 def train(tmp_path, name, cfg, *args, env=None):

@@ -163,4 +163,9 @@ def test_drill(tmp_path, tiny_model, case):
         assert la.keys() == losses.keys(), note
         for s in la:
             assert losses[s] == pytest.approx(la[s], rel=1e-5, abs=1e-6), (s, note)
-        assert max_weight_diff(straight, one) < 1e-5, note
+        # Triplet loss with a euclidean distance between mean-pooled embeddings cannot see the last
+        # layer's output LayerNorm bias (it shifts every embedding by the same vector): its true
+        # gradient is 0, and Adam normalises the rounding noise left there (~1e-9, different for a
+        # different summation order) into lr-sized steps. Every other weight must agree.
+        invariant = ("encoder.layer.1.output.LayerNorm.bias",) if c["loss"] == "triplet" else ()
+        assert max_weight_diff(straight, one, skip=invariant) < 1e-5, note
