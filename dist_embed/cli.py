@@ -1,4 +1,4 @@
-"""``dist-embed``: train, eval, submit (slurm, ray), status, report.
+"""``dist-embed``: train, eval, prepare-data, submit (slurm, ray), status, report.
 
 Exit codes: 0 done; 1 failure in training; 2 bad configuration or input (one line says what and
 where); see also ``dist_embed.launch`` for the codes launchers act on.
@@ -121,6 +121,30 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_prepare(args) -> int:
+    from .data.readers import DataError
+    from .prepare import prepare
+    from .tracking import setup_logging
+
+    setup_logging(0)
+    for flag in ("shard_rows", "block_rows", "max_seq_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"dist-embed: error: --{flag.replace('_', '-')} must be at least 1 (got {value})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        prepare(args.sources, Path(args.out), fmt=args.format, subset=args.subset, split=args.split,
+                shard_rows=args.shard_rows, block_rows=args.block_rows, tokenizer_name=args.tokenizer,
+                max_seq_length=args.max_seq_length, on_error=args.on_error)
+    except DataError as e:
+        print(f"dist-embed: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        print(f"dist-embed: error: {args.out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
     from .report import plot, summary
 
@@ -181,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sts", action="append", required=True, help="[name=]path of a tsv/csv/jsonl STS file")
     ev.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
     ev.set_defaults(func=cmd_eval)
+
+    pd = sub.add_parser("prepare-data", help="validate sources once and write webdataset shards + manifest")
+    pd.add_argument("sources", nargs="+", help="jsonl/csv/tsv/parquet files or directories, or HF datasets "
+                                               "(hub id or a save_to_disk directory); rows in this order")
+    pd.add_argument("--out", required=True, help="output directory for shard-NNNNNN.tar and manifest.json")
+    pd.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard (default 100000)")
+    pd.add_argument("--block-rows", type=int, default=1024,
+                    help="rows per webdataset sample (default 1024; --shard-rows must be a multiple)")
+    pd.add_argument("--tokenizer", default=None, help="also store token ids for this tokenizer (model dir or id)")
+    pd.add_argument("--max-seq-length", type=int, default=None, help="truncation length of those ids")
+    pd.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "tsv", "parquet", "hf"],
+                    help="source format (default: from the name)")
+    pd.add_argument("--subset", default=None, help="HF dataset subset (config name)")
+    pd.add_argument("--split", default="train", help="HF dataset split (default train)")
+    pd.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                    help="bad rows: stop with file:line (default), or skip and count them")
+    pd.set_defaults(func=cmd_prepare)
 
     sb = sub.add_parser("submit", help="run a config on a cluster: slurm or ray")
     launchers = sb.add_subparsers(dest="launcher", required=True)

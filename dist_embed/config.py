@@ -31,21 +31,7 @@ class ModelConfig(_Section):
     revision: str | None = None
 
 
-class DataConfig(_Section):
-    train: str
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)  # our column -> column in the source
-    subset: str | None = None  # Hugging Face dataset config name, e.g. "triplet"
-    split: str = "train"
-    streaming: bool = True
-    shuffle: bool = True
-    shuffle_buffer: int = Field(default=10_000, gt=0)
-    no_duplicates: bool = False
-    dedup_buffer: int | None = Field(default=None, gt=0)  # rows deferred at most; default 16 global batches
-    on_error: Literal["raise", "skip"] = "raise"
-    max_skip_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
-    max_rows: int | None = Field(default=None, gt=0)
-    num_workers: int = Field(default=0, ge=0)
+FORMAT = Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf", "wds"]
 
 
 class LossConfig(_Section):
@@ -55,6 +41,70 @@ class LossConfig(_Section):
     mini_batch_size: int = Field(default=32, gt=0)  # cached_mnrl
     margin: float = Field(default=5.0, ge=0)  # triplet
     distance: Literal["euclidean", "cosine", "manhattan"] = "euclidean"  # triplet
+
+
+class DatasetConfig(_Section):
+    """One of several training datasets (``data.train`` as a list)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # metrics keys: loss/<name>, data/<name>/rows
+    path: str
+    format: FORMAT = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    subset: str | None = None
+    split: str = "train"
+    streaming: bool = True
+    max_rows: int | None = Field(default=None, gt=0)
+    loss: LossConfig | None = None  # None: the top-level loss section
+    prompts: dict[str, str] = Field(default_factory=dict)  # our column -> text put in front, e.g. "query: "
+    weight: float | None = Field(default=None, gt=0)  # data.sampler=weighted
+
+
+class DataConfig(_Section):
+    # a file, directory, shard set (directory with manifest.json, brace pattern, URL) or hub id;
+    # or a list of named datasets, each with its own loss and prompts
+    train: str | list[DatasetConfig]
+    format: FORMAT = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)  # our column -> column in the source
+    subset: str | None = None  # Hugging Face dataset config name, e.g. "triplet"
+    split: str = "train"
+    streaming: bool = True
+    prompts: dict[str, str] = Field(default_factory=dict)  # our column -> text put in front of it
+    # several datasets: each global batch comes from one of them (see dist_embed/data/mixing.py)
+    sampler: Literal["proportional", "round_robin", "temperature", "weighted"] = "proportional"
+    temperature: float = Field(default=1.0, gt=0)  # sampler=temperature: p ~ rows ** (1 / temperature)
+    shuffle: bool = True
+    shuffle_buffer: int = Field(default=10_000, gt=0)
+    no_duplicates: bool = False
+    dedup_buffer: int | None = Field(default=None, gt=0)  # rows deferred at most; default 16 global batches
+    on_error: Literal["raise", "skip"] = "raise"
+    max_skip_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_rows: int | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> "DataConfig":
+        if isinstance(self.train, list):
+            if not self.train:
+                raise ValueError("train: an empty list of datasets")
+            names = [d.name for d in self.train]
+            dup = next((n for n in names if names.count(n) > 1), None)
+            if dup:
+                raise ValueError(f"train: two datasets are named {dup!r}; names must be unique")
+            weights = [d.weight for d in self.train]
+            if self.sampler == "weighted" and None in weights:
+                missing = names[weights.index(None)]
+                raise ValueError(f"sampler weighted needs a weight on every dataset; {missing!r} has none")
+            if self.sampler != "weighted" and any(w is not None for w in weights):
+                raise ValueError(f"datasets have weights but sampler is {self.sampler}; set data.sampler=weighted")
+        return self
+
+    def datasets(self) -> list[DatasetConfig]:
+        """Every training dataset; a single ``train`` path is one dataset named "train"."""
+        if isinstance(self.train, list):
+            return list(self.train)
+        return [DatasetConfig(name="train", path=self.train, format=self.format, columns=self.columns,
+                              subset=self.subset, split=self.split, streaming=self.streaming,
+                              max_rows=self.max_rows, prompts=self.prompts)]
 
 
 class TrainingConfig(_Section):

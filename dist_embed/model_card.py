@@ -55,6 +55,8 @@ class DatasetInfo:
     columns: list[str]
     token_stats: dict[str, dict] = field(default_factory=dict)  # column -> min/mean/max tokens
     sample: list[tuple] = field(default_factory=list)
+    loss: object = None  # its LossConfig (None: the run's loss section)
+    share: float | None = None  # expected share of the training rows (batches for round_robin)
 
 
 def dataset_info(name: str, rows: int | None, columns: list[str], texts: list[tuple[str, ...]], tokenizer,
@@ -121,27 +123,48 @@ def training_log_rows(metrics_path: Path, upto_step: int) -> tuple[list[str], di
     return keys, rows
 
 
-def render(*, encoder, base_model: str, cfg, data: DatasetInfo | None, metrics_path: Path, step: int,
+def loss_parameters(loss, world_size: int) -> dict:
+    """A loss section as sentence-transformers' cards print the loss's parameters."""
+    return {"mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim",
+                     "gather_across_devices": loss.gather_across_devices if loss.gather_across_devices
+                     is not None else world_size > 1},
+            "cached_mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim", "mini_batch_size": loss.mini_batch_size},
+            "triplet": {"distance_metric": f"TripletDistanceMetric.{loss.distance.upper()}",
+                        "triplet_margin": loss.margin},
+            "cosine": {"loss_fct": "torch.nn.modules.loss.MSELoss"}}[loss.name]
+
+
+def _dataset_section(data: DatasetInfo, loss, world_size: int, heading: str) -> list[str]:
+    parts = [heading, "", f"* Size: {data.rows:,} training samples" if data.rows else "* Size: streamed (unknown length)",
+             f"* Columns: {', '.join(f'<code>{c}</code>' for c in data.columns)}"]
+    if data.share is not None:
+        parts.append(f"* Share of training: {data.share:.1%}")
+    parts += ["* Approximate statistics based on the first 1000 samples:", ""]
+    stat_rows = [[c, "string", f"min: {s['min']} tokens, mean: {s['mean']:.2f} tokens, max: {s['max']} tokens"]
+                 for c, s in data.token_stats.items()]
+    parts += [_table(["column", "type", "details"], stat_rows), ""]
+    if data.sample:
+        parts += ["* Samples:", "", _table(data.columns, [[str(v).replace("|", "\\|") for v in row]
+                                                        for row in data.sample]), ""]
+    parts += [f"* Loss: `{LOSS_NAMES[loss.name]}` with these parameters:", "", "```json",
+              json.dumps(loss_parameters(loss, world_size), indent=2), "```", ""]
+    return parts
+
+
+def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, metrics_path: Path, step: int,
            final_metrics: dict, world_size: int) -> str:
     import torch
     import transformers
 
     from . import __version__
 
-    loss_key = cfg.loss.name
-    loss_name = LOSS_NAMES[loss_key]
-    loss_params = {"mnrl": {"scale": cfg.loss.scale, "similarity_fct": "cos_sim",
-                            "gather_across_devices": cfg.loss.gather_across_devices if cfg.loss.gather_across_devices
-                            is not None else world_size > 1},
-                   "cached_mnrl": {"scale": cfg.loss.scale, "similarity_fct": "cos_sim",
-                                   "mini_batch_size": cfg.loss.mini_batch_size},
-                   "triplet": {"distance_metric": f"TripletDistanceMetric.{cfg.loss.distance.upper()}",
-                               "triplet_margin": cfg.loss.margin},
-                   "cosine": {"loss_fct": "torch.nn.modules.loss.MSELoss"}}[loss_key]
+    data = data or []
+    losses = [d.loss or cfg.loss for d in data] or [cfg.loss]
+    loss_keys = list(dict.fromkeys(loss.name for loss in losses))
     keys, log_rows = training_log_rows(metrics_path, step)
     eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("spearman_cosine")]
     front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction",
-             "- dist-embed", f"- loss:{loss_name}", "pipeline_tag: sentence-similarity",
+             "- dist-embed", *(f"- loss:{LOSS_NAMES[k]}" for k in loss_keys), "pipeline_tag: sentence-similarity",
              "library_name: sentence-transformers"]
     if _is_hub_id(base_model):
         front.append(f"base_model: {base_model}")
@@ -170,7 +193,8 @@ def render(*, encoder, base_model: str, cfg, data: DatasetInfo | None, metrics_p
              f"- **Similarity Function:** Cosine Similarity",
              f"- **Training Steps:** {step}", ""]
     if data:
-        parts.append(f"- **Training Dataset:** {data.name}" + (f" ({data.rows:,} rows)" if data.rows else ""))
+        parts.append(f"- **Training Dataset{'s' if len(data) > 1 else ''}:**")
+        parts += [f"    - {d.name}" + (f" ({d.rows:,} rows)" if d.rows else "") for d in data]
         parts.append("")
     parts += ["### Full Model Architecture", "", "```", architecture(encoder), "```", "",
               "## Usage", "", "```bash", "pip install -U sentence-transformers", "```", "", "```python",
@@ -188,18 +212,17 @@ def render(*, encoder, base_model: str, cfg, data: DatasetInfo | None, metrics_p
             parts += [f"#### Semantic Similarity: `{name}`", "", _table(["Metric", "Value"], rows), ""]
     parts += ["## Training Details", ""]
     if data:
-        parts += ["### Training Dataset", "", f"#### {data.name}", "",
-                  f"* Size: {data.rows:,} training samples" if data.rows else "* Size: streamed (unknown length)",
-                  f"* Columns: {', '.join(f'<code>{c}</code>' for c in data.columns)}",
-                  "* Approximate statistics based on the first 1000 samples:", ""]
-        stat_rows = [[c, "string", f"min: {s['min']} tokens, mean: {s['mean']:.2f} tokens, max: {s['max']} tokens"]
-                     for c, s in data.token_stats.items()]
-        parts += [_table(["column", "type", "details"], stat_rows), ""]
-        if data.sample:
-            parts += ["* Samples:", "", _table(data.columns, [[str(v).replace("|", "\\|") for v in row]
-                                                            for row in data.sample]), ""]
-    parts += [f"* Loss: `{loss_name}` with these parameters:", "", "```json", json.dumps(loss_params, indent=2),
-              "```", "", "### Training Hyperparameters", "", "#### Non-Default Hyperparameters", ""]
+        parts += [f"### Training Dataset{'s' if len(data) > 1 else ''}", ""]
+        if len(data) > 1:
+            parts += [f"Each global batch comes from one dataset, drawn by the `{cfg.data.sampler}` sampler"
+                      + (f" (temperature {cfg.data.temperature})" if cfg.data.sampler == "temperature" else "")
+                      + ".", ""]
+        for d, loss in zip(data, losses):
+            parts += _dataset_section(d, loss, world_size, f"#### {d.name}")
+    else:
+        parts += [f"* Loss: `{LOSS_NAMES[cfg.loss.name]}` with these parameters:", "", "```json",
+                  json.dumps(loss_parameters(cfg.loss, world_size), indent=2), "```", ""]
+    parts += ["### Training Hyperparameters", "", "#### Non-Default Hyperparameters", ""]
     parts += [f"- `{k}`: {v}" for k, v in non_default.items()] or ["- (none)"]
     parts += ["", "#### All Hyperparameters", "<details><summary>Click to expand</summary>", ""]
     parts += [f"- `{k}`: {v}" for k, v in hp_all.items()]
@@ -217,9 +240,9 @@ def render(*, encoder, base_model: str, cfg, data: DatasetInfo | None, metrics_p
               "### Framework Versions", f"- Python: {platform.python_version()}", f"- dist_embed: {__version__}",
               f"- Transformers: {transformers.__version__}", f"- PyTorch: {torch.__version__}", "",
               "## Citation", "", "### BibTeX", "", "#### Sentence Transformers", "```bibtex", SBERT_BIB, "```", ""]
-    if loss_key in CITATIONS:
-        title, bib = CITATIONS[loss_key]
-        parts += [f"#### {title}", "```bibtex", bib, "```", ""]
-        if loss_key == "cached_mnrl":
-            parts += ["#### MultipleNegativesRankingLoss", "```bibtex", CITATIONS["mnrl"][1], "```", ""]
+    cite = list(dict.fromkeys(k for key in loss_keys for k in ((key, "mnrl") if key == "cached_mnrl" else (key,))))
+    for key in cite:
+        if key in CITATIONS:
+            title, bib = CITATIONS[key]
+            parts += [f"#### {title}", "```bibtex", bib, "```", ""]
     return "\n".join(parts)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .data.loader import PlanSpec
+from .data.loader import MixSpec
 from .distributed import barrier
 
 log = logging.getLogger("dist_embed.train")
@@ -28,11 +28,11 @@ class Saved:
     data_unchanged: bool
 
     @property
-    def rows(self) -> int | None:
-        return self.data["rows"]
+    def sizes(self) -> list[int | None]:
+        return self.data["sizes"]
 
 
-def read_checkpoint(ckpt_root: Path, what: str, plan: PlanSpec, allow_data_change: bool,
+def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change: bool,
                     allow_fresh_start: bool) -> Saved | None:
     """The checkpoint ``--resume`` names (``latest``: the newest intact one), checked against this
     run's data. Refuses (ConfigError) other data or another data plan (files, seed, buffers,
@@ -105,6 +105,8 @@ def restore(run, saved: Saved) -> None:
     pos.step, pos.samples = meta["step"], meta["schedule"]["samples"]
     pos.epoch, pos.planner_state = saved.data["epoch"], saved.data["planner"]
     pos.history = meta.get("history", [])
+    if len(meta.get("dataset_rows") or []) == len(pos.dataset_rows):
+        pos.dataset_rows = list(meta["dataset_rows"])
     rng_file = sd / f"rng-rank{state.rank}.pt"
     if meta["world_size"] == state.world_size:
         if rng_file.exists():
@@ -176,10 +178,10 @@ def save(run, final: bool = False) -> Path:
                 "schedule": {"samples": pos.samples, "samples_per_step": pos.samples_per_step,
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
-                "history": pos.history}, indent=1))
+                "history": pos.history, "dataset_rows": pos.dataset_rows}, indent=1))
             # the data position: the planner's state after the last batch trained (same on every rank)
             (sd / "data_state.json").write_text(json.dumps({
-                "fingerprint": run.plan.fingerprint(), "rows": run.rows, "epoch": pos.epoch,
+                "fingerprint": run.plan.fingerprint(), "rows": run.rows, "sizes": run.sizes, "epoch": pos.epoch,
                 "planner": pos.planner_state}))
     barrier(state)
     if state.is_main:

@@ -20,9 +20,10 @@ import torch
 from . import checkpoint as ckpt
 from .backends import Backend, make_backend
 from .config import Config, ConfigError, dump_config
-from .data.loader import PlanSpec
-from .data.readers import Source
-from .data.rows import Schema, scan
+from .data.loader import MixSpec, PlanSpec
+from .data.readers import DataError, Source
+from .data.rows import Schema, manifest_rows, scan
+from .data.shards import shard_urls
 from .distributed import DistState
 from .evaluation import StsData, load_sts
 from .health import HealthMonitor
@@ -45,6 +46,7 @@ class Position:
     planner_state: dict | None = None  # the data position: the planner's state after the last batch
     history: list = field(default_factory=list)  # eval results, for best-checkpoint and the model card
     logged_until: int = 0  # the last step a stopped run had logged (W&B has it already)
+    dataset_rows: list = field(default_factory=list)  # rows trained from each dataset, whole run
 
 
 @dataclass
@@ -54,10 +56,11 @@ class Run:
     out: Path
     encoder: Encoder
     backend: Backend
-    plan: PlanSpec
+    plan: MixSpec
     rows: int | None  # rows per epoch (None: a stream of unknown length)
+    sizes: list  # rows of each dataset (None: unknown)
     global_batch: int
-    spec: StepSpec
+    specs: list[StepSpec]  # the step (loss) of each dataset
     schedule: Schedule
     health: HealthMonitor
     metrics: MetricsWriter
@@ -113,16 +116,70 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
     return encoder
 
 
-def count_rows(plan: PlanSpec, cfg: Config) -> int | None:
-    """One validating pass over local data (bad data fails in seconds); None for a hub stream."""
+def dataset_sizes(plan: MixSpec, cfg: Config) -> list[int | None]:
+    """Rows of each dataset: from a shard manifest, else one validating pass over local data (bad
+    data fails in seconds, not mid-run); None for a hub stream (validated as it arrives)."""
     d = cfg.data
-    if plan.source.format == "hf" and d.streaming:
-        return None  # a hub stream: no pre-scan; rows are validated as they arrive
-    t0 = time.perf_counter()
-    res = scan(plan.source, plan.schema, dict(d.columns), d.on_error, d.max_skip_fraction)
-    log.info("%s: %d rows checked in %.1fs%s", d.train, res.rows, time.perf_counter() - t0,
-             f" ({res.skips.total} skipped)" if res.skips.total else "")
-    return res.rows
+    sizes = []
+    for name, spec, dcfg in zip(plan.names, plan.specs, cfg.data.datasets()):
+        src = spec.source
+        if src.format == "hf" and dcfg.streaming:
+            sizes.append(None)
+            continue
+        if src.format == "wds":
+            urls, man = shard_urls(src.path)
+            if man is not None:
+                sizes.append(manifest_rows(man, src.path, spec.schema, dict(spec.columns), src.max_rows))
+                log.info("%s (%s): %d rows (from its manifest, validated by prepare-data)", name, src.path, sizes[-1])
+                continue
+        t0 = time.perf_counter()
+        res = scan(src, spec.schema, dict(spec.columns), d.on_error, d.max_skip_fraction)
+        log.info("%s (%s): %d rows checked in %.1fs%s", name, src.path, res.rows, time.perf_counter() - t0,
+                 f" ({res.skips.total} skipped)" if res.skips.total else "")
+        sizes.append(res.rows)
+    return sizes
+
+
+def build_plan(cfg: Config, global_batch: int, tokenizer, max_seq_length: int) -> MixSpec:
+    """The data plan: one ``PlanSpec`` per dataset, and the sampler that mixes them."""
+    d, t = cfg.data, cfg.training
+    specs = []
+    for ds in d.datasets():
+        src = Source(ds.path, ds.format, ds.subset, ds.split, ds.streaming, ds.max_rows)
+        use_ids = src.format == "wds" and not ds.prompts and pretokenized_for(src.path, tokenizer, max_seq_length)
+        if use_ids:
+            src = Source(ds.path, ds.format, ds.subset, ds.split, ds.streaming, ds.max_rows, token_ids=True)
+        loss = ds.loss or cfg.loss
+        specs.append(PlanSpec(src, Schema.for_loss(loss.name), dict(ds.columns), d.on_error, t.seed, global_batch,
+                              d.shuffle, d.shuffle_buffer, d.no_duplicates, d.dedup_buffer,
+                              prompts=tuple(sorted(ds.prompts.items()))))
+    weights = tuple(ds.weight for ds in d.datasets()) if d.sampler == "weighted" else None
+    return MixSpec(tuple(ds.name for ds in d.datasets()), tuple(specs), d.sampler, d.temperature, weights, t.seed)
+
+
+def pretokenized_for(path: str, tokenizer, max_seq_length: int) -> bool:
+    """Whether shards carry token ids made by this very tokenizer at this length (else the
+    workers tokenize the text, which gives the same result, only slower)."""
+    from .prepare import tokenizer_fingerprint
+
+    _, man = shard_urls(path)
+    tok = (man or {}).get("tokenizer")
+    if not tok:
+        return False
+    ok = tok.get("max_seq_length") == max_seq_length and tok.get("fingerprint") == tokenizer_fingerprint(
+        tokenizer, max_seq_length)
+    if not ok:
+        log.warning("%s: its token ids were made for tokenizer %s at length %s, not this model's (length %d): "
+                    "tokenizing the text instead", path, tok.get("name"), tok.get("max_seq_length"), max_seq_length)
+    return ok
+
+
+def loss_step_spec(loss, cfg: Config, state: DistState) -> StepSpec:
+    t = cfg.training
+    gather = loss.gather_across_devices if loss.gather_across_devices is not None else state.enabled
+    return StepSpec(loss.name, scale=loss.scale, margin=loss.margin, distance=loss.distance, gather=gather,
+                    mini_batch_size=loss.mini_batch_size, chunk=t.length_sorted_chunks, pack=t.pack_length,
+                    autocast_dtype=DTYPES[t.precision])
 
 
 def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,
@@ -140,29 +197,31 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     encoder = load_encoder(cfg, state)
 
     global_batch = t.batch_size * state.world_size
-    plan = PlanSpec(Source(d.train, d.format, d.subset, d.split, d.streaming, d.max_rows),
-                    Schema.for_loss(cfg.loss.name), dict(d.columns), d.on_error, t.seed, global_batch, d.shuffle,
-                    d.shuffle_buffer, d.no_duplicates, d.dedup_buffer)
-    pos = Position(samples_per_step=float(global_batch * t.grad_accum))
+    try:
+        plan = build_plan(cfg, global_batch, encoder.tokenizer, encoder.max_seq_length)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    pos = Position(samples_per_step=float(global_batch * t.grad_accum), dataset_rows=[0] * len(plan.names))
     saved = resuming.read_checkpoint(out / "checkpoints", resume, plan, allow_data_change, allow_fresh_start) \
         if resume else None
-    rows = saved.rows if saved and saved.data_unchanged else count_rows(plan, cfg)
+    sizes = saved.sizes if saved and saved.data_unchanged else dataset_sizes(plan, cfg)
+    rows = plan.epoch_rows(sizes, global_batch)
     if saved:
         pos.samples_per_step = saved.meta["schedule"]["samples_per_step"]  # the schedule is the run's
     if t.max_steps <= 0 and not rows:
-        raise ConfigError("data.train is a stream of unknown length: set training.max_steps")
+        raise ConfigError("data.train has a stream of unknown length: set training.max_steps")
+    if d.sampler == "proportional" and len(sizes) > 1 and None in sizes:
+        raise ConfigError("data.sampler=proportional needs every dataset's size; a hub stream has none: set its "
+                          "max_rows, streaming: false, or use sampler round_robin/weighted")
     schedule = Schedule.for_run(t, pos.samples_per_step, rows)
     backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)))
-
-    gather = cfg.loss.gather_across_devices if cfg.loss.gather_across_devices is not None else state.enabled
-    spec = StepSpec(cfg.loss.name, scale=cfg.loss.scale, margin=cfg.loss.margin, distance=cfg.loss.distance,
-                    gather=gather, mini_batch_size=cfg.loss.mini_batch_size, chunk=t.length_sorted_chunks,
-                    pack=t.pack_length, autocast_dtype=DTYPES[t.precision])
+    specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state) for ds in d.datasets()]
+    gather = any(s.gather for s in specs)
     warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
     health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
                            warmup_steps=warmup_steps)
     run = Run(cfg=cfg, state=state, out=out, encoder=encoder, backend=backend, plan=plan, rows=rows,
-              global_batch=global_batch, spec=spec, schedule=schedule, health=health, metrics=None,
+              sizes=sizes, global_batch=global_batch, specs=specs, schedule=schedule, health=health, metrics=None,
               eval_sets=[load_sts(s.path, s.name) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
     if saved:
         resuming.restore(run, saved)
@@ -182,6 +241,6 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
         run.row_log = open(out / "row_ids" / f"rank{state.rank}.jsonl", "a", encoding="utf-8")
     log.info("world size %d, device %s, %s rows, global batch %d, about %d optimizer steps (warm-up %d), "
              "precision %s, loss %s%s", state.world_size, state.device, rows, global_batch, run.total_steps,
-             warmup_steps, t.precision, cfg.loss.name,
+             warmup_steps, t.precision, ", ".join(sorted({s.loss for s in specs})),
              " with negatives gathered across ranks" if gather and state.enabled else "")
     return run

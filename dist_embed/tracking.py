@@ -117,11 +117,16 @@ class Window:
 
     def reset(self) -> None:
         self.loss, self.n, self.samples, self.real, self.padded = 0.0, 0, 0, 0, 0
+        self.by_dataset: dict[int, list] = {}  # dataset -> [local loss sum, micro-batches]
         self.t0 = time.perf_counter()
 
-    def add_batch(self, batch: dict) -> None:
+    def add_batch(self, batch: dict, local_loss: float = float("nan")) -> None:
         self.real += batch["real_tokens"]
         self.padded += batch["padded_tokens"]
+        if math.isfinite(local_loss):
+            acc = self.by_dataset.setdefault(batch.get("dataset", 0), [0.0, 0])
+            acc[0] += local_loss
+            acc[1] += 1
 
     def add_step(self, loss: float, rows: int) -> None:
         self.samples += rows
@@ -132,21 +137,25 @@ class Window:
     def rate(self) -> float:
         return self.samples / max(time.perf_counter() - self.t0, 1e-9)
 
-    def record(self, state, timer: "Timer") -> dict | None:
+    def record(self, state, timer: "Timer", datasets: tuple = ()) -> dict | None:
         """The window as a metrics record (all ranks call it: tokens and memory are summed/maxed
-        over ranks), then a fresh window; None if no step finished in it."""
+        over ranks), then a fresh window; None if no step finished in it. With several
+        ``datasets``: ``loss/<name>``, the mean loss of that dataset's batches (every rank draws
+        from the same dataset at each micro-batch, so the per-rank sums add up)."""
         from .distributed import all_reduce_sum
 
         if not self.n:
             return None
         elapsed = time.perf_counter() - self.t0
-        real, padded = all_reduce_sum([self.real, self.padded], state)
+        per = [self.by_dataset.get(i, [0.0, 0]) for i in range(len(datasets))] if len(datasets) > 1 else []
+        real, padded, *losses = all_reduce_sum([self.real, self.padded, *(p[0] for p in per)], state)
         phases = timer.pop()
         gather = phases.pop("gather", 0.0)
         total = sum(phases.values()) or 1.0
         rec = {"loss": self.loss / self.n, "samples_per_second": self.samples / elapsed,
                "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1),
                "seconds_per_step": elapsed / self.n, "gather_seconds_per_step": gather / self.n}
+        rec.update({f"loss/{name}": loss / p[1] for name, loss, p in zip(datasets, losses, per) if p[1]})
         rec.update({f"time/{k}": v / total for k, v in phases.items()})
         rec.update(peak_memory(state))
         self.reset()

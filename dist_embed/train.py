@@ -86,16 +86,17 @@ def loop(run: Run, stopper: "Stopper") -> Path:
                 break
             t0, comm_before = time.perf_counter(), timer.totals.get("comm", 0.0)
             backend.note_batch(batch)
-            micro_loss, info = forward_backward(backend.model, batch, run.spec, run.state,
+            micro_loss, info = forward_backward(backend.model, batch, run.specs[batch["dataset"]], run.state,
                                                 loss_scale=1.0 / t.grad_accum, grads=backend, timer=timer)
             timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
             pos.planner_state = planner_state
             step_loss += micro_loss
             micro += 1
             step_rows += batch["global_size"]
-            window.add_batch(batch)
+            pos.dataset_rows[batch["dataset"]] += batch["global_size"]
+            window.add_batch(batch, micro_loss)
             if run.row_log:
-                row_ids.extend(batch["row_ids"].tolist())
+                row_ids.extend((batch["dataset"], i) for i in batch["row_ids"].tolist())
             if epoch_complete(run):  # every row of the epoch is in: close the step here
                 epoch_ended = True
                 break
@@ -121,7 +122,8 @@ def loop(run: Run, stopper: "Stopper") -> Path:
         if ok:
             report_events(run, run.health.good_step(pos.step, loss, info["candidates"], info["emb_std"]))
         if run.row_log:
-            run.row_log.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "rows": row_ids}) + "\n")
+            run.row_log.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "rows": [i for _, i in row_ids],
+                                          "datasets": [d for d, _ in row_ids]}) + "\n")
             run.row_log.flush()
         window.add_step(loss, step_rows)
         lr, rate = backend.scheduler.get_last_lr()[0], window.rate()  # the rate before the window resets
@@ -159,7 +161,7 @@ def epochs_of_batches(run: Run):
     pos, cfg = run.pos, run.cfg
     while True:
         epoch = pos.epoch
-        planner = run.plan.planner(epoch, pos.planner_state)
+        planner = run.plan.planner(epoch, pos.planner_state, sizes=run.sizes)
         yield from rank_batches(planner, run.global_batch, run.state.rank, run.state.world_size,
                                 run.encoder.tokenizer, run.encoder.max_seq_length, cfg.data.num_workers,
                                 pin_memory=run.state.device.type == "cuda", balance=cfg.distributed.balance_ranks)
@@ -168,8 +170,9 @@ def epochs_of_batches(run: Run):
 
 
 def epoch_complete(run: Run) -> bool:
+    """The planner knows the epoch has no batch left (known sizes), so the step can close now."""
     state = run.pos.planner_state
-    return bool(run.rows) and state is not None and state["rows_done"] >= run.rows
+    return state is not None and state["complete"]
 
 
 def finished(run: Run) -> bool:
@@ -228,31 +231,41 @@ def warn_short_batches(run: Run) -> None:
 
 
 def log_window(run: Run, window: Window, timer: Timer, lr: float, grad_norm: float | None) -> None:
-    rec = window.record(run.state, timer)
+    rec = window.record(run.state, timer, run.plan.names)
     if rec is not None:
+        if len(run.plan.names) > 1:
+            rec.update({f"data/{n}/rows": r for n, r in zip(run.plan.names, run.pos.dataset_rows)})
         run.metrics.write({"step": run.pos.step, "epoch": run.epoch_progress(), "lr": lr, "grad_norm": grad_norm,
                            **rec})
 
 
-def dataset_info(run: Run):
-    """Name, size, columns and token-length statistics of the first 1000 rows, for the model card."""
+def dataset_info(run: Run) -> list:
+    """Per dataset: name, size, columns, loss, share and token-length statistics of its first 1000
+    rows, for the model card."""
     from itertools import islice
 
     from .model_card import dataset_info as describe
 
-    schema = run.plan.schema
-    first = list(islice(run.plan.rows(), 1000))
-    cols = list(schema.texts)
-    width = len(first[0].texts) if first else len(cols)
-    if schema.optional_prefix:
-        p = schema.optional_prefix
-        cols += [p if i == 0 else f"{p}_{i + 1}" for i in range(width - len(cols))]
-    texts = [r.texts + ((r.score,) if r.score is not None else ()) for r in first]
-    info = describe(run.cfg.data.train, run.rows, cols, [x[:len(cols)] for x in texts], run.encoder.tokenizer)
-    if schema.score:
-        info.columns.append("score")
-        info.sample = [x for x in texts[:3]]
-    return info
+    infos = []
+    shares = run.plan.shares(run.sizes)
+    for i, (name, plan) in enumerate(zip(run.plan.names, run.plan.specs)):
+        schema = plan.schema
+        first = list(islice(plan.rows(), 1000))
+        cols = list(schema.texts)
+        width = len(first[0].texts) if first else len(cols)
+        if schema.optional_prefix:
+            p = schema.optional_prefix
+            cols += [p if i == 0 else f"{p}_{i + 1}" for i in range(width - len(cols))]
+        texts = [r.texts + ((r.score,) if r.score is not None else ()) for r in first]
+        info = describe(plan.source.path if len(run.plan.names) == 1 else f"{name} ({plan.source.path})",
+                        run.sizes[i], cols, [x[:len(cols)] for x in texts], run.encoder.tokenizer)
+        info.loss = run.cfg.data.datasets()[i].loss or run.cfg.loss
+        info.share = shares[i] if shares else None
+        if schema.score:
+            info.columns.append("score")
+            info.sample = [x for x in texts[:3]]
+        infos.append(info)
+    return infos
 
 
 def summary(run: Run, final: Path, seconds: float, start_step: int, rows_trained: int) -> str:

@@ -41,7 +41,11 @@ def resolved_paths(cfg) -> dict:
         return value
 
     tree["output_dir"] = str(Path(tree["output_dir"]).resolve())
-    tree["data"]["train"] = absolute(tree["data"]["train"])
+    if isinstance(tree["data"]["train"], list):
+        for d in tree["data"]["train"]:
+            d["path"] = absolute(d["path"])
+    else:
+        tree["data"]["train"] = absolute(tree["data"]["train"])
     tree["model"]["name_or_path"] = absolute(tree["model"]["name_or_path"])
     tree["distributed"]["deepspeed_config"] = absolute(tree["distributed"]["deepspeed_config"])
     for s in tree["eval"]["sts"]:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..tokenization import tokenize_columns
+from ..tokenization import features_from_ids, tokenize_columns
 from .batching import EpochPlanner, balanced_order, rank_slice, split_sizes
+from .mixing import MixPlanner, round_robin_rows, sampler_shares
 from .readers import Source
 from .rows import Row, Schema, first_keys, validate_rows
 
@@ -38,13 +39,15 @@ class PlanSpec:
     shuffle_buffer: int
     no_duplicates: bool
     dedup_buffer: int | None
+    prompts: tuple = ()  # (column, prefix) pairs: e.g. ("anchor", "query: ")
 
     def rows(self, position: dict | None = None) -> "RowStream":
         return RowStream(self, position)
 
-    def planner(self, epoch: int, state: dict | None = None) -> EpochPlanner:
-        """The epoch's planner, from its start or from a saved ``state`` (``EpochPlanner.state_dict``)."""
-        return EpochPlanner(self.rows, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
+    def planner(self, epoch: int, state: dict | None = None, salt: int = 0) -> EpochPlanner:
+        """The epoch's planner, from its start or from a saved ``state`` (``EpochPlanner.state_dict``);
+        ``salt`` varies the shuffle (a dataset's later passes in a mix)."""
+        return EpochPlanner(self.rows, epoch=epoch, seed=self.seed + salt, shuffle=self.shuffle,
                             shuffle_buffer=self.shuffle_buffer, no_duplicates=self.no_duplicates,
                             dedup_buffer=self.dedup_buffer, global_batch=self.global_batch,
                             make_row=_row_from_json, state=state)
@@ -60,11 +63,59 @@ class PlanSpec:
         return {"source": self.source.fingerprint(), "columns": dict(self.columns), "on_error": self.on_error,
                 "seed": self.seed, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
                 "no_duplicates": self.no_duplicates, "dedup_buffer": self.dedup_buffer,
-                "schema": [list(self.schema.texts), self.schema.optional_prefix, self.schema.score]}
+                "schema": [list(self.schema.texts), self.schema.optional_prefix, self.schema.score],
+                "prompts": [list(p) for p in self.prompts]}
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """The datasets of a run and how batches are drawn from them (``mixing.MixPlanner``); a run
+    with one dataset is a mix of one (its batches are that dataset's planner's, unchanged)."""
+
+    names: tuple[str, ...]
+    specs: tuple[PlanSpec, ...]
+    sampler: str = "proportional"
+    temperature: float = 1.0
+    weights: tuple[float, ...] | None = None
+    seed: int = 0
+
+    def shares(self, sizes) -> list[float] | None:
+        return sampler_shares(self.sampler, sizes, self.temperature, self.weights)
+
+    def planner(self, epoch: int, state: dict | None = None, sizes=None) -> MixPlanner:
+        sizes = list(sizes) if sizes is not None else [None] * len(self.specs)
+        shares = self.shares(sizes) if self.sampler in ("temperature", "weighted") else None
+        if self.sampler in ("temperature", "weighted") and shares is None:
+            shares = [1.0] * len(self.specs)
+        return MixPlanner(lambda i, passes, st: self.specs[i].planner(epoch, st, salt=7919 * i + 104_729 * passes),
+                          sizes, sampler=self.sampler, shares=shares, epoch=epoch, seed=self.seed, state=state)
+
+    def epoch_rows(self, sizes, global_batch: int) -> int | None:
+        """Rows of one epoch (for the schedule); None when a size is unknown."""
+        if None in sizes:
+            return None
+        return round_robin_rows(sizes, global_batch) if self.sampler == "round_robin" else sum(sizes)
+
+    def batches(self, epoch: int = 0, global_batch: int | None = None, sizes=None):
+        """(dataset index, global batch) of an epoch from its start (tests, benchmarks)."""
+        planner = self.planner(epoch, sizes=sizes)
+        while (batch := planner.next_batch(global_batch or self.specs[0].global_batch)) is not None:
+            yield planner.last_dataset, batch
+
+    def fingerprint(self) -> dict:
+        """Each ``PlanSpec.fingerprint`` key as a list over the datasets ("source": their files)."""
+        per = [s.fingerprint() for s in self.specs]
+        out = {k: [p[k] for p in per] for k in per[0]}
+        out.update(names=list(self.names), sampler=self.sampler, temperature=self.temperature,
+                   weights=list(self.weights) if self.weights else None)
+        return out
 
 
 def _row_from_json(r) -> Row:
-    return r if isinstance(r, Row) else Row(int(r[0]), tuple(r[1]), r[2])
+    if isinstance(r, Row):
+        return r
+    ids = tuple(r[3]) if len(r) > 3 and r[3] is not None else None
+    return Row(int(r[0]), tuple(r[1]), r[2], ids)
 
 
 class RowStream:
@@ -74,6 +125,8 @@ class RowStream:
         self.records = spec.source.records(position)
         keys = first_keys(spec.source) if position else None  # columns as resolved at the stream's start
         self._rows = validate_rows(self.records, spec.schema, spec.columns, spec.on_error, keys=keys)
+        if spec.prompts:
+            self._rows = _with_prompts(self._rows, spec.schema, dict(spec.prompts))
 
     @property
     def position(self) -> dict:
@@ -86,10 +139,20 @@ class RowStream:
         return next(self._rows)
 
 
+def _with_prompts(rows, schema: Schema, prompts: dict[str, str]):
+    """Rows with each column's prompt in front of its texts (pre-tokenized ids no longer match)."""
+    for row in rows:
+        cols = schema.texts + (schema.optional_prefix,) * (len(row.texts) - len(schema.texts))
+        yield Row(row.row_id, tuple(prompts.get(c, "") + t for c, t in zip(cols, row.texts)), row.score)
+
+
 def collate(rows: Sequence[Row], tokenizer, max_length: int) -> dict[str, Any]:
     n_cols = len(rows[0].texts) if rows else 0
-    columns = [[r.texts[c] for r in rows] for c in range(n_cols)]
-    feats = tokenize_columns(tokenizer, columns, max_length) if rows else []
+    if rows and all(r.ids is not None for r in rows):  # pre-tokenized shards: only padding left
+        feats = features_from_ids(tokenizer, [[r.ids[c] for r in rows] for c in range(n_cols)])
+    else:
+        columns = [[r.texts[c] for r in rows] for c in range(n_cols)]
+        feats = tokenize_columns(tokenizer, columns, max_length) if rows else []
     scores = [r.score for r in rows]
     return {
         "features": feats,
@@ -129,10 +192,11 @@ class _PlanSampler(Sampler):
             n = self.planner.batches_done
             self.states[n] = self.planner.state_dict()
             yield {"rows": list(rank_slice(gbatch, self.rank, self.world)), "index": n, "global_size": len(gbatch),
-                   "sizes": split_sizes(len(gbatch), self.world), "n_cols": len(gbatch[0].texts)}
+                   "sizes": split_sizes(len(gbatch), self.world), "n_cols": len(gbatch[0].texts),
+                   "dataset": getattr(self.planner, "last_dataset", 0)}
 
 
-def rank_batches(planner: EpochPlanner, global_batch: int, rank: int, world: int, tokenizer, max_length: int,
+def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer, max_length: int,
                  num_workers: int = 0, pin_memory: bool = False, balance: bool = False
                  ) -> Iterator[tuple[dict[str, Any], dict]]:
     """(this rank's tokenized batch, planner state after it) for the rest of the planner's epoch.

@@ -27,14 +27,22 @@ class Record(NamedTuple):
     row_id: int
     where: str
     fields: Any  # dict from the source, or a DataError for a row that could not be parsed
+    ids: dict | None = None  # pre-tokenized shards: token ids per text column
 
 
-FORMATS = ("jsonl", "csv", "tsv", "parquet", "hf")
+FORMATS = ("jsonl", "csv", "tsv", "parquet", "hf", "wds")
+HF_SAVED = ("dataset_dict.json", "state.json")  # what ``datasets``' save_to_disk writes
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
+    from .shards import is_shard_spec
+
+    if is_shard_spec(path):
+        return "wds"
+    if Path(path).is_dir() and any((Path(path) / f).is_file() for f in HF_SAVED):
+        return "hf"
     name = path.lower()
     for suffix, f in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "jsonl"), (".json.gz", "jsonl"),
                       (".csv", "csv"), (".csv.gz", "csv"), (".tsv", "tsv"), (".tsv.gz", "tsv"),
@@ -222,7 +230,20 @@ def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: 
     except ImportError:
         raise DataError(f"{name}: reading hub datasets needs the 'datasets' package "
                         f"(pip install 'dist_embed[hub]')") from None
-    ds = datasets.load_dataset(name, subset, split=split, streaming=streaming)
+    if Path(name).is_dir() and any((Path(name) / f).is_file() for f in HF_SAVED):
+        ds = datasets.load_from_disk(name)  # a dataset saved with save_to_disk
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{name}: no split {split!r} (it has {', '.join(ds)}); set data.split")
+            ds = ds[split]
+        if streaming:
+            ds = ds.to_iterable_dataset()
+    else:
+        try:
+            ds = datasets.load_dataset(name, subset, split=split, streaming=streaming)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{name}: cannot load the dataset (subset {subset!r}, split {split!r}): "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     first = (start or {}).get("row", 0)
     at = {} if at is None else at
     if first:
@@ -266,6 +287,17 @@ class RecordCursor:
                     return
                 yield rec
             return
+        if fmt == "wds":
+            from .shards import read_shards, shard_urls
+
+            urls, man = shard_urls(src.path)
+            text_columns = man.get("text_columns") if man and src.token_ids and man.get("tokenizer") else None
+            at = self._at = dict(start)
+            for rec in read_shards(urls, text_columns, start, at):
+                if limit is not None and rec.row_id >= limit:
+                    return
+                yield rec
+            return
         files = data_files(src.path)
         read = {"jsonl": read_jsonl, "parquet": read_parquet,
                 "csv": lambda p, s, a: read_delimited(p, ",", s, a),
@@ -295,11 +327,16 @@ class Source:
     split: str = "train"
     streaming: bool = True
     max_rows: int | None = None
+    token_ids: bool = False  # pre-tokenized shards: hand their token ids on (the tokenizer matches)
 
     @property
     def format(self) -> str:
         p = Path(self.path)
         if self.fmt == "auto" and p.is_dir():
+            from .shards import MANIFEST
+
+            if (p / MANIFEST).is_file() or any((p / f).is_file() for f in HF_SAVED):
+                return detect_format(self.path)
             files = data_files(self.path)
             kinds = {detect_format(f.name) for f in files}
             if len(kinds) > 1:
@@ -316,6 +353,12 @@ class Source:
         A resume compares it with the checkpoint's, so it never continues on other data by mistake."""
         if self.format == "hf":
             return {"hub": self.path, "subset": self.subset, "split": self.split, "max_rows": self.max_rows}
+        if self.format == "wds":
+            from .shards import shard_urls
+
+            urls, man = shard_urls(self.path)
+            return {"shards": urls, "sha256": [s.get("sha256") for s in man["shards"]] if man else None,
+                    "max_rows": self.max_rows}
         files = data_files(self.path)
         return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
                 "format": self.format, "max_rows": self.max_rows}

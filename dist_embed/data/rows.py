@@ -21,6 +21,7 @@ class Row(NamedTuple):
     row_id: int
     texts: tuple[str, ...]  # in schema order, e.g. (anchor, positive, negative)
     score: float | None
+    ids: tuple | None = None  # pre-tokenized shards: each text's token ids (lists), as texts
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,11 @@ def validate_rows(records: Iterable[Record], schema: Schema, columns: dict[str, 
                 if not value.strip():
                     raise DataError(f"{rec.where}: column {col!r}: empty or whitespace-only text")
                 texts.append(value)
+            ids = None
+            if rec.ids is not None:
+                ids = tuple(rec.ids.get(col) for col in text_cols + extra_cols)
+                if any(x is None for x in ids):
+                    ids = None
             score = None
             if score_col is not None:
                 raw = obj.get(score_col)
@@ -128,12 +134,29 @@ def validate_rows(records: Iterable[Record], schema: Schema, columns: dict[str, 
                     raise DataError(f"{rec.where}: column {score_col!r}: score is not a number: {raw!r}") from None
                 if not math.isfinite(score):
                     raise DataError(f"{rec.where}: column {score_col!r}: score is not finite: {raw!r}")
-            yield Row(rec.row_id, tuple(texts), score)
+            yield Row(rec.row_id, tuple(texts), score, ids)
         except DataError as e:
             if on_error == "raise":
                 raise
             if skips is not None:
                 skips.add(_reason(str(e)), str(e))
+
+
+def manifest_rows(manifest: dict, where: str, schema: Schema, columns: dict[str, str],
+                  max_rows: int | None) -> int:
+    """Rows of prepared shards, from their manifest (validated by prepare-data: no scan needed),
+    once the loss's columns are checked against the manifest's columns and their types."""
+    types = manifest.get("column_types") or {}
+    text_cols, extra_cols, score_col = _resolve_columns(schema, columns, manifest["columns"], where)
+    for col in text_cols + extra_cols:
+        if types.get(col, "text") != "text":
+            raise DataError(f"{where}: column {col!r} holds {types[col]}s, the loss needs text there")
+    if score_col is not None and types.get(score_col, "number") != "number":
+        raise DataError(f"{where}: column {score_col!r} holds {types[score_col]}, the loss needs a number score")
+    rows = int(manifest["rows"])
+    if rows == 0:
+        raise DataError(f"{where}: no usable rows")
+    return min(rows, max_rows) if max_rows else rows
 
 
 @dataclass
