@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", required=True, help="output directory for shard-NNNNNN.tar and manifest.json")
     pd.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard (default 100000)")
     pd.add_argument("--block-rows", type=int, default=1024,
-                    help="rows per webdataset sample (default 1024; --shard-rows must be a multiple)")
+                    help="rows per webdataset sample (default 1024)")
     pd.add_argument("--tokenizer", default=None, help="also store token ids for this tokenizer (model dir or id)")
     pd.add_argument("--max-seq-length", type=int, default=None, help="truncation length of those ids")
     pd.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "tsv", "parquet", "hf"],

@@ -112,8 +112,6 @@ def prepare(paths: list[str], out: Path, *, fmt: str = "auto", subset: str | Non
     """Write the shards and manifest of ``paths`` (in order) into ``out``; returns the manifest."""
     from tqdm import tqdm
 
-    if shard_rows % block_rows:
-        raise DataError(f"--shard-rows {shard_rows} must be a multiple of --block-rows {block_rows}")
     sources = _sources(paths, fmt, subset, split)
     fingerprints = [s.fingerprint() for s in sources]
     tokenizer, tok_info = None, None

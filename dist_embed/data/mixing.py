@@ -47,10 +47,13 @@ def sampler_shares(sampler: str, sizes: Sequence[int | None], temperature: float
 
 
 def round_robin_rows(sizes: Sequence[int], global_batch: int) -> int:
-    """Rows of a round-robin epoch with full batches: every dataset gives as many batches as the
-    one with the fewest (an estimate under no-duplicates batching, whose batches can close short)."""
-    k = min(-(-s // global_batch) for s in sizes)
-    return sum(min(s, k * global_batch) for s in sizes)
+    """Rows of a round-robin epoch with full batches (an estimate under no-duplicates batching,
+    whose batches can close short): the first dataset in turn order with the fewest batches stops
+    the epoch when its turn comes after its last batch, so those before it get one batch more."""
+    batches = [-(-s // global_batch) for s in sizes]
+    rounds = min(batches)
+    stop = batches.index(rounds)
+    return sum(min(s, (rounds + (d < stop)) * global_batch) for d, s in enumerate(sizes))
 
 
 class _Source:
@@ -115,6 +118,7 @@ class MixPlanner:
                         raise DataError(f"dataset {d}: no rows to draw a batch from")
                     src.passes, src.pass_rows = src.passes + 1, 0  # its next shuffled pass
                     src.planner = self.open_planner(d, src.passes, None)
+                    src.snapshot = src.planner.state_dict()
                     continue
                 src.exhausted = True
                 if self.sampler == "round_robin":
