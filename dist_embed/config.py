@@ -6,6 +6,7 @@ fails in the first second with the file, line and key, not an hour later on rank
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -292,9 +293,30 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         raise ConfigError(_describe(e, origin, lines, overridden)) from None
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z]+\[.*\])$")
+
+
+def _union_errors(errors: list[dict]) -> list[dict]:
+    """pydantic reports a ``str | list[...]`` field's errors for every branch, each under a tag in
+    the location (``data.train.str``, ``data.train.list[DatasetConfig].0.name``). Keep the errors
+    of the branch the value matched (those deeper than a plain type mismatch), without the tag."""
+    def tag_at(loc):
+        return next((i for i, p in enumerate(loc) if isinstance(p, str) and _UNION_TAG.match(p)), None)
+
+    deep = {tuple(e["loc"][:i]) for e in errors if (i := tag_at(e["loc"])) is not None and len(e["loc"]) > i + 1}
+    out = []
+    for e in errors:
+        i = tag_at(e["loc"])
+        if i is None:
+            out.append(e)
+        elif len(e["loc"]) > i + 1 or tuple(e["loc"][:i]) not in deep:
+            out.append({**e, "loc": tuple(e["loc"][:i]) + tuple(e["loc"][i + 1:])})
+    return out
+
+
 def _describe(err: ValidationError, origin: str, lines: dict, overridden: set) -> str:
     msgs = []
-    for item in err.errors():
+    for item in _union_errors(err.errors()):
         loc = tuple(item["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":

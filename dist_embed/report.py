@@ -29,6 +29,10 @@ def load_metrics(out_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)], events
 
 
+def dataset_names(train: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k[5:-5] for r in train for k in r if k.startswith("data/") and k.endswith("/rows")))
+
+
 def summary(out_dir: Path) -> str:
     train, evals, events = load_metrics(out_dir)
     lines = [f"run {out_dir}"]
@@ -40,6 +44,11 @@ def summary(out_dir: Path) -> str:
                      f"min {min(r['loss'] for r in train):.4f}")
         if sps:
             lines.append(f"  throughput   {sorted(sps)[len(sps) // 2]:.1f} samples/s (median of log lines)")
+        for name in dataset_names(train):  # several datasets: each one's loss and rows trained
+            losses = [r[f"loss/{name}"] for r in train if r.get(f"loss/{name}") is not None]
+            rows = next((r[f"data/{name}/rows"] for r in reversed(train) if f"data/{name}/rows" in r), 0)
+            loss = f"loss first {losses[0]:.4f}, last {losses[-1]:.4f}" if losses else "no loss logged"
+            lines.append(f"  dataset {name}: {rows} rows trained, {loss}")
     primary = sorted({k for r in evals for k in r if k.endswith("/spearman_cosine")})
     for key in primary:
         vals = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
@@ -67,7 +76,12 @@ def plot(out_dir: Path) -> Path:
     metrics = sorted({k for r in evals for k in r if k.endswith("/spearman_cosine")})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["loss"] for r in train], color="tab:blue")
+    axes[0].plot(steps, [r["loss"] for r in train], color="tab:blue", label="all")
+    for name in dataset_names(train):
+        pts = [(r["step"], r[f"loss/{name}"]) for r in train if r.get(f"loss/{name}") is not None]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=name, alpha=0.7)
+    if dataset_names(train):
+        axes[0].legend()
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     axes[1].plot(steps, [r["lr"] for r in train], color="tab:orange")
     axes[1].set(title="learning rate", xlabel="step", ylabel="lr")

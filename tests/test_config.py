@@ -17,9 +17,29 @@ BASE = "output_dir: out\ndata:\n  train: x.jsonl\n"
 
 
 def test_shipped_configs_validate():
-    for name in ("quickstart.yaml", "nli-mnrl.yaml"):
+    for name in ("quickstart.yaml", "nli-mnrl.yaml", "multi-dataset.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.loss.name == "mnrl" and cfg.data.no_duplicates
+    mix = load_config(REPO / "configs" / "multi-dataset.yaml").data.datasets()
+    assert [d.loss.name if d.loss else None for d in mix] == [None, "cosine"]
+    for d in mix:
+        assert (REPO / d.path).is_file()  # shipped data only
+
+
+@pytest.mark.parametrize("data,message", [
+    ("train: []", "an empty list of datasets"),
+    ("train: [{name: a, path: x.jsonl}, {name: a, path: y.jsonl}]", "two datasets are named 'a'"),
+    ("train: [{name: a, path: x.jsonl}, {name: b, path: y.jsonl, weight: 2}]\n  sampler: weighted",
+     "needs a weight on every dataset; 'a' has none"),
+    ("train: [{name: a, path: x.jsonl, weight: 1}]", "set data.sampler=weighted"),
+    ("train: [{name: 'a b', path: x.jsonl}]", "train.0.name"),
+    ("train: [{name: a, path: x.jsonl, loss: {name: nope}}]", "train.0.loss.name"),
+    ("train: x.jsonl\n  sampler: random", "data.sampler"),
+])
+def test_bad_dataset_lists_are_one_line_errors(tmp_path, data, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, f"output_dir: out\ndata:\n  {data}\n"))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_overrides_are_typed(tmp_path):
