@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .data.loader import MixSpec
+from .data.loader import MixSpec, json_without_ids
 from .distributed import barrier
 
 log = logging.getLogger("dist_embed.train")
@@ -182,7 +182,7 @@ def save(run, final: bool = False) -> Path:
             # the data position: the planner's state after the last batch trained (same on every rank)
             (sd / "data_state.json").write_text(json.dumps({
                 "fingerprint": run.plan.fingerprint(), "rows": run.rows, "sizes": run.sizes, "epoch": pos.epoch,
-                "planner": pos.planner_state}))
+                "planner": pos.planner_state}, default=json_without_ids))
     barrier(state)
     if state.is_main:
         ckpt.commit(tmp, target)

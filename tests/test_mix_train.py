@@ -26,7 +26,8 @@ def three_datasets(tmp_path, rng):
     sizes = [rng.randrange(90, 200), rng.randrange(40, 120), rng.randrange(30, 100)]
     trip = write_jsonl(tmp_path / "trip.jsonl", [{k: f"{v} #{i}" for k, v in base[i].items()} for i in range(sizes[0])])
     shards = tmp_path / "trip-shards"
-    r = run_cli("prepare-data", trip, "--out", shards, "--shard-rows", 50, "--block-rows", 10)
+    r = run_cli("prepare-data", trip, "--out", shards, "--shard-rows", 50, "--block-rows", 10,
+                "--tokenizer", minilm_dir(), "--max-seq-length", 48)  # the tiny model's tokenizer and length
     assert r.returncode == 0, r.stderr
     pairs = tmp_path / "pairs.csv"
     with open(pairs, "w", newline="") as f:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dist_embed.data.loader import collate
@@ -102,7 +103,8 @@ def test_pretokenized_shards_give_the_tokenizers_batches(tmp_path):
     plain = list(validate_rows(Source(str(src)).records(), schema, {}))
     assert all(r.ids is not None for r in with_ids)
     for i in rng.sample(range(300), 20):
-        assert list(with_ids[i].ids[0]) == tok(rows[i]["anchor"], truncation=True, max_length=length)["input_ids"]
+        got = np.frombuffer(with_ids[i].ids[0], dtype="<i4").tolist()
+        assert got == tok(rows[i]["anchor"], truncation=True, max_length=length)["input_ids"]
     for start in range(0, 300, 37):
         a = collate(with_ids[start:start + 37], tok, length)
         b = collate(plain[start:start + 37], tok, length)

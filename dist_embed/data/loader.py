@@ -23,6 +23,7 @@ from .batching import EpochPlanner, balanced_order, rank_slice, split_sizes
 from .mixing import MixPlanner, round_robin_rows, sampler_shares
 from .readers import Source
 from .rows import Row, Schema, first_keys, validate_rows
+from .shards import shard_urls
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,17 @@ class MixSpec:
 
 
 def _row_from_json(r) -> Row:
-    if isinstance(r, Row):
-        return r
-    ids = tuple(r[3]) if len(r) > 3 and r[3] is not None else None
-    return Row(int(r[0]), tuple(r[1]), r[2], ids)
+    """A row of a saved planner state. Token ids are not saved (``state_json`` writes them as
+    null): the few batches a resumed run cuts from restored rows are tokenized from the text,
+    which gives the same tensors."""
+    return r if isinstance(r, Row) else Row(int(r[0]), tuple(r[1]), r[2])
+
+
+def json_without_ids(obj) -> None:
+    """``json.dumps(..., default=json_without_ids)``: a planner state with token ids as null."""
+    if isinstance(obj, bytes):
+        return None
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 class RowStream:
@@ -124,7 +132,12 @@ class RowStream:
     def __init__(self, spec: PlanSpec, position: dict | None):
         self.records = spec.source.records(position)
         keys = first_keys(spec.source) if position else None  # columns as resolved at the stream's start
-        self._rows = validate_rows(self.records, spec.schema, spec.columns, spec.on_error, keys=keys)
+        trusted = False
+        if spec.source.format == "wds":  # shards with a manifest were validated by prepare-data
+            _, man = shard_urls(spec.source.path)
+            trusted, keys = man is not None, man["columns"] if man is not None else keys
+        self._rows = validate_rows(self.records, spec.schema, spec.columns, spec.on_error, keys=keys,
+                                   trusted=trusted)
         if spec.prompts:
             self._rows = _with_prompts(self._rows, spec.schema, dict(spec.prompts))
 

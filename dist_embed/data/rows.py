@@ -21,7 +21,7 @@ class Row(NamedTuple):
     row_id: int
     texts: tuple[str, ...]  # in schema order, e.g. (anchor, positive, negative)
     score: float | None
-    ids: tuple | None = None  # pre-tokenized shards: each text's token ids (lists), as texts
+    ids: tuple | None = None  # pre-tokenized shards: each text's token ids (int32 bytes), as texts
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,11 @@ def first_keys(source: "Source") -> list[str] | None:
 
 def validate_rows(records: Iterable[Record], schema: Schema, columns: dict[str, str],
                   on_error: str = "raise", skips: SkipCounter | None = None,
-                  keys: list[str] | None = None) -> Iterator[Row]:
+                  keys: list[str] | None = None, trusted: bool = False) -> Iterator[Row]:
     """Check every record against ``schema``; raise on the first bad one or skip and count it.
-    Columns are resolved from ``keys`` (a resumed stream: the first record's) or the first record."""
+    Columns are resolved from ``keys`` (a resumed stream: the first record's) or the first record.
+    ``trusted``: records of prepare-data shards, whose values were validated when they were written
+    (only the columns are picked; ~2x faster)."""
     resolved = _resolve_columns(schema, columns, keys, "first row") if keys is not None else None
     for rec in records:
         try:
@@ -106,6 +108,13 @@ def validate_rows(records: Iterable[Record], schema: Schema, columns: dict[str, 
             if resolved is None:
                 resolved = _resolve_columns(schema, columns, obj.keys(), rec.where)
             text_cols, extra_cols, score_col = resolved
+            if trusted:  # prepare-data checked every value and the manifest's types were checked at start
+                cols = text_cols + extra_cols
+                ids = tuple(map(rec.ids.get, cols)) if rec.ids is not None else None
+                yield Row(rec.row_id, tuple(map(obj.__getitem__, cols)),
+                          float(obj[score_col]) if score_col is not None else None,
+                          None if ids is None or None in ids else ids)
+                continue
             texts = []
             for col in text_cols + extra_cols:
                 if col not in obj:
