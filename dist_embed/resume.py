@@ -71,7 +71,7 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
                               f"({what_changed}); resuming would not continue the same data order. Use the "
                               "original data and settings, or pass --allow-data-change to continue anyway")
         log.warning("--allow-data-change: resuming on changed data (%s)", what_changed)
-        if "source" in changed:
+        if {"source", "names"} & set(changed):
             data["planner"] = None  # reader offsets mean nothing in other files: restart this epoch
             log.warning("the data files changed: epoch %d restarts from the beginning of the new data", data["epoch"])
     return Saved(path, meta, data, not changed)

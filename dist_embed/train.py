@@ -163,7 +163,7 @@ def epochs_of_batches(run: Run):
         epoch = pos.epoch
         planner = run.plan.planner(epoch, pos.planner_state, sizes=run.sizes)
         yield from rank_batches(planner, run.global_batch, run.state.rank, run.state.world_size,
-                                run.encoder.tokenizer, run.encoder.max_seq_length, cfg.data.num_workers,
+                                run.encoder.tokenizer, run.encoder.max_seq_length, run.num_workers,
                                 pin_memory=run.state.device.type == "cuda", balance=cfg.distributed.balance_ranks)
         if pos.epoch == epoch:  # the loop did not see the epoch's last row (rows unknown)
             yield None, None

@@ -166,12 +166,17 @@ def test_hugging_face_datasets_saved_locally(tmp_path, layout, streaming):
 
 @pytest.mark.slow
 def test_training_on_a_locally_saved_hugging_face_dataset(tmp_path, tiny_model):
+    """Trained directly (every row once), and turned into shards by prepare-data (same rows)."""
     import datasets
 
     path = tmp_path / "ds"
-    datasets.Dataset.from_list(_hf_rows(64)).save_to_disk(str(path))
+    rows = _hf_rows(64)
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
     cfg = tiny_config(tmp_path, tiny_model, path, data={"streaming": False}, training={"max_steps": -1})
     r = run_cli("train", cfg, env={"DIST_EMBED_LOG_ROW_IDS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     ids = sorted(i for rec in read_row_log(tmp_path / "run")[0] for i in rec["rows"])
     assert ids == list(range(64))
+    r = run_cli("prepare-data", path, "--out", tmp_path / "shards", "--shard-rows", 20, "--block-rows", 8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [r.fields for r in Source(str(tmp_path / "shards")).records()] == rows

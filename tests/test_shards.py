@@ -255,3 +255,34 @@ def test_two_processes_two_workers_over_shards_resume_at_one_process(tmp_path, t
     assert steps[:stop] == ref[:stop], SEED
     assert after == ref[stop:], (SEED, stop)
     print(f"seed {SEED}: {n} rows, {len(steps)} steps at world 2, stop {stop}, {len(after)} steps at world 1")
+
+
+def test_bad_shards_are_one_line_errors(tmp_path, tiny_model):
+    """A truncated shard (found mid-run: the manifest spares the scan), a missing shard, a loss
+    whose columns the shards lack, a broken manifest: exit 2, one line naming the place."""
+    from test_bad_input import assert_one_line_exit_2
+
+    src = write_jsonl(tmp_path / "t.jsonl", corpus(200, random.Random(SEED + 6)))
+    good = tmp_path / "good"
+    prepare(src, "--out", good, "--shard-rows", 64, "--block-rows", 16)
+
+    def copy(name):
+        import shutil
+
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    cut = copy("cut")
+    data = (cut / "shard-000002.tar").read_bytes()
+    (cut / "shard-000002.tar").write_bytes(data[: len(data) // 3])
+    cfg = tiny_config(tmp_path, tiny_model, cut, training={"max_steps": -1}, data={"shuffle_buffer": 8})
+    assert_one_line_exit_2(run_cli("train", cfg), f"{cut}/shard-000002.tar: ", "truncated")
+    missing = copy("missing")
+    (missing / "shard-000001.tar").unlink()
+    cfg = tiny_config(tmp_path, tiny_model, missing)
+    assert_one_line_exit_2(run_cli("train", cfg), f"{missing}/shard-000001.tar: shard not found")
+    cfg = tiny_config(tmp_path, tiny_model, good, loss={"name": "cosine"})
+    assert_one_line_exit_2(run_cli("train", cfg), f"{good}: missing column 'sentence1'")
+    broken = copy("broken")
+    (broken / MANIFEST).write_text('{"format": "dist_embed-webdataset", "shards": [')
+    cfg = tiny_config(tmp_path, tiny_model, broken)
+    assert_one_line_exit_2(run_cli("train", cfg), f"{broken}/manifest.json: not a valid manifest")

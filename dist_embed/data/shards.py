@@ -142,12 +142,12 @@ def shard_urls(spec: str) -> tuple[list[str], dict | None]:
         man = load_manifest(str(mpath))
         if man is None:
             raise DataError(f"{spec}: no {MANIFEST} (write shards with dist-embed prepare-data)")
-        return [str(mpath.parent / s["name"]) for s in man["shards"]], man
+        urls = [str(mpath.parent / s["name"]) for s in man["shards"]]
+        _check_local(urls)
+        return urls, man
     urls = list(braceexpand(spec))
     if all(_is_local(u) for u in urls):
-        missing = [u for u in urls if not _local(u).is_file()]
-        if missing:
-            raise DataError(f"{missing[0]}: shard not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        _check_local(urls)
     base = spec.rsplit("/", 1)[0] if "/" in spec and not spec.startswith("pipe:") else "."
     man = load_manifest(f"{base}/{MANIFEST}") if "{" not in base else None
     if man is not None:  # only if it describes exactly these shards
@@ -158,6 +158,12 @@ def shard_urls(spec: str) -> tuple[list[str], dict | None]:
             man = {**man, "shards": [names[u.rsplit("/", 1)[-1]] for u in urls]}
             man["rows"] = sum(s["rows"] for s in man["shards"])
     return urls, man
+
+
+def _check_local(urls: list[str]) -> None:
+    missing = [u for u in urls if _is_local(u) and not _local(u).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: shard not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,12 +223,14 @@ def read_shards(urls: list[str], text_columns: list[str] | None, start: dict | N
                 raw = ids.astype("<i4", copy=False).tobytes()
                 offsets = [0, *accumulate(4 * n for n in lens.ravel().tolist())]
                 width = lens.shape[1]
+            at["shard"], at["block"] = s, b
+            cut = [(c, j) for j, c in enumerate(text_columns or ())]
             for i in range(skip_rows, len(rows)):
                 rec_ids = None
                 if offsets is not None:
                     k = i * width
-                    rec_ids = {c: raw[offsets[k + j]:offsets[k + j + 1]] for j, c in enumerate(text_columns)}
-                at.update(shard=s, block=b, index=i + 1, row=row_id + 1)
+                    rec_ids = {c: raw[offsets[k + j]:offsets[k + j + 1]] for c, j in cut}
+                at["index"], at["row"] = i + 1, row_id + 1  # plain stores: this loop runs per row
                 yield Record(row_id, f"{url}: sample {key} row {i}", dict(zip(columns, rows[i])), rec_ids)
                 row_id += 1
             skip_rows = 0
