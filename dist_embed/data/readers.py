@@ -14,20 +14,14 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator
+
+from .records import DataError, Record
+from .shards import MANIFEST, is_shard_spec, read_shards, shard_urls
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """A bad input row or file, with its location in the message."""
-
-
-class Record(NamedTuple):
-    row_id: int
-    where: str
-    fields: Any  # dict from the source, or a DataError for a row that could not be parsed
-    ids: dict | None = None  # pre-tokenized shards: token ids per text column
 
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "hf", "wds")
@@ -37,8 +31,6 @@ HF_SAVED = ("dataset_dict.json", "state.json")  # what ``datasets``' save_to_dis
 def detect_format(path: str, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
-    from .shards import is_shard_spec
-
     if is_shard_spec(path):
         return "wds"
     if Path(path).is_dir() and any((Path(path) / f).is_file() for f in HF_SAVED):
@@ -288,8 +280,6 @@ class RecordCursor:
                 yield rec
             return
         if fmt == "wds":
-            from .shards import read_shards, shard_urls
-
             urls, man = shard_urls(src.path)
             text_columns = man.get("text_columns") if man and src.token_ids and man.get("tokenizer") else None
             at = self._at = dict(start)
@@ -333,8 +323,6 @@ class Source:
     def format(self) -> str:
         p = Path(self.path)
         if self.fmt == "auto" and p.is_dir():
-            from .shards import MANIFEST
-
             if (p / MANIFEST).is_file() or any((p / f).is_file() for f in HF_SAVED):
                 return detect_format(self.path)
             files = data_files(self.path)
@@ -354,8 +342,6 @@ class Source:
         if self.format == "hf":
             return {"hub": self.path, "subset": self.subset, "split": self.split, "max_rows": self.max_rows}
         if self.format == "wds":
-            from .shards import shard_urls
-
             urls, man = shard_urls(self.path)
             return {"shards": urls, "sha256": [s.get("sha256") for s in man["shards"]] if man else None,
                     "max_rows": self.max_rows}

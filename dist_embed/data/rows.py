@@ -67,7 +67,7 @@ def _reason(message: str) -> str:
     return re.sub(r": '.*'$|: .*got .*$", "", tail)
 
 
-def _resolve_columns(schema: Schema, mapping: dict[str, str], available: Iterable[str], where: str):
+def resolve_columns(schema: Schema, mapping: dict[str, str], available: Iterable[str], where: str):
     available = list(available)
     out = []
     for col in schema.texts + ((schema.score,) if schema.score else ()):
@@ -94,27 +94,18 @@ def first_keys(source: "Source") -> list[str] | None:
 
 def validate_rows(records: Iterable[Record], schema: Schema, columns: dict[str, str],
                   on_error: str = "raise", skips: SkipCounter | None = None,
-                  keys: list[str] | None = None, trusted: bool = False) -> Iterator[Row]:
+                  keys: list[str] | None = None) -> Iterator[Row]:
     """Check every record against ``schema``; raise on the first bad one or skip and count it.
-    Columns are resolved from ``keys`` (a resumed stream: the first record's) or the first record.
-    ``trusted``: records of prepare-data shards, whose values were validated when they were written
-    (only the columns are picked; ~2x faster)."""
-    resolved = _resolve_columns(schema, columns, keys, "first row") if keys is not None else None
+    Columns are resolved from ``keys`` (a resumed stream: the first record's) or the first record."""
+    resolved = resolve_columns(schema, columns, keys, "first row") if keys is not None else None
     for rec in records:
         try:
             obj = rec.fields
             if isinstance(obj, DataError):
                 raise obj
             if resolved is None:
-                resolved = _resolve_columns(schema, columns, obj.keys(), rec.where)
+                resolved = resolve_columns(schema, columns, obj.keys(), rec.where)
             text_cols, extra_cols, score_col = resolved
-            if trusted:  # prepare-data checked every value and the manifest's types were checked at start
-                cols = text_cols + extra_cols
-                ids = tuple(map(rec.ids.get, cols)) if rec.ids is not None else None
-                yield Row(rec.row_id, tuple(map(obj.__getitem__, cols)),
-                          float(obj[score_col]) if score_col is not None else None,
-                          None if ids is None or None in ids else ids)
-                continue
             texts = []
             for col in text_cols + extra_cols:
                 if col not in obj:
@@ -156,7 +147,7 @@ def manifest_rows(manifest: dict, where: str, schema: Schema, columns: dict[str,
     """Rows of prepared shards, from their manifest (validated by prepare-data: no scan needed),
     once the loss's columns are checked against the manifest's columns and their types."""
     types = manifest.get("column_types") or {}
-    text_cols, extra_cols, score_col = _resolve_columns(schema, columns, manifest["columns"], where)
+    text_cols, extra_cols, score_col = resolve_columns(schema, columns, manifest["columns"], where)
     for col in text_cols + extra_cols:
         if types.get(col, "text") != "text":
             raise DataError(f"{where}: column {col!r} holds {types[col]}s, the loss needs text there")

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .readers import DataError, Record
+from .records import DataError, Record
 
 MANIFEST = "manifest.json"
 FORMAT = "dist_embed-webdataset"
@@ -200,39 +200,48 @@ def _block(sample: dict, url: str):
     return key, columns, rows, ids, lens
 
 
-def read_shards(urls: list[str], text_columns: list[str] | None, start: dict | None = None,
-                at: dict | None = None) -> Iterator[Record]:
-    """Records of the shards from ``start`` (``{shard, block, index, row}``) on; ``at`` is kept
-    at the position right after the last record yielded. ``text_columns``: which columns the
-    blocks' token ids belong to (None: ignore ids)."""
-    start = dict(start or {})
-    at = {} if at is None else at
-    row_id = start.get("row", 0)
-    for s in range(start.get("shard", 0), len(urls)):
+def shard_blocks(urls: list[str], start: dict, at: dict, id_columns: list[str] | None):
+    """The row blocks of the shards from ``start`` (``{shard, block, index, row}``) on, as
+    ``(url, key, columns, rows, ids, first)``: ``ids`` maps each of ``id_columns`` to a function
+    of the row index giving that text's token ids (None: no ids wanted or none stored), ``first``
+    the first row to read. ``at`` is kept at the block boundaries; the caller, reading rows, keeps
+    ``at["index"]`` and ``at["row"]`` (the position right after its last row)."""
+    at.setdefault("row", start.get("row", 0))
+    first_shard = start.get("shard", 0)
+    for s in range(first_shard, len(urls)):
         url = urls[s]
-        skip_blocks = start.get("block", 0) if s == start.get("shard", 0) else 0
-        skip_rows = start.get("index", 0) if s == start.get("shard", 0) else 0
+        skip_blocks = start.get("block", 0) if s == first_shard else 0
+        first = start.get("index", 0) if s == first_shard else 0
         for b, sample in enumerate(_samples(url)):
             if b < skip_blocks:
                 continue  # whole blocks before the position: not parsed
             key, columns, rows, ids, lens = _block(sample, url)
-            offsets = None
-            if ids is not None and text_columns is not None:
+            cuts = None
+            if ids is not None and id_columns is not None:
                 # each text's ids as a bytes slice (int32): cheaper to cut than numpy views, and not
                 # a container the garbage collector walks while it waits in the shuffle buffer
                 raw = ids.astype("<i4", copy=False).tobytes()
                 offsets = [0, *accumulate(4 * n for n in lens.ravel().tolist())]
                 width = lens.shape[1]
+                cuts = {c: (lambda i, j=j: raw[offsets[i * width + j]:offsets[i * width + j + 1]])
+                        for j, c in enumerate(id_columns)}
             at["shard"], at["block"] = s, b
-            cut = [(c, j) for j, c in enumerate(text_columns or ())]
-            for i in range(skip_rows, len(rows)):
-                rec_ids = None
-                if offsets is not None:
-                    k = i * width
-                    rec_ids = {c: raw[offsets[k + j]:offsets[k + j + 1]] for c, j in cut}
-                at["index"], at["row"] = i + 1, row_id + 1  # plain stores: this loop runs per row
-                yield Record(row_id, f"{url}: sample {key} row {i}", dict(zip(columns, rows[i])), rec_ids)
-                row_id += 1
-            skip_rows = 0
-            at.update(shard=s, block=b + 1, index=0, row=row_id)
-        at.update(shard=s + 1, block=0, index=0, row=row_id)
+            yield url, key, columns, rows, cuts, first
+            first = 0
+            at["block"], at["index"] = b + 1, 0
+        at["shard"], at["block"], at["index"] = s + 1, 0, 0
+
+
+def read_shards(urls: list[str], text_columns: list[str] | None, start: dict | None = None,
+                at: dict | None = None) -> Iterator[Record]:
+    """Records of the shards from ``start`` on (see ``shard_blocks``). ``text_columns``: which
+    columns the blocks' token ids belong to (None: ignore ids)."""
+    start = dict(start or {})
+    at = {} if at is None else at
+    row_id = start.get("row", 0)
+    for url, key, columns, rows, cuts, first in shard_blocks(urls, start, at, text_columns):
+        for i in range(first, len(rows)):
+            at["index"], at["row"] = i + 1, row_id + 1  # plain stores: this loop runs per row
+            yield Record(row_id, f"{url}: sample {key} row {i}", dict(zip(columns, rows[i])),
+                         {c: cut(i) for c, cut in cuts.items()} if cuts else None)
+            row_id += 1
