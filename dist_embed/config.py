@@ -135,7 +135,9 @@ class TrainingConfig(_Section):
 
 class StsSet(_Section):
     name: str
-    path: str
+    path: str  # a file, or a Hugging Face dataset (e.g. sentence-transformers/stsb)
+    split: str = "validation"  # Hugging Face datasets only
+    subset: str | None = None
 
 
 class EvalConfig(_Section):

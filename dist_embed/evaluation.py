@@ -29,10 +29,13 @@ class StsData:
     scores: np.ndarray
 
 
-def load_sts(path: str, name: str | None = None, on_error: str = "raise") -> StsData:
-    """Read sentence1 / sentence2 / score rows from tsv (quoting off), csv or jsonl(.gz)."""
+def load_sts(path: str, name: str | None = None, on_error: str = "raise", *, split: str = "validation",
+             subset: str | None = None) -> StsData:
+    """Read sentence1 / sentence2 / score rows from tsv (quoting off), csv, jsonl(.gz), parquet, or a
+    Hugging Face dataset (hub id such as ``sentence-transformers/stsb``, or a saved one: ``split``)."""
     skips = SkipCounter()
-    rows = list(validate_rows(Source(path).records(), Schema.for_loss("cosine"), {}, on_error, skips))
+    source = Source(path, subset=subset, split=split, streaming=False)
+    rows = list(validate_rows(source.records(), Schema.for_loss("cosine"), {}, on_error, skips))
     if skips.total:
         log.warning("%s: %s", path, skips.summary())
     if len(rows) < 2:

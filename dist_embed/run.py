@@ -224,7 +224,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                            warmup_steps=warmup_steps)
     run = Run(cfg=cfg, state=state, out=out, encoder=encoder, backend=backend, plan=plan, rows=rows,
               sizes=sizes, global_batch=global_batch, specs=specs, schedule=schedule, health=health, metrics=None,
-              eval_sets=[load_sts(s.path, s.name) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
+              eval_sets=[load_sts(s.path, s.name, split=s.split, subset=s.subset) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
     run.num_workers = d.num_workers
     if d.num_workers and all(s.source.token_ids for s in plan.specs):
         # padding ids costs less than shipping rows to a worker process and back (benchmarks/

@@ -20,6 +20,8 @@ def test_shipped_configs_validate():
     for name in ("quickstart.yaml", "nli-mnrl.yaml", "multi-dataset.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.loss.name == "mnrl" and cfg.data.no_duplicates
+    shipped = [p for p in (REPO / "configs").rglob("*") if p.is_file()] + [REPO / "README.md"]
+    assert not [p for p in shipped if "../shared" in p.read_text()], "configs/README must not need ../shared"
     mix = load_config(REPO / "configs" / "multi-dataset.yaml").data.datasets()
     assert [d.loss.name if d.loss else None for d in mix] == [None, "cosine"]
     for d in mix:

@@ -117,3 +117,16 @@ def test_bom_and_crlf_are_read(tmp_path):
     t = tmp_path / "bom.tsv"
     t.write_bytes(b"\xef\xbb\xbfanchor\tpositive\r\nx\ty\r\n")
     assert [r.texts for r in rows_of(t)] == [("x", "y")]
+
+
+def test_sts_sets_from_a_saved_hugging_face_dataset(tmp_path):
+    """Eval sets may be Hugging Face datasets (hub ids such as sentence-transformers/stsb, or saved
+    ones): the validation split by default."""
+    import datasets
+
+    rows = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i / 10} for i in range(10)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "sts"))
+    data = load_sts(str(tmp_path / "sts"), "sts")
+    assert data.sentences1 == [r["sentence1"] for r in rows] and list(data.scores) == [r["score"] for r in rows]
+    assert len(load_sts(str(tmp_path / "sts"), split="train").scores) == 4
