@@ -20,6 +20,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+ST_KEPT = ("prompts", "default_prompt_name", "similarity_fn_name", "truncate_dim")
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "activation_dropout", "classifier_dropout", "hidden_dropout", "attention_dropout_prob")
 
@@ -45,16 +46,35 @@ def read_st_settings(path: str) -> dict:
     if not modules_file.is_file():
         return out
     modules = json.loads(modules_file.read_text())
-    out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    foreign = [(k, m.get("path", "")) for k, m in zip(kinds, modules) if k not in ("Transformer", "Pooling", "Normalize")]
+    if foreign:  # training would drop it and save another model: refuse instead (never change it silently)
+        raise ModelError(f"{root}: module {foreign[0][0]} ({foreign[0][1] or 'top level'}) is not supported by "
+                         "dist_embed (Transformer, Pooling, Normalize); training would drop it and save a "
+                         "different model. Start from a model without it")
+    out["normalize"] = "Normalize" in kinds
     for m in modules:
         if m.get("type", "").endswith("Pooling"):
             pcfg = json.loads((root / m["path"] / "config.json").read_text())
             modes = [name for name, key in POOLING_KEYS.items() if pcfg.get(key)]
-            unsupported = [k for k, v in pcfg.items() if k.startswith("pooling_mode") and v and
+            mode = pcfg.get("pooling_mode")  # sentence-transformers >= 6 names the mode instead
+            if mode is not None:
+                modes = [mode] if isinstance(mode, str) else list(mode)
+                unknown = [m for m in modes if m not in POOLING_KEYS]
+                if unknown or len(modes) != 1:
+                    raise ModelError(f"{root}: pooling {modes} is not supported (mean, cls or max)")
+            unsupported = [k for k, v in pcfg.items() if k.startswith("pooling_mode_") and v and
                            k not in POOLING_KEYS.values()]
             if unsupported or len(modes) != 1:
-                raise ValueError(f"{root}: pooling {unsupported or modes} is not supported (mean, cls or max)")
+                raise ModelError(f"{root}: pooling {unsupported or modes} is not supported (mean, cls or max)")
+            if pcfg.get("include_prompt") is False:
+                raise ModelError(f"{root}: pooling with include_prompt=false (prompt tokens left out of the "
+                                 "mean) is not supported; dist_embed pools every token")
             out["pooling"] = modes[0]
+    stc = root / "config_sentence_transformers.json"
+    if stc.is_file():  # kept as they are and written back on save: prompts, similarity, truncate_dim
+        conf = json.loads(stc.read_text())
+        out["st_config"] = {k: conf[k] for k in ST_KEPT if k in conf}
     sbc = root / "sentence_bert_config.json"
     if sbc.is_file():
         out["max_seq_length"] = json.loads(sbc.read_text()).get("max_seq_length")
@@ -142,7 +162,7 @@ class Encoder(nn.Module):
     """Texts -> fixed-size embeddings. ``forward`` takes tokenized features, ``encode`` raw texts."""
 
     def __init__(self, transformer: nn.Module, tokenizer, pooling: str = "mean", normalize: bool = False,
-                 max_seq_length: int = 256, extra_state: dict | None = None):
+                 max_seq_length: int = 256, extra_state: dict | None = None, st_config: dict | None = None):
         super().__init__()
         self.transformer = transformer
         self.tokenizer = tokenizer
@@ -151,6 +171,8 @@ class Encoder(nn.Module):
         self.max_seq_length = max_seq_length
         # Weights we do not train but keep so saved checkpoints stay complete (e.g. BERT's pooler).
         self.extra_state = extra_state or {}
+        # sentence-transformers settings of the starting model we keep unchanged (prompts, ...)
+        self.st_config = dict(st_config or {})
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
@@ -182,7 +204,7 @@ class Encoder(nn.Module):
                                   f"embeddings cover {limit} tokens (set model.max_seq_length <= {limit})")
         return cls(transformer, tokenizer, pooling=pooling or st.get("pooling", "mean"),
                    normalize=st.get("normalize", False) if normalize is None else normalize,
-                   max_seq_length=int(msl), extra_state=extra)
+                   max_seq_length=int(msl), extra_state=extra, st_config=st.get("st_config"))
 
     @property
     def dim(self) -> int:
@@ -255,7 +277,7 @@ class Encoder(nn.Module):
         _write_json(out / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length, "do_lower_case": False})
         _write_json(out / "config_sentence_transformers.json", {
             "__version__": _versions(), "model_type": "SentenceTransformer", "prompts": {},
-            "default_prompt_name": None, "similarity_fn_name": "cosine"})
+            "default_prompt_name": None, "similarity_fn_name": "cosine", **self.st_config})
         (out / "1_Pooling").mkdir(exist_ok=True)
         pooling = {"word_embedding_dimension": self.dim}
         pooling.update({key: (name == self.pooling) for name, key in POOLING_KEYS.items()})

@@ -72,3 +72,31 @@ def test_dropout_override(tiny_model):
     enc.train()
     feats = enc.tokenize(["a dog runs", "two cats sleep on a mat"])
     assert torch.equal(enc(feats), enc(feats))  # no randomness left in training mode
+
+
+def test_prompts_and_similarity_survive_training_and_a_dense_head_is_refused(tmp_path, tiny_model):
+    """A starting model's prompts, default prompt and similarity function come out of training
+    unchanged (sentence-transformers reads them back); a module we cannot train and save (Dense)
+    is refused with one line, never silently dropped."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from conftest import quick_triplets, run_cli, tiny_config, write_jsonl
+
+    st = SentenceTransformer(str(tiny_model), device="cpu")
+    st.prompts = {"query": "query: ", "document": "passage: "}
+    st.default_prompt_name = "query"
+    st.similarity_fn_name = "dot"
+    start = tmp_path / "with-prompts"
+    st.save(str(start))
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(40))
+    cfg = tiny_config(tmp_path, start, data, training={"max_steps": 2})
+    r = run_cli("train", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = SentenceTransformer(str(tmp_path / "run" / "final"), device="cpu")
+    assert back.prompts == st.prompts and back.default_prompt_name == "query"
+    assert back.similarity_fn_name == "dot"
+    dense = SentenceTransformer(modules=[*st, models.Dense(st.get_sentence_embedding_dimension(), 16)], device="cpu")
+    dense.save(str(tmp_path / "with-dense"))
+    r = run_cli("train", tiny_config(tmp_path, tmp_path / "with-dense", data))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "module Dense (2_Dense) is not supported" in r.stderr.strip().splitlines()[-1]
