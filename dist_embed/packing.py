@@ -8,7 +8,17 @@ import torch
 from .model import pool_tokens
 
 
-PACKABLE = ("bert",)  # absolute positions from 0 and a 4D-mask-aware attention: safe to pack
+# absolute position embeddings and a 4D-mask-aware attention: safe to pack. RoBERTa-type models
+# number positions from padding_idx + 1 (HF's create_position_ids_from_input_ids): POSITION_OFFSET
+PACKABLE = ("bert", "roberta", "xlm-roberta", "camembert")
+ROBERTA_TYPE = ("roberta", "xlm-roberta", "camembert")
+
+
+def position_offset(config) -> int:
+    """The position id of a text's first token: 0 (BERT), padding_idx + 1 (RoBERTa, XLM-R)."""
+    if getattr(config, "model_type", "") in ROBERTA_TYPE:
+        return int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return 0
 
 
 def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
@@ -38,7 +48,7 @@ def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int | s
     """Embeddings of all columns with the texts packed side by side into rows of ``row_len`` tokens
     (``"auto"``: as many as the longest text has).
 
-    Each text keeps its own position ids (0..n-1) and attends only to itself (a block-diagonal 4D
+    Each text keeps its own position ids (0..n-1, shifted as the model numbers them) and attends only to itself (a block-diagonal 4D
     mask), so its embedding is the one it gets alone; but the linear layers, most of the compute,
     see almost no padding. Attention still spans the whole row, so narrow rows are cheaper: on
     SNLI batches rows as wide as the longest text (~40 tokens) fill 96% of their slots, like
@@ -70,6 +80,7 @@ def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int | s
     segment = segment.view(len(layout), width)
     # padding tokens attend among themselves (a fully masked query row would give NaN)
     mask = (segment[:, :, None] == segment[:, None, :])[:, None]
+    positions = positions + position_offset(encoder.transformer.config)
     out = encoder({"input_ids": input_ids.view_as(segment), "position_ids": positions.view_as(segment),
                    "token_type_ids": torch.zeros_like(segment), "attention_mask": mask}, pooled=False)
     flat = out.reshape(-1, out.shape[-1])
@@ -83,7 +94,7 @@ MASK_AWARE = ("sdpa", "dist_embed_sdpa")  # attention functions that honour a bo
 
 
 def can_pack(encoder) -> bool:
-    """Packing needs absolute positions from 0 and an attention that applies our block-diagonal
+    """Packing needs absolute positions we can give per text and an attention that applies our block-diagonal
     boolean mask; "eager" attention ADDS a mask to the scores, so packed texts would see each other."""
     cfg = encoder.transformer.config
     return getattr(cfg, "model_type", "") in PACKABLE and getattr(cfg, "_attn_implementation", "sdpa") in MASK_AWARE

@@ -101,3 +101,43 @@ def tiny_config(tmp_path: Path, model_path: Path, train: Path, /, **sections) ->
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+MULTILINGUAL = [
+    "서울은 한국의 수도이다.", "고양이가 소파에서 자고 있다.", "한 남자가 기타를 연주한다.",
+    "Москва — столица России.", "Кошка спит на диване.", "Мужчина играет на гитаре.",
+    "කොළඹ ශ්‍රී ලංකාවේ වාණිජ අගනුවරයි.", "බළලා සෝෆාව මත නිදා ගනී.", "මිනිසෙක් ගිටාරය වාදනය කරයි.",
+    "北京是中国的首都。", "猫在沙发上睡觉。", "一个男人在弹吉他。",
+    "A man is playing a guitar.", "The cat sleeps on the sofa.", "Paris is the capital of France.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr(tmp_path_factory) -> Path:
+    """A 2-layer random XLM-R (padding_idx 1: positions start at 2) with a small SentencePiece-style
+    Unigram tokenizer trained here on Korean, Russian, Sinhala, Chinese and English text."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
+
+    from dist_embed.model import Encoder
+
+    texts = MULTILINGUAL * 20 + [t for r in quick_triplets(400) for t in r.values()]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=1200, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = XLMRobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    torch.manual_seed(0)
+    cfg = XLMRobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2, type_vocab_size=1)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-xlmr"
+    Encoder(XLMRobertaModel(cfg, add_pooling_layer=False), fast, pooling="mean", normalize=False,
+            max_seq_length=48).save(out)
+    return out

@@ -203,3 +203,42 @@ def test_eager_attention_is_never_packed(tiny_model):
                             for i in range(len(rows))]) for f in feats]
     for a, b in zip(packed, alone):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+# -- XLM-R / RoBERTa: SentencePiece tokenizer through the fast path, packing with their position offset
+
+
+def test_xlmr_tokenizer_fast_path_gives_the_tokenizers_own_ids(tiny_xlmr):
+    from conftest import MULTILINGUAL
+    from dist_embed.tokenization import tokenize_columns
+
+    enc = Encoder.from_pretrained(str(tiny_xlmr))
+    for length in (8, 48):
+        feats = tokenize_columns(enc.tokenizer, [MULTILINGUAL, MULTILINGUAL[::-1]], length)
+        for texts, feat in zip((MULTILINGUAL, MULTILINGUAL[::-1]), feats):
+            ref = enc.tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
+            assert feat.keys() == ref.keys()
+            for k in ref:
+                assert torch.equal(feat[k], ref[k]), (length, k)
+    assert enc.tokenizer.unk_token_id not in tokenize_columns(enc.tokenizer, [MULTILINGUAL], 48)[0]["input_ids"]
+
+
+@pytest.mark.parametrize("loss_name", ["mnrl", "cosine"])
+def test_xlmr_packing_equals_unpacked_embeddings_and_gradients(tiny_xlmr, loss_name):
+    """Packed rows carry each text's positions from padding_idx + 1, as XLM-R numbers them alone."""
+    from conftest import MULTILINGUAL
+    from dist_embed.packing import can_pack
+
+    assert can_pack(Encoder.from_pretrained(str(tiny_xlmr)))
+    texts = MULTILINGUAL + [r["anchor"] for r in quick_triplets(9)]
+    if loss_name == "mnrl":
+        rows = [Row(i, (t, texts[(i + 5) % len(texts)]), None) for i, t in enumerate(texts)]
+    else:
+        rows = [Row(i, (t, texts[(i + 3) % len(texts)]), (i % 5) / 4) for i, t in enumerate(texts)]
+    l0, g0 = loss_and_grads(tiny_xlmr, StepSpec(loss_name, chunk=0, pack=0), rows)
+    for pack in ("auto", 64):
+        l1, g1 = loss_and_grads(tiny_xlmr, StepSpec(loss_name, chunk=0, pack=pack), rows)
+        assert abs(l0 - l1) <= 1e-5 * max(abs(l0), 1e-6), (pack, l0, l1)
+        assert g0.keys() == g1.keys()
+        for name in g0:
+            assert (g0[name] - g1[name]).abs().max() < 1e-5, (pack, name)
