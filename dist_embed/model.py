@@ -20,6 +20,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+# sentence embeddings need only the encoder of these encoder-decoder families (AutoModel would build
+# the decoder too); sentence-transformers loads them the same way
+ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 ST_KEPT = ("prompts", "default_prompt_name", "similarity_fn_name", "truncate_dim")
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "activation_dropout", "classifier_dropout", "hidden_dropout", "attention_dropout_prob")
@@ -188,7 +191,12 @@ class Encoder(nn.Module):
             for key in DROPOUT_KEYS:
                 if isinstance(getattr(config, key, None), float):
                     setattr(config, key, dropout)
-        transformer = AutoModel.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
+        model_cls = AutoModel
+        if getattr(config, "model_type", "") in ENCODER_ONLY:  # encoder-decoder checkpoints: the encoder alone
+            import transformers
+
+            model_cls = getattr(transformers, ENCODER_ONLY[config.model_type])
+        transformer = model_cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
                                                 revision=revision)
         extra = {}
         # The pooler (a dense layer on [CLS]) is never used by pooled sentence embeddings; under a

@@ -100,3 +100,24 @@ def test_prompts_and_similarity_survive_training_and_a_dense_head_is_refused(tmp
     r = run_cli("train", tiny_config(tmp_path, tmp_path / "with-dense", data))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "module Dense (2_Dense) is not supported" in r.stderr.strip().splitlines()[-1]
+
+
+def test_t5_checkpoints_load_as_their_encoder(tmp_path, minilm):
+    """A T5 checkpoint (encoder-decoder weights) trains as T5EncoderModel, and what we save gives
+    sentence-transformers' embeddings."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, T5Config, T5Model
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0,
+                   decoder_start_token_id=0)
+    src = tmp_path / "t5"
+    T5Model(cfg).save_pretrained(src)
+    AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(src)
+    enc = Encoder.from_pretrained(str(src), max_seq_length=32)
+    assert type(enc.transformer).__name__ == "T5EncoderModel"
+    enc.save(tmp_path / "saved")
+    texts = ["A man is playing a guitar.", "Kittens.", "The quick brown fox jumps over the lazy dog twice."]
+    st = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    assert "T5EncoderModel" in str(st)
+    assert np.abs(st.encode(texts, convert_to_numpy=True) - enc.encode(texts)).max() < 1e-5
