@@ -133,3 +133,25 @@ def test_one_dataset_mix_is_the_plain_planner(tmp_path):
     spec = mix(paths, losses, "proportional", 8, no_dup=True)
     plain = [[r.row_id for r in b] for b in spec.specs[0].batches(0, 8)]
     assert [[r.row_id for r in b] for _, b in spec.batches(0, 8, sizes=[157])] == plain
+
+
+@pytest.mark.parametrize("sampler", ["round_robin", "weighted"])
+def test_streams_of_unknown_length_mix_and_resume(tmp_path, sampler):
+    """Hub streams have no size: round robin still ends the epoch when the stream in turn runs out
+    (found by reading, not counting); weighted draws forever (a max_steps run) and resumes exactly."""
+    rng = random.Random(SEED + 11 + len(sampler))
+    sizes = [rng.randrange(40, 120) for _ in range(3)]
+    paths, losses = make_sets(tmp_path, sizes)
+    spec = mix(paths, losses, sampler, 8, weights=[1, 1, 2] if sampler == "weighted" else None)
+    unknown = [None, sizes[1], None]
+    limit = None if sampler == "round_robin" else 60
+    whole = walk(spec.planner(0, sizes=unknown), 8, limit)
+    if sampler == "round_robin":
+        k = min(-(-n // 8) for n in sizes)
+        assert min(Counter(d for d, _ in whole).values()) == k, (SEED, sizes)
+    stop = rng.randrange(1, len(whole) - 1)
+    a = spec.planner(0, sizes=unknown)
+    first = walk(a, 8, stop)
+    state = json.loads(json.dumps(a.state_dict(), default=json_without_ids))
+    rest = walk(spec.planner(0, state, sizes=unknown), 8, None if limit is None else limit - stop)
+    assert first + rest == whole, (SEED, sizes, stop)
