@@ -85,9 +85,9 @@ class MixSpec:
 
     def planner(self, epoch: int, state: dict | None = None, sizes=None) -> MixPlanner:
         sizes = list(sizes) if sizes is not None else [None] * len(self.specs)
-        shares = self.shares(sizes) if self.sampler in ("temperature", "weighted") else None
-        if self.sampler in ("temperature", "weighted") and shares is None:
-            shares = [1.0] * len(self.specs)
+        shares = None  # fixed draw probabilities: temperature (uniform while sizes are unknown), weighted
+        if self.sampler in ("temperature", "weighted"):
+            shares = self.shares(sizes) or [1.0] * len(self.specs)
         return MixPlanner(lambda i, passes, st: self.specs[i].planner(epoch, st, salt=7919 * i + 104_729 * passes),
                           sizes, sampler=self.sampler, shares=shares, epoch=epoch, seed=self.seed, state=state)
 
@@ -113,8 +113,8 @@ class MixSpec:
 
 
 def _row_from_json(r) -> Row:
-    """A row of a saved planner state. Token ids are not saved (``state_json`` writes them as
-    null): the few batches a resumed run cuts from restored rows are tokenized from the text,
+    """A row of a saved planner state. Token ids are not saved (``json_without_ids`` writes them
+    as null): the few batches a resumed run cuts from restored rows are tokenized from the text,
     which gives the same tensors."""
     return r if isinstance(r, Row) else Row(int(r[0]), tuple(r[1]), r[2])
 
@@ -131,10 +131,10 @@ class RowStream:
 
     def __init__(self, spec: PlanSpec, position: dict | None):
         self.records, self._at = None, None
-        man = shard_urls(spec.source.path)[1] if spec.source.format == "wds" else None
+        urls, man = shard_urls(spec.source.path) if spec.source.format == "wds" else ([], None)
         if man is not None:  # prepare-data shards: validated when written, rows built straight from blocks
             self._at = {k: v for k, v in (position or {}).items() if k != "file"}
-            self._rows = _prepared_rows(spec, man, dict(self._at), self._at)
+            self._rows = _prepared_rows(spec, urls, man, dict(self._at), self._at)
         else:
             self.records = spec.source.records(position)
             keys = first_keys(spec.source) if position else None  # columns as resolved at the stream's start
@@ -153,13 +153,12 @@ class RowStream:
         return next(self._rows)
 
 
-def _prepared_rows(spec: PlanSpec, man: dict, start: dict, at: dict) -> Iterator[Row]:
+def _prepared_rows(spec: PlanSpec, urls: list[str], man: dict, start: dict, at: dict) -> Iterator[Row]:
     """Rows of prepare-data shards, built from each block's lists: no per-row validation (done
     when the shards were written; the manifest's column types were checked at start), no per-row
     dicts. ~2x the rows/s of the general record path, which the planner needs for pre-tokenized
     shards (benchmarks/data_pipeline.py)."""
     src = spec.source
-    urls, _ = shard_urls(src.path)
     text_cols, extra_cols, score_col = resolve_columns(spec.schema, spec.columns, man["columns"], src.path)
     cols = text_cols + extra_cols
     id_columns = man.get("text_columns") if src.token_ids and man.get("tokenizer") else None

@@ -21,11 +21,14 @@ from .shards import MANIFEST, is_shard_spec, read_shards, shard_urls
 
 log = logging.getLogger(__name__)
 
-
-
-
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "hf", "wds")
 HF_SAVED = ("dataset_dict.json", "state.json")  # what ``datasets``' save_to_disk writes
+
+
+def saved_hf_dataset(path: str) -> bool:
+    """A directory written by ``datasets``' save_to_disk."""
+    p = Path(path)
+    return p.is_dir() and any((p / f).is_file() for f in HF_SAVED)
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:
@@ -33,7 +36,7 @@ def detect_format(path: str, fmt: str = "auto") -> str:
         return fmt
     if is_shard_spec(path):
         return "wds"
-    if Path(path).is_dir() and any((Path(path) / f).is_file() for f in HF_SAVED):
+    if saved_hf_dataset(path):
         return "hf"
     name = path.lower()
     for suffix, f in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "jsonl"), (".json.gz", "jsonl"),
@@ -222,7 +225,7 @@ def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: 
     except ImportError:
         raise DataError(f"{name}: reading hub datasets needs the 'datasets' package "
                         f"(pip install 'dist_embed[hub]')") from None
-    if Path(name).is_dir() and any((Path(name) / f).is_file() for f in HF_SAVED):
+    if saved_hf_dataset(name):
         ds = datasets.load_from_disk(name)  # a dataset saved with save_to_disk
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -323,7 +326,7 @@ class Source:
     def format(self) -> str:
         p = Path(self.path)
         if self.fmt == "auto" and p.is_dir():
-            if (p / MANIFEST).is_file() or any((p / f).is_file() for f in HF_SAVED):
+            if (p / MANIFEST).is_file() or saved_hf_dataset(self.path):
                 return detect_format(self.path)
             files = data_files(self.path)
             kinds = {detect_format(f.name) for f in files}
