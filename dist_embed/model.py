@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from importlib import import_module
 from pathlib import Path
 from typing import Sequence
@@ -50,11 +51,18 @@ def read_st_settings(path: str) -> dict:
         return out
     modules = json.loads(modules_file.read_text())
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
-    foreign = [(k, m.get("path", "")) for k, m in zip(kinds, modules) if k not in ("Transformer", "Pooling", "Normalize")]
-    if foreign:  # training would drop it and save another model: refuse instead (never change it silently)
-        raise ModelError(f"{root}: module {foreign[0][0]} ({foreign[0][1] or 'top level'}) is not supported by "
-                         "dist_embed (Transformer, Pooling, Normalize); training would drop it and save a "
-                         "different model. Start from a model without it")
+    # Transformer, Pooling, any Dense layers, then Normalize: what we can train and write back whole;
+    # anything else would be dropped or reordered, so it is refused (never a silently different model)
+    pattern = re.fullmatch(r"T P(?: D)*(?: N)?", " ".join({"Transformer": "T", "Pooling": "P", "Dense": "D",
+                                                            "Normalize": "N"}.get(k, "?") for k in kinds))
+    if not pattern:
+        bad = next(((k, m.get("path", "")) for k, m in zip(kinds, modules)
+                    if k not in ("Transformer", "Pooling", "Dense", "Normalize")), None)
+        what = (f"module {bad[0]} ({bad[1] or 'top level'}) is not supported by dist_embed (Transformer, Pooling, "
+                "Dense, Normalize)") if bad else f"modules in the order {' -> '.join(kinds)} are not supported " \
+               "(Transformer -> Pooling -> Dense... -> Normalize)"
+        raise ModelError(f"{root}: {what}; training would drop or reorder it and save a different model")
+    out["dense"] = [read_dense(root / m["path"]) for k, m in zip(kinds, modules) if k == "Dense"]
     out["normalize"] = "Normalize" in kinds
     for m in modules:
         if m.get("type", "").endswith("Pooling"):
@@ -82,6 +90,56 @@ def read_st_settings(path: str) -> dict:
     if sbc.is_file():
         out["max_seq_length"] = json.loads(sbc.read_text()).get("max_seq_length")
     return out
+
+
+# activations a sentence-transformers Dense module may name that we rebuild (by their torch class)
+ACTIVATIONS = {f"torch.nn.modules.{mod}.{name}": name for mod, name in (
+    ("activation", "Tanh"), ("activation", "ReLU"), ("activation", "GELU"), ("activation", "Sigmoid"),
+    ("activation", "SiLU"), ("linear", "Identity"))}
+
+
+class Dense(nn.Module):
+    """sentence-transformers' Dense module (activation(linear(embedding))): trained with the encoder,
+    written back to its own folder with the same config and weight names."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "torch.nn.modules.activation.Tanh"):
+        super().__init__()
+        self.in_features, self.out_features, self.bias, self.activation_name = in_features, out_features, bias, activation
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.activation_function = getattr(nn, ACTIVATIONS[activation])()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation_function(self.linear(x))
+
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias,
+                "activation_function": self.activation_name}
+
+
+def read_dense(folder: Path) -> Dense:
+    """A Dense module from its folder (config.json + model.safetensors, or an older pytorch_model.bin)."""
+    conf = json.loads((folder / "config.json").read_text())
+    act = conf.get("activation_function", "torch.nn.modules.activation.Tanh")
+    unsupported = {k: v for k, v in conf.items() if k in ("use_residual",) and v or
+                   k in ("module_input_name", "module_output_name") and v not in (None, "sentence_embedding")}
+    if act not in ACTIVATIONS or unsupported:
+        raise ModelError(f"{folder}: Dense with {unsupported or {'activation_function': act}} is not supported "
+                         f"(activations: {', '.join(sorted(v for v in ACTIVATIONS.values()))})")
+    dense = Dense(int(conf["in_features"]), int(conf["out_features"]), bool(conf.get("bias", True)), act)
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").is_file():
+        weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ModelError(f"{folder}: Dense module without weights (model.safetensors or pytorch_model.bin)")
+    try:
+        dense.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{folder}: Dense weights do not match its config ({str(e).splitlines()[0]})") from None
+    return dense
 
 
 class ModelError(ValueError):
@@ -165,9 +223,12 @@ class Encoder(nn.Module):
     """Texts -> fixed-size embeddings. ``forward`` takes tokenized features, ``encode`` raw texts."""
 
     def __init__(self, transformer: nn.Module, tokenizer, pooling: str = "mean", normalize: bool = False,
-                 max_seq_length: int = 256, extra_state: dict | None = None, st_config: dict | None = None):
+                 max_seq_length: int = 256, extra_state: dict | None = None, st_config: dict | None = None,
+                 dense: Sequence[Dense] = ()):
         super().__init__()
         self.transformer = transformer
+        # sentence-transformers Dense modules after pooling (trained, saved in their own folders)
+        self.st_dense = nn.ModuleList(dense)
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize
@@ -212,24 +273,32 @@ class Encoder(nn.Module):
                                   f"embeddings cover {limit} tokens (set model.max_seq_length <= {limit})")
         return cls(transformer, tokenizer, pooling=pooling or st.get("pooling", "mean"),
                    normalize=st.get("normalize", False) if normalize is None else normalize,
-                   max_seq_length=int(msl), extra_state=extra, st_config=st.get("st_config"))
+                   max_seq_length=int(msl), extra_state=extra, st_config=st.get("st_config"),
+                   dense=st.get("dense", ()))
 
     @property
     def dim(self) -> int:
-        return int(self.transformer.config.hidden_size)
+        """The embedding size (the last Dense module's output, if any)."""
+        return int(self.st_dense[-1].out_features) if len(self.st_dense) else int(self.transformer.config.hidden_size)
 
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def forward(self, features: dict[str, torch.Tensor], pooled: bool = True) -> torch.Tensor:
-        """Sentence embeddings; ``pooled=False``: the token states (packed inputs with position ids
-        and a 4D mask go through here too, so a wrapping engine sees every forward)."""
-        if not pooled:
-            return self.transformer(**features, return_dict=True).last_hidden_state
-        inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out = self.transformer(**inputs, return_dict=True)
-        emb = pool(out.last_hidden_state, features["attention_mask"], self.pooling)
+    def forward(self, features: dict[str, torch.Tensor], packed: tuple | None = None) -> torch.Tensor:
+        """Sentence embeddings: transformer, pooling, Dense modules, normalisation. ``packed``
+        ``(slot, owner, counts)``: texts packed side by side (packing.py: position ids and a 4D mask
+        in ``features``); pooled here too, so a wrapping engine (ZeRO-3) sees every parameter used."""
+        if packed is not None:
+            slot, owner, counts = packed
+            states = self.transformer(**features, return_dict=True).last_hidden_state
+            emb = pool_tokens(states.reshape(-1, states.shape[-1])[slot], owner, counts, self.pooling)
+        else:
+            inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            out = self.transformer(**inputs, return_dict=True)
+            emb = pool(out.last_hidden_state, features["attention_mask"], self.pooling)
+        for dense in self.st_dense:
+            emb = dense(emb)
         if self.normalize:
             emb = F.normalize(emb.float(), p=2, dim=-1)
         return emb
@@ -242,7 +311,12 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Embeddings as float32 numpy, in input order (batches sorted by length for speed)."""
+        """Embeddings as float32 numpy, in input order (batches sorted by length for speed). As
+        sentence-transformers' ``encode``: the model's default prompt (if it names one) is put
+        before each text, and the output is cut to ``truncate_dim`` (if set)."""
+        prompt = (self.st_config.get("prompts") or {}).get(self.st_config.get("default_prompt_name") or "")
+        if prompt:
+            texts = [prompt + t for t in texts]
         was_training = self.training
         self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
@@ -253,17 +327,40 @@ class Encoder(nn.Module):
             feats = {k: v.to(dev) for k, v in self.tokenize([texts[i] for i in idx]).items()}
             out[idx] = self(feats).float().cpu().numpy()
         self.train(was_training)
-        return out
+        return out[:, :self.st_config["truncate_dim"]] if self.st_config.get("truncate_dim") else out
 
     # ------------------------------------------------------------------------------------------
     # sentence-transformers layout
 
     def state_for_saving(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The transformer's weights (or ``weights``, e.g. gathered from ZeRO-3 shards) + kept extras."""
-        weights = self.transformer.state_dict() if weights is None else weights
+        """The transformer's and Dense modules' weights (or ``weights``, e.g. gathered from ZeRO-3
+        shards; Dense keys start with ``st_dense.``) + kept extras."""
+        if weights is None:
+            weights = dict(self.transformer.state_dict())
+            weights.update({f"st_dense.{k}": v for k, v in self.st_dense.state_dict().items()})
         state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         state.update({k: v.contiguous() for k, v in self.extra_state.items() if k not in state})
         return state
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``state_for_saving`` (strict: a missing or unexpected weight is an error)."""
+        self.transformer.load_state_dict({k: v for k, v in weights.items() if k not in self.extra_state
+                                          and not k.startswith("st_dense.")}, strict=True)
+        self.st_dense.load_state_dict({k.removeprefix("st_dense."): v for k, v in weights.items()
+                                       if k.startswith("st_dense.")}, strict=True)
+
+    @staticmethod
+    def saved_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+        """What ``save`` wrote, keyed as ``state_for_saving`` returns it."""
+        from safetensors.torch import load_file
+
+        root = Path(directory)
+        weights = load_file(str(root / "model.safetensors"))
+        modules = json.loads((root / "modules.json").read_text())
+        dense = [m["path"] for m in modules if m.get("type", "").endswith(".Dense")]
+        for i, path in enumerate(dense):
+            weights.update({f"st_dense.{i}.{k}": v for k, v in load_file(str(root / path / "model.safetensors")).items()})
+        return weights
 
     def save(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write a complete sentence-transformers model directory (weights as safetensors only)."""
@@ -272,26 +369,41 @@ class Encoder(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = self.state_for_saving() if state is None else state
-        save_file(_dedupe_shared(state), str(out / "model.safetensors"), metadata={"format": "pt"})
+        main = {k: v for k, v in state.items() if not k.startswith("st_dense.")}
+        save_file(_dedupe_shared(main), str(out / "model.safetensors"), metadata={"format": "pt"})
         self.transformer.config.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        for i, dense in enumerate(self.st_dense):
+            idx = len(modules)
+            folder = out / f"{idx}_Dense"
+            folder.mkdir(exist_ok=True)
+            prefix = f"st_dense.{i}."
+            save_file({k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)},
+                      str(folder / "model.safetensors"), metadata={"format": "pt"})
+            _write_json(folder / "config.json", dense.config())
+            modules.append({"idx": idx, "name": str(idx), "path": folder.name, "type": "sentence_transformers.models.Dense"})
         if self.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+            idx = len(modules)
+            modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
                             "type": "sentence_transformers.models.Normalize"})
-            (out / "2_Normalize").mkdir(exist_ok=True)
+            (out / f"{idx}_Normalize").mkdir(exist_ok=True)
         _write_json(out / "modules.json", modules)
         _write_json(out / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length, "do_lower_case": False})
         _write_json(out / "config_sentence_transformers.json", {
             "__version__": _versions(), "model_type": "SentenceTransformer", "prompts": {},
             "default_prompt_name": None, "similarity_fn_name": "cosine", **self.st_config})
         (out / "1_Pooling").mkdir(exist_ok=True)
-        pooling = {"word_embedding_dimension": self.dim}
+        _write_json(out / "1_Pooling" / "config.json", self.pooling_config())
+
+    def pooling_config(self) -> dict:
+        """sentence-transformers' Pooling config for our mode."""
+        pooling = {"word_embedding_dimension": int(self.transformer.config.hidden_size)}
         pooling.update({key: (name == self.pooling) for name, key in POOLING_KEYS.items()})
         pooling.update({"pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
                         "pooling_mode_lasttoken": False, "include_prompt": True})
-        _write_json(out / "1_Pooling" / "config.json", pooling)
+        return pooling
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -73,13 +73,14 @@ def dataset_info(name: str, rows: int | None, columns: list[str], texts: list[tu
 
 
 def architecture(encoder) -> str:
+    """The module list as ``print(SentenceTransformer(path))`` shows it."""
     tcfg = {"max_seq_length": encoder.max_seq_length, "do_lower_case": False,
             "architecture": type(encoder.transformer).__name__}
-    pcfg = {"word_embedding_dimension": encoder.dim, "pooling_mode_cls_token": encoder.pooling == "cls",
-            "pooling_mode_mean_tokens": encoder.pooling == "mean", "pooling_mode_max_tokens": encoder.pooling == "max"}
+    pcfg = {k: v for k, v in encoder.pooling_config().items() if k != "include_prompt"}
     lines = ["SentenceTransformer(", f"  (0): Transformer({tcfg})", f"  (1): Pooling({pcfg})"]
+    lines += [f"  ({i}): Dense({d.config()})" for i, d in enumerate(encoder.st_dense, start=2)]
     if encoder.normalize:
-        lines.append("  (2): Normalize()")
+        lines.append(f"  ({2 + len(encoder.st_dense)}): Normalize()")
     return "\n".join(lines + [")"])
 
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from .model import pool_tokens
-
-
 # absolute position embeddings and a 4D-mask-aware attention: safe to pack. RoBERTa-type models
 # number positions from padding_idx + 1 (HF's create_position_ids_from_input_ids): POSITION_OFFSET
 PACKABLE = ("bert", "roberta", "xlm-roberta", "camembert")
@@ -81,12 +78,8 @@ def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int | s
     # padding tokens attend among themselves (a fully masked query row would give NaN)
     mask = (segment[:, :, None] == segment[:, None, :])[:, None]
     positions = positions + position_offset(encoder.transformer.config)
-    out = encoder({"input_ids": input_ids.view_as(segment), "position_ids": positions.view_as(segment),
-                   "token_type_ids": torch.zeros_like(segment), "attention_mask": mask}, pooled=False)
-    flat = out.reshape(-1, out.shape[-1])
-    emb = pool_tokens(flat[slot], owner, counts, encoder.pooling)
-    if encoder.normalize:
-        emb = torch.nn.functional.normalize(emb.float(), p=2, dim=-1)
+    emb = encoder({"input_ids": input_ids.view_as(segment), "position_ids": positions.view_as(segment),
+                   "token_type_ids": torch.zeros_like(segment), "attention_mask": mask}, packed=(slot, owner, counts))
     return list(torch.split(emb, [f["attention_mask"].shape[0] for f in feats]))
 
 

@@ -89,11 +89,7 @@ class DDPBackend(AutogradBackward):
                 ckpt.save_tensors(self.scaler.state_dict(), directory / "scaler.pt")
 
     def load(self, checkpoint: Path, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(checkpoint / "model.safetensors"))
-        self.encoder.transformer.load_state_dict(
-            {k: v for k, v in weights.items() if k not in self.encoder.extra_state}, strict=True)
+        self.encoder.load_weights(self.encoder.saved_weights(checkpoint))
         self.optimizer.load_state_dict(ckpt.load_tensors(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_tensors(directory / "scheduler.pt"))
         if self.scaler is not None and (directory / "scaler.pt").exists():

@@ -228,7 +228,7 @@ class DeepSpeedBackend:
         if sd is None or not self.state.is_main:
             return None
         return {k.removeprefix("transformer."): v.detach().to("cpu").contiguous() for k, v in sd.items()
-                if k.startswith("transformer.")}
+                if k.startswith(("transformer.", "st_dense."))}
 
     def encoder_for_eval(self):
         """The encoder rank 0 evaluates with full weights. All ranks must call it (ZeRO-3 gathers)."""
@@ -236,7 +236,7 @@ class DeepSpeedBackend:
             return self.engine.module  # ZeRO-1/2 shard optimizer state and gradients, not weights
         weights = self.full_state_dict()
         if self.eval_copy is not None:
-            self.eval_copy.transformer.load_state_dict(weights, strict=True)
+            self.eval_copy.load_weights(weights)
         return self.eval_copy
 
     def save(self, directory: Path, is_main: bool) -> None:
