@@ -42,6 +42,8 @@ class LossConfig(_Section):
     mini_batch_size: int = Field(default=32, gt=0)  # cached_mnrl
     margin: float = Field(default=5.0, ge=0)  # triplet
     distance: Literal["euclidean", "cosine", "manhattan"] = "euclidean"  # triplet
+    # cosine: the gold label is score / score_max (STS sets score 0-5; CosineSimilarityLoss wants 0-1)
+    score_max: float = Field(default=1.0, gt=0)
 
 
 class DatasetConfig(_Section):
@@ -138,6 +140,7 @@ class StsSet(_Section):
     path: str  # a file, or a Hugging Face dataset (e.g. sentence-transformers/stsb)
     split: str = "validation"  # Hugging Face datasets only
     subset: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)  # sentence1 / sentence2 / score -> the source's names
 
 
 class EvalConfig(_Section):

@@ -30,12 +30,12 @@ class StsData:
 
 
 def load_sts(path: str, name: str | None = None, on_error: str = "raise", *, split: str = "validation",
-             subset: str | None = None) -> StsData:
+             subset: str | None = None, columns: dict[str, str] | None = None) -> StsData:
     """Read sentence1 / sentence2 / score rows from tsv (quoting off), csv, jsonl(.gz), parquet, or a
     Hugging Face dataset (hub id such as ``sentence-transformers/stsb``, or a saved one: ``split``)."""
     skips = SkipCounter()
     source = Source(path, subset=subset, split=split, streaming=False)
-    rows = list(validate_rows(source.records(), Schema.for_loss("cosine"), {}, on_error, skips))
+    rows = list(validate_rows(source.records(), Schema.for_loss("cosine"), columns or {}, on_error, skips))
     if skips.total:
         log.warning("%s: %s", path, skips.summary())
     if len(rows) < 2:

@@ -67,8 +67,12 @@ def dataset_info(name: str, rows: int | None, columns: list[str], texts: list[tu
         col_texts = [t[i] for t in texts if i < len(t)]
         if not col_texts:
             continue
-        lengths = np.array([len(ids) for ids in tokenizer(col_texts, truncation=False)["input_ids"]])
-        stats[col] = {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())}
+        ids = tokenizer(col_texts, truncation=False, add_special_tokens=False)["input_ids"]
+        lengths = np.array([len(x) for x in ids]) + len(tokenizer("")["input_ids"])  # + special tokens
+        unk = getattr(tokenizer, "unk_token_id", None)
+        unknown = sum(t == unk for x in ids for t in x) / max(1, sum(map(len, ids))) if unk is not None else 0.0
+        stats[col] = {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max()),
+                      "unknown": unknown}
     return DatasetInfo(name, rows, columns, stats, texts[:sample])
 
 

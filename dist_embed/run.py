@@ -179,7 +179,7 @@ def pretokenized_for(path: str, tokenizer, max_seq_length: int) -> bool:
 def loss_step_spec(loss, cfg: Config, state: DistState) -> StepSpec:
     t = cfg.training
     gather = loss.gather_across_devices if loss.gather_across_devices is not None else state.enabled
-    return StepSpec(loss.name, scale=loss.scale, margin=loss.margin, distance=loss.distance, gather=gather,
+    return StepSpec(loss.name, scale=loss.scale, margin=loss.margin, distance=loss.distance, score_max=loss.score_max, gather=gather,
                     mini_batch_size=loss.mini_batch_size, chunk=t.length_sorted_chunks, pack=t.pack_length,
                     autocast_dtype=DTYPES[t.precision])
 
@@ -224,7 +224,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                            warmup_steps=warmup_steps)
     run = Run(cfg=cfg, state=state, out=out, encoder=encoder, backend=backend, plan=plan, rows=rows,
               sizes=sizes, global_batch=global_batch, specs=specs, schedule=schedule, health=health, metrics=None,
-              eval_sets=[load_sts(s.path, s.name, split=s.split, subset=s.subset) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
+              eval_sets=[load_sts(s.path, s.name, split=s.split, subset=s.subset, columns=s.columns) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
     run.num_workers = d.num_workers
     if d.num_workers and all(s.source.token_ids for s in plan.specs):
         # padding ids costs less than shipping rows to a worker process and back (benchmarks/

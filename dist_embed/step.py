@@ -23,6 +23,7 @@ class StepSpec:
     scale: float = 20.0
     margin: float = 5.0
     distance: str = "euclidean"
+    score_max: float = 1.0  # cosine: label = score / score_max
     gather: bool = True
     mini_batch_size: int = 32  # cached_mnrl
     chunk: int = 0  # >0: encode in length-sorted chunks of this many rows
@@ -132,7 +133,7 @@ def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, 
                            global_count=max(count, 1)), info
     if spec.loss == "cosine":
         scores = batch["scores"].to(embs[0].device) if batch["scores"] is not None else embs[0].new_zeros(0)
-        return losses.cosine_similarity_loss(embs[0], embs[1], scores, global_count=n_global), info
+        return losses.cosine_similarity_loss(embs[0], embs[1], scores / spec.score_max, global_count=n_global), info
     if spec.loss == "triplet":
         return losses.triplet_loss(embs[0], embs[1], embs[2], margin=spec.margin, distance=spec.distance,
                                    global_count=n_global), info

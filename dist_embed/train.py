@@ -261,6 +261,11 @@ def dataset_info(run: Run) -> list:
                         run.sizes[i], cols, [x[:len(cols)] for x in texts], run.encoder.tokenizer)
         info.loss = run.cfg.data.datasets()[i].loss or run.cfg.loss
         info.share = shares[i] if shares else None
+        for col, s in info.token_stats.items():
+            if s["unknown"] > 0.05:  # e.g. Chinese through an English WordPiece vocabulary
+                log.warning("%s: column %s: %.0f%% of the tokens are unknown to %s's tokenizer (its vocabulary does "
+                            "not cover this text; they all look alike to the model). Consider a multilingual model",
+                            info.name, col, 100 * s["unknown"], run.cfg.model.name_or_path)
         if schema.score:
             info.columns.append("score")
             info.sample = [x for x in texts[:3]]

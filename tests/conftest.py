@@ -112,6 +112,27 @@ MULTILINGUAL = [
 ]
 
 
+# sentence parts per language (subject, predicate, adverb) for generated recipe data (test_recipes.py)
+RECIPE_WORDS = {
+    "ko": (["한 남자가", "고양이가", "한 여자가", "아이가"], ["기타를 연주한다", "소파에서 자고 있다", "밥을 먹는다", "공원에서 달린다"],
+           ["오늘", "아침에", "다시"]),
+    "ru": (["Мужчина", "Кошка", "Женщина", "Ребёнок"], ["играет на гитаре", "спит на диване", "ест суп", "бежит в парке"],
+           ["сегодня", "утром", "снова"]),
+    "si": (["මිනිසෙක්", "බළලා", "ගැහැනියක්", "ළමයා"], ["ගිටාරය වාදනය කරයි", "සෝෆාව මත නිදා ගනී", "බත් කයි", "උද්‍යානයේ දුවයි"],
+           ["අද", "උදේ", "නැවතත්"]),
+    "zh": (["一个男人", "一只猫", "一个女人", "一个孩子"], ["在弹吉他", "在沙发上睡觉", "在吃饭", "在公园里跑步"], ["今天", "早上", "又"]),
+    "en": (["A man", "The cat", "A woman", "A child"], ["plays the guitar", "sleeps on the sofa", "eats rice", "runs in the park"],
+           ["today", "in the morning", "again"]),
+}
+
+
+def recipe_sentence(lang: str, s: int, p: int, a: int) -> str:
+    subj, pred, adv = RECIPE_WORDS[lang]
+    if lang in ("en", "ru"):
+        return f"{subj[s]} {pred[p]} {adv[a]}."
+    return f"{adv[a]} {subj[s]} {pred[p]}." if lang != "zh" else f"{subj[s]}{adv[a]}{pred[p]}。"
+
+
 @pytest.fixture(scope="session")
 def tiny_xlmr(tmp_path_factory) -> Path:
     """A 2-layer random XLM-R (padding_idx 1: positions start at 2) with a small SentencePiece-style
@@ -123,6 +144,8 @@ def tiny_xlmr(tmp_path_factory) -> Path:
     from dist_embed.model import Encoder
 
     texts = MULTILINGUAL * 20 + [t for r in quick_triplets(400) for t in r.values()]
+    texts += [recipe_sentence(lang, s, p, a) for lang in RECIPE_WORDS for s in range(4) for p in range(4)
+              for a in range(3)] * 5
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
