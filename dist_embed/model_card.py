@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 LOSS_NAMES = {"mnrl": "MultipleNegativesRankingLoss", "cached_mnrl": "CachedMultipleNegativesRankingLoss",
               "cosine": "CosineSimilarityLoss", "triplet": "TripletLoss"}
@@ -128,6 +129,88 @@ def training_log_rows(metrics_path: Path, upto_step: int) -> tuple[list[str], di
     return keys, rows
 
 
+def training_seconds(metrics_path: Path, upto_step: int) -> float:
+    """Time spent in training steps up to ``upto_step``: the logged seconds per step x steps."""
+    total, prev = 0.0, 0
+    if not metrics_path.exists():
+        return total
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        step = rec.get("step")
+        if step is None or "seconds_per_step" not in rec or step > upto_step:
+            continue
+        if step > prev:
+            total += rec["seconds_per_step"] * (step - prev)
+        prev = step
+    return total
+
+
+def _versions(*packages: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in packages:
+        try:
+            out[name.replace("-", " ").title()] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+METRIC_NAMES = {"pearson": "Pearson", "spearman": "Spearman", "cosine": "Cosine", "dot": "Dot",
+                "euclidean": "Euclidean", "manhattan": "Manhattan"}
+
+
+def front_matter(base_model: str, data: list[DatasetInfo], loss_keys: list[str], final_metrics: dict,
+                 eval_names: list[str]) -> dict:
+    """The YAML header the Hub reads: tags, widget examples from the training rows, every
+    evaluator's metrics (model-index), as sentence-transformers writes it."""
+    rows = sum((d.rows or 0) for d in data)
+    front: dict = {"tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense",
+                            "dist-embed", *([f"dataset_size:{rows}"] if rows else []),
+                            *(f"loss:{LOSS_NAMES[k]}" for k in loss_keys)]}
+    if _is_hub_id(base_model):
+        front["base_model"] = base_model
+    widget = widget_examples(data)
+    if widget:
+        front["widget"] = widget
+    hub = [d.name for d in data if _is_hub_id(d.name)]
+    if hub:
+        front["datasets"] = hub
+    front["pipeline_tag"] = "sentence-similarity"
+    front["library_name"] = "sentence-transformers"
+    if final_metrics and eval_names:
+        first = f"eval/{eval_names[0]}/"
+        front["metrics"] = [k[len(first):] for k in final_metrics if k.startswith(first)]
+        front["model-index"] = [{"name": f"SentenceTransformer based on {base_model}", "results": [
+            {"task": {"type": "semantic-similarity", "name": "Semantic Similarity"},
+             "dataset": {"name": name, "type": name},
+             "metrics": [{"type": k.rsplit("/", 1)[1], "value": _plain(v),
+                          "name": " ".join(METRIC_NAMES.get(w, w) for w in k.rsplit("/", 1)[1].split("_"))}
+                         for k, v in final_metrics.items() if k.startswith(f"eval/{name}/")]}
+            for name in eval_names]}]
+    return front
+
+
+def _plain(v):
+    return None if isinstance(v, float) and math.isnan(v) else float(v)
+
+
+def widget_examples(data: list[DatasetInfo], n: int = 5) -> list[dict]:
+    """Hub widget entries from the first training rows: a row's first text against its other texts
+    and texts of other rows (as sentence-transformers' cards draw them)."""
+    text_rows = [[t for t, c in zip(row, d.columns) if c != "score" and isinstance(t, str)]
+                 for d in data for row in d.sample]
+    text_rows = [r for r in text_rows if r]
+    out = []
+    for i, row in enumerate(text_rows[:n]):
+        others = [t for j, r in enumerate(text_rows) if j != i for t in r[1:2]]
+        sentences = list(dict.fromkeys(row[1:] + others))[:3]
+        if sentences:
+            out.append({"source_sentence": row[0], "sentences": sentences})
+    return out
+
+
 def loss_parameters(loss, world_size: int) -> dict:
     """A loss section as sentence-transformers' cards print the loss's parameters."""
     return {"mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim",
@@ -168,14 +251,7 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
     loss_keys = list(dict.fromkeys(loss.name for loss in losses))
     keys, log_rows = training_log_rows(metrics_path, step)
     eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("spearman_cosine")]
-    front = ["---", "tags:", "- sentence-transformers", "- sentence-similarity", "- feature-extraction",
-             "- dist-embed", *(f"- loss:{LOSS_NAMES[k]}" for k in loss_keys), "pipeline_tag: sentence-similarity",
-             "library_name: sentence-transformers"]
-    if _is_hub_id(base_model):
-        front.append(f"base_model: {base_model}")
-    if final_metrics:
-        front += ["metrics:"] + [f"- {m}" for m in ("pearson_cosine", "spearman_cosine")]
-    front.append("---")
+    front = front_matter(base_model, data, loss_keys, final_metrics, eval_names)
     t = cfg.training
     defaults = type(t)()
     all_hp = t.model_dump()
@@ -185,7 +261,8 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
               "no_duplicates_batching": cfg.data.no_duplicates, "optimizer": "AdamW",
               "lr_scheduler": "linear warm-up, then linear decay"}
 
-    parts = ["\n".join(front), "", f"# SentenceTransformer based on {base_model}", "",
+    parts = ["---", yaml.safe_dump(front, allow_unicode=True, sort_keys=False, width=100).rstrip(), "---", "",
+             f"# SentenceTransformer based on {base_model}", "",
              f"This is a [sentence-transformers](https://www.SBERT.net) model finetuned from `{base_model}` with "
              f"dist_embed. It maps sentences & paragraphs to a {encoder.dim}-dimensional dense vector space and can "
              "be used for semantic textual similarity, semantic search, paraphrase mining, text classification, "
@@ -197,12 +274,24 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
              f"- **Output Dimensionality:** {encoder.dim} dimensions",
              f"- **Similarity Function:** Cosine Similarity",
              f"- **Training Steps:** {step}", ""]
+    sims = {"cosine": "Cosine Similarity", "dot": "Dot Product", "euclidean": "Euclidean Distance",
+            "manhattan": "Manhattan Distance"}
+    sim = encoder.st_config.get("similarity_fn_name") or "cosine"
+    parts[parts.index("- **Similarity Function:** Cosine Similarity")] = f"- **Similarity Function:** {sims.get(sim, sim)}"
+    if encoder.st_config.get("truncate_dim"):
+        parts.insert(-1, f"- **Truncated to:** {encoder.st_config['truncate_dim']} dimensions in `encode`")
+    if encoder.st_config.get("prompts"):
+        parts.insert(-1, f"- **Prompts:** {encoder.st_config['prompts']} (default: "
+                         f"{encoder.st_config.get('default_prompt_name')})")
     if data:
         parts.append(f"- **Training Dataset{'s' if len(data) > 1 else ''}:**")
         parts += [f"    - {d.name}" + (f" ({d.rows:,} rows)" if d.rows else "") for d in data]
         parts.append("")
-    parts += ["### Full Model Architecture", "", "```", architecture(encoder), "```", "",
-              "## Usage", "", "```bash", "pip install -U sentence-transformers", "```", "", "```python",
+    parts += ["### Model Sources", "",
+              "- **Documentation:** [Sentence Transformers Documentation](https://sbert.net)",
+              "- **Trained with:** dist_embed (distributed training of sentence embedding models)", "",
+              "### Full Model Architecture", "", "```", architecture(encoder), "```", "",
+              "## Usage", "", "### Direct Usage (Sentence Transformers)", "", "```bash", "pip install -U sentence-transformers", "```", "", "```python",
               "from sentence_transformers import SentenceTransformer", "",
               'model = SentenceTransformer("path/to/this/model")',
               "sentences = [", '    "A man is eating food.",', '    "A man is eating a piece of bread.",',
@@ -214,7 +303,9 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
         for name in eval_names:
             pref = f"eval/{name}/"
             rows = [[k[len(pref):], final_metrics[k]] for k in final_metrics if k.startswith(pref)]
-            parts += [f"#### Semantic Similarity: `{name}`", "", _table(["Metric", "Value"], rows), ""]
+            parts += ["#### Semantic Similarity", "", f"* Dataset: `{name}`",
+                      "* Evaluated with dist_embed's STS evaluator (the definitions of sentence-transformers' "
+                      "`EmbeddingSimilarityEvaluator`)", "", _table(["Metric", "Value"], rows), ""]
     parts += ["## Training Details", ""]
     if data:
         parts += [f"### Training Dataset{'s' if len(data) > 1 else ''}", ""]
@@ -240,10 +331,17 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
         if s == step:
             cells = [f"**{c}**" for c in cells]
         table_rows.append(cells)
+    seconds = training_seconds(metrics_path, step)
     parts += [_table(header, table_rows) if table_rows else "(no logged steps)", "",
               "* The bold row denotes the saved checkpoint.", "",
+              "### Training Time", f"- **Training**: {seconds:.1f} seconds" if seconds else "- **Training**: -", "",
               "### Framework Versions", f"- Python: {platform.python_version()}", f"- dist_embed: {__version__}",
-              f"- Transformers: {transformers.__version__}", f"- PyTorch: {torch.__version__}", "",
+              f"- Transformers: {transformers.__version__}", f"- PyTorch: {torch.__version__}",
+              *(f"- {name}: {v}" for name, v in _versions("accelerate", "datasets", "tokenizers",
+                                                           "sentence-transformers").items()), "",
+              "## Additional Resources", "",
+              "- [Sentence Transformers documentation](https://sbert.net): using, evaluating and training "
+              "embedding models", "- The dist_embed README: multi-GPU and cluster training, exact resume", "",
               "## Citation", "", "### BibTeX", "", "#### Sentence Transformers", "```bibtex", SBERT_BIB, "```", ""]
     cite = list(dict.fromkeys(k for key in loss_keys for k in ((key, "mnrl") if key == "cached_mnrl" else (key,))))
     for key in cite:
