@@ -164,3 +164,29 @@ def tiny_xlmr(tmp_path_factory) -> Path:
     Encoder(XLMRobertaModel(cfg, add_pooling_layer=False), fast, pooling="mean", normalize=False,
             max_seq_length=48).save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """A 2-layer random RoBERTa (positions from padding_idx + 1) with a byte-level BPE tokenizer
+    trained here on the same multilingual text."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    from dist_embed.model import Encoder
+
+    texts = MULTILINGUAL * 20 + [t for r in quick_triplets(400) for t in r.values()]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=1500, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe._tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    fast = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, type_vocab_size=1)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-roberta"
+    Encoder(RobertaModel(cfg, add_pooling_layer=False), fast, pooling="mean", normalize=False,
+            max_seq_length=48).save(out)
+    return out

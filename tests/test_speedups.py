@@ -208,10 +208,17 @@ def test_eager_attention_is_never_packed(tiny_model):
 # -- XLM-R / RoBERTa: SentencePiece tokenizer through the fast path, packing with their position offset
 
 
-def test_xlmr_tokenizer_fast_path_gives_the_tokenizers_own_ids(tiny_xlmr):
+@pytest.fixture(params=["xlmr", "roberta"])
+def roberta_family(request):
+    """XLM-R (SentencePiece-style Unigram tokenizer) and RoBERTa (byte-level BPE)."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+def test_xlmr_tokenizer_fast_path_gives_the_tokenizers_own_ids(roberta_family):
     from conftest import MULTILINGUAL
     from dist_embed.tokenization import tokenize_columns
 
+    tiny_xlmr = roberta_family
     enc = Encoder.from_pretrained(str(tiny_xlmr))
     for length in (8, 48):
         feats = tokenize_columns(enc.tokenizer, [MULTILINGUAL, MULTILINGUAL[::-1]], length)
@@ -224,11 +231,12 @@ def test_xlmr_tokenizer_fast_path_gives_the_tokenizers_own_ids(tiny_xlmr):
 
 
 @pytest.mark.parametrize("loss_name", ["mnrl", "cosine"])
-def test_xlmr_packing_equals_unpacked_embeddings_and_gradients(tiny_xlmr, loss_name):
+def test_xlmr_packing_equals_unpacked_embeddings_and_gradients(roberta_family, loss_name):
     """Packed rows carry each text's positions from padding_idx + 1, as XLM-R numbers them alone."""
     from conftest import MULTILINGUAL
     from dist_embed.packing import can_pack
 
+    tiny_xlmr = roberta_family
     assert can_pack(Encoder.from_pretrained(str(tiny_xlmr)))
     texts = MULTILINGUAL + [r["anchor"] for r in quick_triplets(9)]
     if loss_name == "mnrl":
@@ -240,5 +248,7 @@ def test_xlmr_packing_equals_unpacked_embeddings_and_gradients(tiny_xlmr, loss_n
         l1, g1 = loss_and_grads(tiny_xlmr, StepSpec(loss_name, chunk=0, pack=pack), rows)
         assert abs(l0 - l1) <= 1e-5 * max(abs(l0), 1e-6), (pack, l0, l1)
         assert g0.keys() == g1.keys()
-        for name in g0:
-            assert (g0[name] - g1[name]).abs().max() < 1e-5, (pack, name)
+        for name in g0:  # < 1e-5, relative to the gradient's size where it is larger than 1: the
+            # token-type embedding's gradient sums over every token (|g| ~ 10), so float32 order shows
+            scale = max(1.0, float(g0[name].abs().max()))
+            assert (g0[name] - g1[name]).abs().max() < 1e-5 * scale, (pack, name)
