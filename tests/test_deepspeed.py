@@ -152,3 +152,26 @@ def test_ragged_tail_smaller_than_the_world_trains_under_zero(tmp_path, tiny_mod
     r = run_cli("train", cfg, f"output_dir={out}", "--nproc", "2", *ds_args(stage), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(train_losses(out)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_dense_head_trains_and_saves_under_zero3_as_under_ddp(tmp_path, tiny_model):
+    """Transformer + Pooling + Dense + Normalize: ZeRO-3 partitions the Dense layer too; it is
+    gathered for evaluation and saving, and the result equals our DDP path's."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules
+
+    base = SentenceTransformer(str(tiny_model), device="cpu")
+    SentenceTransformer(modules=[base[0], base[1], modules.Dense(32, 24), modules.Normalize()],
+                        device="cpu").save(str(tmp_path / "start"))
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(96))
+    cfg = tiny_config(tmp_path, tmp_path / "start", data, training={"max_steps": 4})
+    train(cfg, tmp_path / "ddp", "--nproc", "2")
+    train(cfg, tmp_path / "z3", "--nproc", "2", *ds_args("zero3"))
+    a, b = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "z3")
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    assert (tmp_path / "z3" / "final" / "2_Dense" / "model.safetensors").is_file()
+    got = embed(tmp_path / "z3" / "final")
+    assert got.shape == (3, 24)
+    assert np.abs(embed(tmp_path / "ddp" / "final") - got).max() < 1e-4
