@@ -44,6 +44,28 @@ class LossConfig(_Section):
     distance: Literal["euclidean", "cosine", "manhattan"] = "euclidean"  # triplet
     # cosine: the gold label is score / score_max (STS sets score 0-5; CosineSimilarityLoss wants 0-1)
     score_max: float = Field(default=1.0, gt=0)
+    # Matryoshka (Kusupati et al. 2022): the loss is also taken on the first d dimensions of the
+    # embeddings for each d, weighted (default 1 each), e.g. [384, 256, 128, 64]
+    matryoshka_dims: list[Annotated[int, Field(gt=0)]] | None = None
+    matryoshka_weights: list[Annotated[float, Field(gt=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _matryoshka(self):
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if dims is not None and not dims:
+            raise ValueError("matryoshka_dims: an empty list (leave it out for no Matryoshka)")
+        if dims and len(set(dims)) != len(dims):
+            raise ValueError(f"matryoshka_dims: {dims} names a dimension twice")
+        if weights is not None and (dims is None or len(weights) != len(dims)):
+            raise ValueError(f"matryoshka_weights: {len(weights)} weights for "
+                             f"{len(dims or [])} matryoshka_dims; give one weight per dimension")
+        return self
+
+    def matryoshka(self) -> tuple[tuple[int, float], ...]:
+        """(dimension, weight) pairs; () without Matryoshka."""
+        if not self.matryoshka_dims:
+            return ()
+        return tuple(zip(self.matryoshka_dims, self.matryoshka_weights or [1.0] * len(self.matryoshka_dims)))
 
 
 class DatasetConfig(_Section):

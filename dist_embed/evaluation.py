@@ -66,7 +66,16 @@ def similarity_metrics(emb1: np.ndarray, emb2: np.ndarray, gold: np.ndarray) -> 
 
 
 def evaluate_sts(encoder, data: StsData, batch_size: int = 64) -> dict[str, float]:
+    return evaluate_sts_dims(encoder, data, batch_size)[data.name]
+
+
+def evaluate_sts_dims(encoder, data: StsData, batch_size: int = 64, dims=()) -> dict[str, dict[str, float]]:
+    """Metrics of the full embeddings under ``data.name`` and, for each Matryoshka dimension d,
+    of their first d dimensions under ``<name>-dim<d>`` (one encoding pass)."""
     texts = data.sentences1 + data.sentences2
     emb = encoder.encode(texts, batch_size=batch_size)
     n = len(data.sentences1)
-    return similarity_metrics(emb[:n], emb[n:], data.scores)
+    out = {data.name: similarity_metrics(emb[:n], emb[n:], data.scores)}
+    for d in dims:
+        out[f"{data.name}-dim{d}"] = similarity_metrics(emb[:n, :d], emb[n:, :d], data.scores)
+    return out

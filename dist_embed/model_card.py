@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 LOSS_NAMES = {"mnrl": "MultipleNegativesRankingLoss", "cached_mnrl": "CachedMultipleNegativesRankingLoss",
-              "cosine": "CosineSimilarityLoss", "triplet": "TripletLoss"}
+              "cosine": "CosineSimilarityLoss", "triplet": "TripletLoss", "matryoshka": "MatryoshkaLoss"}
 
 SBERT_BIB = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
@@ -22,6 +22,14 @@ SBERT_BIB = """@inproceedings{reimers-2019-sentence-bert,
     url = "https://arxiv.org/abs/1908.10084",
 }"""
 CITATIONS = {
+    "matryoshka": ("MatryoshkaLoss", """@misc{kusupati2024matryoshka,
+    title = {Matryoshka Representation Learning},
+    author = {Aditya Kusupati and Gantavya Bhatt and Aniket Rege and Matthew Wallingford and Aditya Sinha and Vivek Ramanujan and William Howard-Snyder and Kaifeng Chen and Sham Kakade and Prateek Jain and Ali Farhadi},
+    year = {2024},
+    eprint = {2205.13147},
+    archivePrefix = {arXiv},
+    primaryClass = {cs.LG}
+}"""),
     "mnrl": ("MultipleNegativesRankingLoss", """@misc{henderson2017efficient,
     title = {Efficient Natural Language Response Suggestion for Smart Reply},
     author = {Matthew Henderson and Rami Al-Rfou and Brian Strope and Yun-hsuan Sung and Laszlo Lukacs and Ruiqi Guo and Sanjiv Kumar and Balint Miklos and Ray Kurzweil},
@@ -211,8 +219,18 @@ def widget_examples(data: list[DatasetInfo], n: int = 5) -> list[dict]:
     return out
 
 
+def loss_title(loss) -> str:
+    return LOSS_NAMES["matryoshka" if loss.matryoshka_dims else loss.name]
+
+
 def loss_parameters(loss, world_size: int) -> dict:
-    """A loss section as sentence-transformers' cards print the loss's parameters."""
+    """A loss section as sentence-transformers' cards print the loss's parameters (a Matryoshka
+    loss as MatryoshkaLoss around the inner loss, whose parameters follow)."""
+    if loss.matryoshka_dims:
+        dims, weights = zip(*loss.matryoshka())
+        inner = loss.model_copy(update={"matryoshka_dims": None, "matryoshka_weights": None})
+        return {"loss": LOSS_NAMES[loss.name], "matryoshka_dims": list(dims), "matryoshka_weights": list(weights),
+                "n_dims_per_step": -1, "loss_parameters": loss_parameters(inner, world_size)}
     return {"mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim",
                      "gather_across_devices": loss.gather_across_devices if loss.gather_across_devices
                      is not None else world_size > 1},
@@ -234,7 +252,7 @@ def _dataset_section(data: DatasetInfo, loss, world_size: int, heading: str) -> 
     if data.sample:
         parts += ["* Samples:", "", _table(data.columns, [[str(v).replace("|", "\\|") for v in row]
                                                         for row in data.sample]), ""]
-    parts += [f"* Loss: `{LOSS_NAMES[loss.name]}` with these parameters:", "", "```json",
+    parts += [f"* Loss: `{loss_title(loss)}` with these parameters:", "", "```json",
               json.dumps(loss_parameters(loss, world_size), indent=2), "```", ""]
     return parts
 
@@ -248,7 +266,9 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
 
     data = data or []
     losses = [d.loss or cfg.loss for d in data] or [cfg.loss]
-    loss_keys = list(dict.fromkeys(loss.name for loss in losses))
+    loss_keys = list(dict.fromkeys(k for loss in losses for k in (("matryoshka",) if loss.matryoshka_dims else ())
+                                   + (loss.name,)))
+    dims = sorted({d for loss in losses for d in loss.matryoshka_dims or []}, reverse=True)
     keys, log_rows = training_log_rows(metrics_path, step)
     eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("spearman_cosine")]
     front = front_matter(base_model, data, loss_keys, final_metrics, eval_names)
@@ -278,6 +298,9 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
             "manhattan": "Manhattan Distance"}
     sim = encoder.st_config.get("similarity_fn_name") or "cosine"
     parts[parts.index("- **Similarity Function:** Cosine Similarity")] = f"- **Similarity Function:** {sims.get(sim, sim)}"
+    if dims:
+        parts.insert(-1, f"- **Matryoshka dimensions:** {', '.join(map(str, dims))} (the first d dimensions of an "
+                         "embedding are an embedding: `SentenceTransformer(path, truncate_dim=d)`)")
     if encoder.st_config.get("truncate_dim"):
         parts.insert(-1, f"- **Truncated to:** {encoder.st_config['truncate_dim']} dimensions in `encode`")
     if encoder.st_config.get("prompts"):
@@ -316,7 +339,7 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
         for d, loss in zip(data, losses):
             parts += _dataset_section(d, loss, world_size, f"#### {d.name}")
     else:
-        parts += [f"* Loss: `{LOSS_NAMES[cfg.loss.name]}` with these parameters:", "", "```json",
+        parts += [f"* Loss: `{loss_title(cfg.loss)}` with these parameters:", "", "```json",
                   json.dumps(loss_parameters(cfg.loss, world_size), indent=2), "```", ""]
     parts += ["### Training Hyperparameters", "", "#### Non-Default Hyperparameters", ""]
     parts += [f"- `{k}`: {v}" for k, v in non_default.items()] or ["- (none)"]

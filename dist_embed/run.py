@@ -179,7 +179,7 @@ def pretokenized_for(path: str, tokenizer, max_seq_length: int) -> bool:
 def loss_step_spec(loss, cfg: Config, state: DistState) -> StepSpec:
     t = cfg.training
     gather = loss.gather_across_devices if loss.gather_across_devices is not None else state.enabled
-    return StepSpec(loss.name, scale=loss.scale, margin=loss.margin, distance=loss.distance, score_max=loss.score_max, gather=gather,
+    return StepSpec(loss.name, scale=loss.scale, margin=loss.margin, distance=loss.distance, score_max=loss.score_max, matryoshka=loss.matryoshka(), gather=gather,
                     mini_batch_size=loss.mini_batch_size, chunk=t.length_sorted_chunks, pack=t.pack_length,
                     autocast_dtype=DTYPES[t.precision])
 
@@ -215,6 +215,11 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     if d.sampler == "proportional" and len(sizes) > 1 and None in sizes:
         raise ConfigError("data.sampler=proportional needs every dataset's size; a hub stream has none: set its "
                           "max_rows, streaming: false, or use sampler round_robin/weighted")
+    for loss in [cfg.loss] + [ds.loss for ds in d.datasets() if ds.loss]:
+        too_wide = [x for x in loss.matryoshka_dims or [] if x > encoder.dim]
+        if too_wide:
+            raise ConfigError(f"loss.matryoshka_dims: {too_wide} wider than the model's {encoder.dim}-dimensional "
+                              "embeddings")
     schedule = Schedule.for_run(t, pos.samples_per_step, rows)
     backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)))
     specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state) for ds in d.datasets()]

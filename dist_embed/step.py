@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import losses
 from .distributed import DistState, gather_with_grad
@@ -24,6 +25,8 @@ class StepSpec:
     margin: float = 5.0
     distance: str = "euclidean"
     score_max: float = 1.0  # cosine: label = score / score_max
+    # Matryoshka: (dimension, weight) pairs; the loss is the weighted sum over the truncated embeddings
+    matryoshka: tuple = ()
     gather: bool = True
     mini_batch_size: int = 32  # cached_mnrl
     chunk: int = 0  # >0: encode in length-sorted chunks of this many rows
@@ -119,6 +122,10 @@ def embedding_std(emb: torch.Tensor) -> float | None:
 
 def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, state: DistState,
                          timer: Timer | None) -> tuple[torch.Tensor, dict]:
+    """The step's loss from this rank's embeddings (one tensor per column). MNRL candidates are
+    gathered once at full width; Matryoshka then takes the loss on each truncation of the same
+    tensors (sentence-transformers' MatryoshkaLoss: sum of weight x loss on the first d dims,
+    L2-normalised)."""
     sizes, n_global = batch["sizes"], batch["global_size"]
     info = {"emb_std": embedding_std(embs[0]), "candidates": None}
     if spec.loss in ("mnrl", "cached_mnrl"):
@@ -129,15 +136,25 @@ def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, 
         else:
             offset, count = 0, (anchors.shape[0] * state.world_size if state.enabled else n_global)
         info["candidates"] = sum(d.shape[0] for d in docs)
-        return losses.mnrl(anchors, docs[0], docs[1:], scale=spec.scale, label_offset=offset,
-                           global_count=max(count, 1)), info
-    if spec.loss == "cosine":
+        embs = [anchors, *docs]
+
+        def loss_at(e):
+            return losses.mnrl(e[0], e[1], e[2:], scale=spec.scale, label_offset=offset, global_count=max(count, 1))
+    elif spec.loss == "cosine":
         scores = batch["scores"].to(embs[0].device) if batch["scores"] is not None else embs[0].new_zeros(0)
-        return losses.cosine_similarity_loss(embs[0], embs[1], scores / spec.score_max, global_count=n_global), info
-    if spec.loss == "triplet":
-        return losses.triplet_loss(embs[0], embs[1], embs[2], margin=spec.margin, distance=spec.distance,
-                                   global_count=n_global), info
-    raise ValueError(f"unknown loss {spec.loss!r}")
+
+        def loss_at(e):
+            return losses.cosine_similarity_loss(e[0], e[1], scores / spec.score_max, global_count=n_global)
+    elif spec.loss == "triplet":
+        def loss_at(e):
+            return losses.triplet_loss(e[0], e[1], e[2], margin=spec.margin, distance=spec.distance,
+                                       global_count=n_global)
+    else:
+        raise ValueError(f"unknown loss {spec.loss!r}")
+    if not spec.matryoshka:
+        return loss_at(embs), info
+    # as sentence-transformers' MatryoshkaLoss: each truncation is L2-normalised (matters for triplet distances)
+    return sum(w * loss_at([F.normalize(e[:, :d], p=2, dim=-1) for e in embs]) for d, w in spec.matryoshka), info
 
 
 class AutogradBackward:

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import resume
 from .data.loader import rank_batches
 from .distributed import DistState, all_reduce_sum, barrier
-from .evaluation import PRIMARY, evaluate_sts
+from .evaluation import PRIMARY, evaluate_sts_dims
 from .health import sts_events
 from .run import Run, build_run
 from .step import forward_backward
@@ -194,14 +194,22 @@ def optimizer_step(run: Run, local_loss: float, timer: Timer) -> tuple[float, fl
     return loss, res.grad_norm, res.applied
 
 
+def matryoshka_eval_dims(run: Run) -> list[int]:
+    """Every Matryoshka dimension of the run's losses narrower than the model: evaluated apart."""
+    cfg = run.cfg
+    losses = [cfg.loss] + [ds.loss for ds in cfg.data.datasets() if ds.loss]
+    return sorted({d for loss in losses for d, _ in loss.matryoshka() if d < run.encoder.dim}, reverse=True)
+
+
 def evaluate(run: Run) -> dict[str, float]:
     results: dict[str, float] = {}
     # under ZeRO-3 every rank takes part in gathering the weights
     encoder = run.backend.encoder_for_eval() if run.cfg.eval.sts else run.encoder
     if run.state.is_main and run.eval_sets:
+        dims = matryoshka_eval_dims(run)
         for data in run.eval_sets:
-            m = evaluate_sts(encoder, data, run.cfg.eval.batch_size)
-            results.update({f"eval/{data.name}/{k}": v for k, v in m.items()})
+            for name, m in evaluate_sts_dims(encoder, data, run.cfg.eval.batch_size, dims).items():
+                results.update({f"eval/{name}/{k}": v for k, v in m.items()})
         run.encoder.train()
         rec = {"step": run.pos.step, "epoch": run.epoch_progress(), **results}
         run.metrics.write(rec)

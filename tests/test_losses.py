@@ -80,3 +80,48 @@ def test_triplet_by_hand():
     # d(a,p)=5, d(a,n)=10 -> max(5 - 10 + 5, 0) = 0; margin 7 -> 2
     assert losses.triplet_loss(a, p, n, margin=5.0, global_count=1).item() == pytest.approx(0.0)
     assert losses.triplet_loss(a, p, n, margin=7.0, global_count=1).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("loss_name", ["mnrl", "cached_mnrl", "cosine", "triplet"])
+def test_matryoshka_equals_sentence_transformers(tiny_model, loss_name):
+    """The same batch through sentence-transformers' MatryoshkaLoss(inner loss) and through our step
+    with loss.matryoshka_dims: the same loss and the same gradients (dropout 0: two libraries'
+    forwards draw different masks)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
+    from conftest import quick_triplets
+    from dist_embed.data.rows import Row
+    from dist_embed.step import StepSpec
+    from test_speedups import loss_and_grads
+
+    dims, weights = (32, 16, 8), (1.0, 0.5, 0.25)
+    trip = quick_triplets(12)
+    if loss_name == "cosine":
+        cols = [[r["anchor"] for r in trip], [r["positive"] for r in trip]]
+        scores = [(i % 5) / 4 for i in range(len(trip))]
+    else:
+        cols = [[r["anchor"] for r in trip], [r["positive"] for r in trip], [r["negative"] for r in trip]]
+        scores = None
+    rows = [Row(i, tuple(c[i] for c in cols), scores[i] if scores else None) for i in range(len(trip))]
+    ours, ours_grads = loss_and_grads(tiny_model, StepSpec(loss_name, mini_batch_size=5,
+                                                           matryoshka=tuple(zip(dims, weights))), rows)
+
+    st = SentenceTransformer(str(tiny_model), device="cpu")
+    st.eval()
+    inner = {"mnrl": lambda: st_losses.MultipleNegativesRankingLoss(st),
+             "cached_mnrl": lambda: st_losses.MultipleNegativesRankingLoss(st),
+             "cosine": lambda: st_losses.CosineSimilarityLoss(st),
+             "triplet": lambda: st_losses.TripletLoss(st, triplet_margin=5.0)}[loss_name]()
+    loss_fn = st_losses.MatryoshkaLoss(st, inner, list(dims), list(weights))
+    features = [st.tokenize(c) for c in cols]
+    labels = torch.tensor(scores, dtype=torch.float32) if scores else None
+    ref = loss_fn(features, labels)
+    ref.backward()
+    assert ours == pytest.approx(ref.item(), rel=1e-5), (ours, ref.item())
+    theirs = {n: p.grad for n, p in st[0].auto_model.named_parameters() if p.grad is not None}
+    mine = {n.removeprefix("transformer."): g for n, g in ours_grads.items()}
+    assert set(mine) <= set(theirs) and len(mine) > 10
+    scale = max(float(g.abs().max()) for g in theirs.values())
+    for name, g in mine.items():
+        assert (g - theirs[name]).abs().max() < 1e-5 * max(scale, 1.0), name
