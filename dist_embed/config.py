@@ -165,8 +165,27 @@ class StsSet(_Section):
     columns: dict[str, str] = Field(default_factory=dict)  # sentence1 / sentence2 / score -> the source's names
 
 
+class DataRef(_Section):
+    """A file, or a Hugging Face dataset with its subset and split."""
+
+    path: str
+    subset: str | None = None
+    split: str = "train"
+
+
+class RetrievalSet(_Section):
+    """Queries, corpus and relevance judgements (BEIR layout), each a path or a DataRef."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    queries: str | DataRef
+    corpus: str | DataRef
+    qrels: str | DataRef
+
+
 class EvalConfig(_Section):
     sts: list[StsSet] = Field(default_factory=list)
+    # information retrieval (MRR@10, NDCG@10, recall@k, MAP@100); the corpus is embedded across ranks
+    retrieval: list[RetrievalSet] = Field(default_factory=list)
     steps: int = Field(default=0, ge=0)  # 0: only before and after training
     batch_size: int = Field(default=64, gt=0)
     before_training: bool = True

@@ -310,11 +310,14 @@ class Encoder(nn.Module):
         return tokenize_columns(self.tokenizer, [list(texts)], self.max_seq_length)[0]
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int = 64, prompt_name: str | None = None) -> np.ndarray:
         """Embeddings as float32 numpy, in input order (batches sorted by length for speed). As
-        sentence-transformers' ``encode``: the model's default prompt (if it names one) is put
-        before each text, and the output is cut to ``truncate_dim`` (if set)."""
-        prompt = (self.st_config.get("prompts") or {}).get(self.st_config.get("default_prompt_name") or "")
+        sentence-transformers' ``encode``: the prompt ``prompt_name`` names if the model has it
+        (``encode_query``/``encode_document`` pass "query"/"document"), else the model's default
+        prompt, goes before each text; the output is cut to ``truncate_dim`` (if set)."""
+        prompts = self.st_config.get("prompts") or {}
+        name = prompt_name if prompt_name in prompts else self.st_config.get("default_prompt_name")
+        prompt = prompts.get(name or "")
         if prompt:
             texts = [prompt + t for t in texts]
         was_training = self.training

@@ -130,7 +130,7 @@ def training_log_rows(metrics_path: Path, upto_step: int) -> tuple[list[str], di
         if "loss" in rec:
             row["loss"] = rec["loss"]
         for k, v in rec.items():
-            if k.startswith("eval/") and k.endswith("spearman_cosine"):
+            if k.startswith("eval/") and k.endswith(("/spearman_cosine", "/ndcg@10")):
                 row[k] = v
                 if k not in keys:
                     keys.append(k)
@@ -170,7 +170,7 @@ METRIC_NAMES = {"pearson": "Pearson", "spearman": "Spearman", "cosine": "Cosine"
 
 
 def front_matter(base_model: str, data: list[DatasetInfo], loss_keys: list[str], final_metrics: dict,
-                 eval_names: list[str]) -> dict:
+                 eval_names: list[str], ir_names: list[str] = ()) -> dict:
     """The YAML header the Hub reads: tags, widget examples from the training rows, every
     evaluator's metrics (model-index), as sentence-transformers writes it."""
     rows = sum((d.rows or 0) for d in data)
@@ -187,16 +187,18 @@ def front_matter(base_model: str, data: list[DatasetInfo], loss_keys: list[str],
         front["datasets"] = hub
     front["pipeline_tag"] = "sentence-similarity"
     front["library_name"] = "sentence-transformers"
-    if final_metrics and eval_names:
-        first = f"eval/{eval_names[0]}/"
-        front["metrics"] = [k[len(first):] for k in final_metrics if k.startswith(first)]
+    tasks = [(n, "semantic-similarity", "Semantic Similarity") for n in eval_names] + \
+            [(n, "information-retrieval", "Information Retrieval") for n in ir_names]
+    if final_metrics and tasks:
+        front["metrics"] = list(dict.fromkeys(k.rsplit("/", 1)[1] for name, _, _ in tasks for k in final_metrics
+                                              if k.startswith(f"eval/{name}/")))
         front["model-index"] = [{"name": f"SentenceTransformer based on {base_model}", "results": [
-            {"task": {"type": "semantic-similarity", "name": "Semantic Similarity"},
+            {"task": {"type": kind, "name": title},
              "dataset": {"name": name, "type": name},
              "metrics": [{"type": k.rsplit("/", 1)[1], "value": _plain(v),
                           "name": " ".join(METRIC_NAMES.get(w, w) for w in k.rsplit("/", 1)[1].split("_"))}
                          for k, v in final_metrics.items() if k.startswith(f"eval/{name}/")]}
-            for name in eval_names]}]
+            for name, kind, title in tasks]}]
     return front
 
 
@@ -270,8 +272,9 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
                                    + (loss.name,)))
     dims = sorted({d for loss in losses for d in loss.matryoshka_dims or []}, reverse=True)
     keys, log_rows = training_log_rows(metrics_path, step)
-    eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("spearman_cosine")]
-    front = front_matter(base_model, data, loss_keys, final_metrics, eval_names)
+    eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("/spearman_cosine")]
+    ir_names = [k.split("/")[1] for k in final_metrics if k.endswith("/ndcg@10")]
+    front = front_matter(base_model, data, loss_keys, final_metrics, eval_names, ir_names)
     t = cfg.training
     defaults = type(t)()
     all_hp = t.model_dump()
@@ -321,7 +324,7 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
               '    "The girl is carrying a baby.",', "]", "embeddings = model.encode(sentences)",
               f"print(embeddings.shape)  # (3, {encoder.dim})",
               "similarities = model.similarity(embeddings, embeddings)", "```", ""]
-    if final_metrics:
+    if eval_names or ir_names:
         parts += ["## Evaluation", "", "### Metrics", ""]
         for name in eval_names:
             pref = f"eval/{name}/"
@@ -329,6 +332,12 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
             parts += ["#### Semantic Similarity", "", f"* Dataset: `{name}`",
                       "* Evaluated with dist_embed's STS evaluator (the definitions of sentence-transformers' "
                       "`EmbeddingSimilarityEvaluator`)", "", _table(["Metric", "Value"], rows), ""]
+        for name in ir_names:
+            pref = f"eval/{name}/"
+            rows = [[k[len(pref):], final_metrics[k]] for k in final_metrics if k.startswith(pref)]
+            parts += ["#### Information Retrieval", "", f"* Dataset: `{name}`",
+                      "* Evaluated with dist_embed's retrieval evaluator (the definitions of sentence-transformers' "
+                      "`InformationRetrievalEvaluator`, cosine similarity)", "", _table(["Metric", "Value"], rows), ""]
     parts += ["## Training Details", ""]
     if data:
         parts += [f"### Training Dataset{'s' if len(data) > 1 else ''}", ""]
@@ -346,7 +355,7 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
     parts += ["", "#### All Hyperparameters", "<details><summary>Click to expand</summary>", ""]
     parts += [f"- `{k}`: {v}" for k, v in hp_all.items()]
     parts += ["", "</details>", "", "### Training Logs", ""]
-    header = ["Epoch", "Step", "Training Loss"] + [f"{k.split('/')[1]} spearman_cosine" for k in keys]
+    header = ["Epoch", "Step", "Training Loss"] + [f"{k.split('/')[1]} {k.rsplit('/', 1)[1]}" for k in keys]
     table_rows = []
     for s in sorted(log_rows):
         r = log_rows[s]

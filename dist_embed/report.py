@@ -49,7 +49,7 @@ def summary(out_dir: Path) -> str:
             rows = next((r[f"data/{name}/rows"] for r in reversed(train) if f"data/{name}/rows" in r), 0)
             loss = f"loss first {losses[0]:.4f}, last {losses[-1]:.4f}" if losses else "no loss logged"
             lines.append(f"  dataset {name}: {rows} rows trained, {loss}")
-    primary = sorted({k for r in evals for k in r if k.endswith("/spearman_cosine")})
+    primary = sorted({k for r in evals for k in r if k.endswith(("/spearman_cosine", "/ndcg@10"))})
     for key in primary:
         vals = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
         if vals:
@@ -73,7 +73,7 @@ def plot(out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     train, evals, _ = load_metrics(out_dir)
-    metrics = sorted({k for r in evals for k in r if k.endswith("/spearman_cosine")})
+    metrics = sorted({k for r in evals for k in r if k.endswith(("/spearman_cosine", "/ndcg@10"))})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], color="tab:blue", label="all")

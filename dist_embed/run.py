@@ -27,6 +27,7 @@ from .data.rows import Schema, manifest_rows, scan
 from .data.shards import shard_urls
 from .distributed import DistState
 from .evaluation import StsData, load_sts
+from .retrieval import load_retrieval
 from .health import HealthMonitor
 from .model import Encoder, ModelError
 from .optim import DTYPES, Schedule, lambda_lr
@@ -67,6 +68,7 @@ class Run:
     metrics: MetricsWriter
     eval_sets: list[StsData]
     pos: Position
+    retrieval_sets: list = field(default_factory=list)  # RetrievalData, loaded on every rank
     wandb: object = None
     num_workers: int = 0  # dataloader workers (0 when every dataset is pre-tokenized: nothing to tokenize)
     row_log: object = None  # DIST_EMBED_LOG_ROW_IDS: per-step row ids of each rank (tests, drills)
@@ -230,6 +232,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     run = Run(cfg=cfg, state=state, out=out, encoder=encoder, backend=backend, plan=plan, rows=rows,
               sizes=sizes, global_batch=global_batch, specs=specs, schedule=schedule, health=health, metrics=None,
               eval_sets=[load_sts(s.path, s.name, split=s.split, subset=s.subset, columns=s.columns) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
+    run.retrieval_sets = [load_retrieval(s.name, s.queries, s.corpus, s.qrels) for s in cfg.eval.retrieval]
     run.num_workers = d.num_workers
     if d.num_workers and all(s.source.token_ids for s in plan.specs):
         # padding ids costs less than shipping rows to a worker process and back (benchmarks/

@@ -17,6 +17,7 @@ from . import resume
 from .data.loader import rank_batches
 from .distributed import DistState, all_reduce_sum, barrier
 from .evaluation import PRIMARY, evaluate_sts_dims
+from .retrieval import PRIMARY_RETRIEVAL, evaluate_retrieval
 from .health import sts_events
 from .run import Run, build_run
 from .step import forward_backward
@@ -204,8 +205,14 @@ def matryoshka_eval_dims(run: Run) -> list[int]:
 def evaluate(run: Run) -> dict[str, float]:
     results: dict[str, float] = {}
     # under ZeRO-3 every rank takes part in gathering the weights
-    encoder = run.backend.encoder_for_eval() if run.cfg.eval.sts else run.encoder
-    if run.state.is_main and run.eval_sets:
+    evaluating = run.cfg.eval.sts or run.retrieval_sets
+    encoder = run.backend.encoder_for_eval() if evaluating else run.encoder
+    # the retrieval corpus is embedded across ranks, except under ZeRO-3 (only rank 0 has a full copy)
+    sharded = run.backend.describe().get("zero_stage") != 3
+    for data in run.retrieval_sets:
+        m = evaluate_retrieval(encoder, data, run.state, run.cfg.eval.batch_size, sharded=sharded)
+        results.update({f"eval/{data.name}/{k}": v for k, v in (m or {}).items()})
+    if run.state.is_main and evaluating:
         dims = matryoshka_eval_dims(run)
         for data in run.eval_sets:
             for name, m in evaluate_sts_dims(encoder, data, run.cfg.eval.batch_size, dims).items():
@@ -216,7 +223,7 @@ def evaluate(run: Run) -> dict[str, float]:
         run.pos.history.append(rec)
         report_events(run, sts_events(run.pos.step, results))
         log.info("eval at step %d: %s", run.pos.step, ", ".join(
-            f"{k.split('/', 1)[1]}={v:.4f}" for k, v in results.items() if k.endswith(PRIMARY)))
+            f"{k.split('/', 1)[1]}={v:.4f}" for k, v in results.items() if k.endswith((PRIMARY, PRIMARY_RETRIEVAL))))
     barrier(run.state)
     return results
 
@@ -292,7 +299,7 @@ def summary(run: Run, final: Path, seconds: float, start_step: int, rows_trained
     history = run.pos.history
     if history:
         first, last = history[0], history[-1]
-        for key in (k for k in last if k.endswith("/" + PRIMARY)):
+        for key in (k for k in last if k.endswith(("/" + PRIMARY, "/" + PRIMARY_RETRIEVAL))):
             best = max((h for h in history if h.get(key) is not None), key=lambda h: h[key], default=last)
             lines.append(f"  {key:<40} step {first['step']}: {first.get(key, float('nan')):.4f} -> "
                          f"step {last['step']}: {last[key]:.4f} (best {best[key]:.4f} at step {best['step']})")
