@@ -145,6 +145,60 @@ def cmd_prepare(args) -> int:
     return EXIT_OK
 
 
+def cmd_mine(args) -> int:
+    """Hard-negative mining; with --nproc N (or under torchrun/srun/Ray) across N ranks."""
+    from .data.readers import DataError
+    from .mine import MineOptions
+
+    for flag in ("nproc", "num_negatives", "range_max", "batch_size", "block_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"dist-embed: error: --{flag.replace('_', '-')} must be at least 1 (got {value})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    columns = {}
+    for item in args.columns or []:
+        ours, sep, theirs = item.partition("=")
+        if not sep or ours not in ("anchor", "positive"):
+            print(f"dist-embed: error: --columns {item!r}: expected anchor=NAME or positive=NAME", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        columns[ours] = theirs
+    opt = MineOptions(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
+                      max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
+                      relative_margin=args.relative_margin, batch_size=args.batch_size, block=args.block_size)
+    out = Path(args.out)
+    if args.nproc and args.nproc > 1 and not _inside_launched_job():
+        from .launch.local import launch_local
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return launch_local(args.nproc, sys.argv[1:], str(out.parent))  # the workers see RANK: they mine
+    from .distributed import finish, init_distributed
+    from .model import ModelError
+    from .tracking import setup_logging
+
+    state = init_distributed()
+    setup_logging(state.rank)
+    code = EXIT_OK
+    try:
+        from .mine import mine
+
+        summary = mine(state, model=args.model, data=args.data, out=out, corpus_file=args.corpus, opt=opt,
+                       columns=columns, on_error=args.on_error, fmt=args.format, max_seq_length=args.max_seq_length)
+        if state.is_main:
+            print(json.dumps(summary))
+    except (DataError, ModelError, FileNotFoundError) as e:
+        log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        code = EXIT_BAD_INPUT
+        if state.enabled:
+            marker = out.parent / BAD_INPUT_MARKER
+            marker.write_text(f"{e}\n")
+    except Exception:
+        log.exception("mining failed")
+        code = EXIT_FAILED
+    if state.enabled:
+        finish(state, code, sync=code == EXIT_OK)
+    return code
+
+
 def cmd_report(args) -> int:
     from .report import plot, summary
 
@@ -236,6 +290,30 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="Slurm job state and the latest metrics of an output_dir")
     st.add_argument("output_dir", help="a run's output_dir")
     st.set_defaults(func=cmd_status)
+
+    mn = sub.add_parser("mine", help="mine hard negatives for (anchor, positive) data -> negative_1..k columns")
+    mn.add_argument("data", help="(anchor, positive) rows: jsonl/csv/tsv/parquet file or directory, or HF dataset")
+    mn.add_argument("--model", required=True, help="the model that scores candidates (directory or hub id)")
+    mn.add_argument("--out", required=True, help="output: a .jsonl file, or a directory with --format shards")
+    mn.add_argument("--corpus", default=None, help="more candidate texts (a 'text' column) beside the positives")
+    mn.add_argument("--num-negatives", type=int, default=3, help="negatives per anchor (default 3)")
+    mn.add_argument("--range-min", type=int, default=0, help="skip the closest N candidates (default 0)")
+    mn.add_argument("--range-max", type=int, default=100, help="consider only the closest N (default 100)")
+    mn.add_argument("--max-score", type=float, default=None, help="drop candidates scoring above this")
+    mn.add_argument("--min-score", type=float, default=None, help="drop candidates scoring below this")
+    mn.add_argument("--absolute-margin", type=float, default=None,
+                    help="keep a candidate only if it scores <= positive score - margin")
+    mn.add_argument("--relative-margin", type=float, default=None,
+                    help="keep a candidate only if it scores <= positive score x (1 - margin); 0.05 drops "
+                         "candidates above 0.95 x the positive (likely false negatives)")
+    mn.add_argument("--columns", action="append", help="anchor=NAME / positive=NAME: the data's column names")
+    mn.add_argument("--format", default="jsonl", choices=["jsonl", "shards"], help="jsonl file or prepared shards")
+    mn.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+    mn.add_argument("--max-seq-length", type=int, default=None, help="truncation (default: the model's)")
+    mn.add_argument("--block-size", type=int, default=512, help="anchors per unit of work and of resume")
+    mn.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad rows: stop or skip+count")
+    mn.add_argument("--nproc", type=int, default=None, help="start N worker processes on this machine")
+    mn.set_defaults(func=cmd_mine)
 
     rp = sub.add_parser("report", help="summary of a run from metrics.jsonl, and OUTPUT_DIR/report.png")
     rp.add_argument("output_dir", help="a run's output_dir (reads its metrics.jsonl)")

@@ -83,28 +83,33 @@ def load_retrieval(name: str, queries, corpus, qrels) -> RetrievalData:
 
 def embed_sharded(encoder, texts: list[str], state, batch_size: int, *, sharded: bool = True,
                   prompt_name: str | None = None, everywhere: bool = False) -> np.ndarray | None:
-    """Embeddings of ``texts`` (float32, input order). With ``sharded`` every rank embeds every
-    world_size-th text and the parts are gathered; the result is on rank 0 (on every rank with
-    ``everywhere``), None elsewhere. Without ``sharded`` rank 0 embeds all (ZeRO-3: only rank 0
-    holds a full copy)."""
+    """Embeddings of ``texts`` (float32, input order). With ``sharded`` the encoding batches (of
+    the length-sorted texts, as ``encode`` forms them) are dealt to the ranks in turn and the parts
+    gathered: every text is embedded in the same batch at any world size, so the result is the same
+    to the bit. It is on rank 0 (on every rank with ``everywhere``), None elsewhere. Without
+    ``sharded`` rank 0 embeds all (ZeRO-3: only rank 0 holds a full copy)."""
     import torch.distributed as dist
 
     if not (sharded and state.enabled):
         if not (state.is_main or everywhere):
             return None
         return encoder.encode(texts, batch_size=batch_size, prompt_name=prompt_name)
-    mine = texts[state.rank::state.world_size]
-    emb = encoder.encode(mine, batch_size=batch_size, prompt_name=prompt_name)
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(texts), batch_size)][state.rank::state.world_size]
+    mine = [(idx, encoder.encode([texts[i] for i in idx], batch_size=batch_size, prompt_name=prompt_name))
+            for idx in batches]
     parts: list = [None] * state.world_size
     if everywhere:
-        dist.all_gather_object(parts, emb)
+        dist.all_gather_object(parts, mine)
     else:
-        dist.gather_object(emb, parts if state.is_main else None, dst=0)
+        dist.gather_object(mine, parts if state.is_main else None, dst=0)
         if not state.is_main:
             return None
-    out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
-    for r, part in enumerate(parts):
-        out[r::state.world_size] = part
+    dim = next((emb.shape[1] for part in parts for _, emb in part), 0)
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    for part in parts:
+        for idx, emb in part:
+            out[idx] = emb
     return out
 
 

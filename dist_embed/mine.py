@@ -1,0 +1,210 @@
+"""``dist-embed mine``: hard negatives for (anchor, positive) data, with the filters that keep
+false negatives out, across the ranks of any of our launchers.
+
+The corpus (the positives, and optionally a corpus file) is embedded across ranks; anchors are
+processed in fixed blocks dealt to the ranks in turn; each block's exact top-k (chunked matrix
+products, retrieval.top_k) is filtered and written to a part file. Blocks and encoding batches do
+not depend on the world size, so 1 and N processes give the same bytes. A rerun with the same
+inputs and options skips the blocks already written (resumable); rank 0 joins the parts in input
+order, then writes jsonl (or shards through prepare-data) atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data.readers import DataError, Source
+from .data.rows import Schema, SkipCounter, validate_rows
+from .retrieval import embed_sharded, top_k
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MineOptions:
+    num_negatives: int = 3
+    range_min: int = 0  # skip the closest range_min candidates (often unlabelled positives)
+    range_max: int = 100  # consider only the closest range_max candidates
+    max_score: float | None = None  # drop candidates more similar than this to the anchor
+    min_score: float | None = None  # drop candidates less similar than this
+    absolute_margin: float | None = None  # keep only scores <= positive score - margin
+    relative_margin: float | None = None  # keep only scores <= positive score x (1 - margin), e.g. 0.05
+    batch_size: int = 64
+    block: int = 512  # anchors per block: the unit of work and of resume (any world size: the same bytes)
+
+
+def choose_negatives(scores: np.ndarray, idx: np.ndarray, texts: list[str], positive_score: float,
+                     exclude: set[str], opt: MineOptions) -> list[str]:
+    """From one anchor's ranked candidates (best first), the negatives the filters keep: its own
+    positives and itself never; then the rank range, the score bounds and the margins to the
+    positive (a candidate scoring close to the positive is likely an unlabelled positive)."""
+    out, rank = [], 0
+    for s, i in zip(scores.tolist(), idx.tolist()):
+        text = texts[i]
+        if text in exclude:
+            continue
+        r, rank = rank, rank + 1
+        if r < opt.range_min:
+            continue
+        if r >= opt.range_max:
+            break
+        if opt.max_score is not None and s > opt.max_score:
+            continue
+        if opt.min_score is not None and s < opt.min_score:
+            continue
+        if opt.absolute_margin is not None and s > positive_score - opt.absolute_margin:
+            continue
+        if opt.relative_margin is not None and s > positive_score * (1 - opt.relative_margin):
+            continue
+        out.append(text)
+        if len(out) == opt.num_negatives:
+            break
+    return out
+
+
+def read_pairs(path: str, columns: dict[str, str], on_error: str, fmt: str = "auto", subset: str | None = None,
+               split: str = "train") -> list[tuple[str, str]]:
+    skips = SkipCounter()
+    rows = validate_rows(Source(path, fmt=fmt, subset=subset, split=split, streaming=False).records(),
+                         Schema(("anchor", "positive")), columns, on_error, skips)
+    pairs = [(r.texts[0], r.texts[1]) for r in rows]
+    if skips.total:
+        log.warning("%s: %s", path, skips.summary())
+    if not pairs:
+        raise DataError(f"{path}: no (anchor, positive) rows to mine for")
+    return pairs
+
+
+def read_corpus(path: str) -> list[str]:
+    """Texts of a corpus file: its ``text`` column (``title`` in front when present), else its only
+    text column."""
+    out = []
+    for rec in Source(path, streaming=False).records():
+        if isinstance(rec.fields, DataError):
+            raise rec.fields
+        obj = rec.fields
+        if "text" in obj:
+            text = str(obj["text"] or "")
+            text = f"{obj['title']} {text}" if obj.get("title") else text
+        else:
+            strings = [v for v in obj.values() if isinstance(v, str)]
+            if len(strings) != 1:
+                raise DataError(f"{rec.where}: a corpus row needs a 'text' column (or exactly one text column); "
+                                f"it has {', '.join(map(repr, obj)) or 'none'}")
+            text = strings[0]
+        if text.strip():
+            out.append(text)
+    return out
+
+
+def _fingerprint(model: str, pairs, corpus, opt: MineOptions) -> str:
+    h = hashlib.sha256(json.dumps([model, asdict(opt)]).encode())
+    for a, p in pairs:
+        h.update(a.encode() + b"\0" + p.encode() + b"\1")
+    for t in corpus:
+        h.update(t.encode() + b"\2")
+    return h.hexdigest()
+
+
+def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = None, opt: MineOptions,
+         columns: dict[str, str] | None = None, on_error: str = "raise", fmt: str = "jsonl",
+         max_seq_length: int | None = None, progress: bool = True) -> dict:
+    """Every rank calls this. Returns a summary (rank 0) of what was written."""
+    import time
+
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from .model import Encoder
+
+    start = time.perf_counter()
+    pairs = read_pairs(data, columns or {}, on_error)
+    corpus = list(dict.fromkeys([p for _, p in pairs] + (read_corpus(corpus_file) if corpus_file else [])))
+    parts = out.parent / f".{out.name}.parts"
+    key = _fingerprint(model, pairs, corpus, opt)
+    if state.is_main:
+        state_file = parts / "state.json"
+        if parts.is_dir() and (not state_file.is_file() or json.loads(state_file.read_text()).get("key") != key):
+            shutil.rmtree(parts)  # another run's parts: start over
+        parts.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"key": key}))
+    if state.enabled:
+        dist.barrier()
+    encoder = Encoder.from_pretrained(model, max_seq_length=max_seq_length).to(state.device)
+    encoder.eval()
+    t_embed = time.perf_counter()
+    corpus_emb = embed_sharded(encoder, corpus, state, opt.batch_size, prompt_name="document", everywhere=True)
+    blocks = range(math.ceil(len(pairs) / opt.block))
+    done = sum((parts / f"block-{b:06d}.jsonl").is_file() for b in blocks)
+    if done and state.is_main:
+        log.info("resuming: %d of %d blocks already mined (%s)", done, len(blocks), parts)
+    todo = [b for b in blocks[state.rank::state.world_size] if not (parts / f"block-{b:06d}.jsonl").is_file()]
+    # every rank embeds its anchors block by block; a block's batches are the same at any world size
+    bar = tqdm(total=len(todo), desc="mining (rank 0's blocks)", unit="block", disable=not (progress and state.is_main))
+    positions = {t: i for i, t in enumerate(corpus)}
+    positives_of: dict[str, set[str]] = {}
+    for a, p in pairs:
+        positives_of.setdefault(a, set()).add(p)
+    k = min(opt.range_max + max(len(v) for v in positives_of.values()) + 1, len(corpus))
+    n_embedded = 0
+    for b in todo:
+        block = pairs[b * opt.block:(b + 1) * opt.block]
+        anchors = encoder.encode([a for a, _ in block], batch_size=opt.batch_size, prompt_name="query")
+        n_embedded += len(block)
+        scores, idx = top_k(anchors, corpus_emb, k)
+        qn = anchors / np.maximum(np.linalg.norm(anchors, axis=1, keepdims=True), 1e-12)
+        pos = corpus_emb[[positions[p] for _, p in block]]
+        pos_scores = (qn * (pos / np.maximum(np.linalg.norm(pos, axis=1, keepdims=True), 1e-12))).sum(1)
+        tmp = parts / f".block-{b:06d}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for (a, p), s, i, ps in zip(block, scores, idx, pos_scores):
+                negs = choose_negatives(s, i, corpus, float(ps), positives_of[a] | {a}, opt)
+                f.write(json.dumps([a, p, negs], ensure_ascii=False) + "\n")
+        os.replace(tmp, parts / f"block-{b:06d}.jsonl")
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t_embed
+    counts = [n_embedded]
+    if state.enabled:
+        gathered: list = [None] * state.world_size
+        dist.all_gather_object(gathered, n_embedded)
+        counts = gathered
+        dist.barrier()
+    if not state.is_main:
+        return {}
+    written = dropped = 0
+    tmp_out = out.parent / f".{out.name}.tmp.jsonl"
+    with open(tmp_out, "w", encoding="utf-8") as f:
+        for b in blocks:
+            for line in (parts / f"block-{b:06d}.jsonl").read_text(encoding="utf-8").splitlines():
+                a, p, negs = json.loads(line)
+                if len(negs) < opt.num_negatives:
+                    dropped += 1
+                    continue
+                row = {"anchor": a, "positive": p, **{f"negative_{j + 1}": n for j, n in enumerate(negs)}}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+    if fmt == "shards":
+        from .prepare import prepare
+
+        prepare([str(tmp_out)], out, fmt="jsonl", progress=progress)
+        tmp_out.unlink()
+    else:
+        os.replace(tmp_out, out)
+    shutil.rmtree(parts, ignore_errors=True)
+    texts = len(corpus) + sum(counts)
+    summary = {"rows_written": written, "anchors_without_enough_negatives": dropped, "corpus": len(corpus),
+               "texts_embedded": texts, "seconds": round(seconds, 2), "texts_per_second": round(texts / seconds, 1),
+               "world_size": state.world_size, "total_seconds": round(time.perf_counter() - start, 2)}
+    log.info("mined %d rows (%d anchors dropped: fewer than %d negatives after the filters) -> %s; "
+             "%d texts embedded at %.0f texts/s", written, dropped, opt.num_negatives, out, texts,
+             summary["texts_per_second"])
+    return summary
