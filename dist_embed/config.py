@@ -48,9 +48,19 @@ class LossConfig(_Section):
     # embeddings for each d, weighted (default 1 each), e.g. [384, 256, 128, 64]
     matryoshka_dims: list[Annotated[int, Field(gt=0)]] | None = None
     matryoshka_weights: list[Annotated[float, Field(gt=0)]] | None = None
+    # mnrl / cached_mnrl: in-batch candidates (gathered from every rank) that are likely positives
+    # are left out of the softmax: the same text as the anchor's positive, and/or (GISTEmbed-style)
+    # those a guide model scores above its anchor-positive score (- margin, or x (1 - margin))
+    mask_same_text: bool = False
+    guide_model: str | None = None
+    guide_margin: float = Field(default=0.0, ge=0)
+    guide_margin_strategy: Literal["absolute", "relative"] = "absolute"
 
     @model_validator(mode="after")
     def _matryoshka(self):
+        if (self.mask_same_text or self.guide_model) and self.name not in ("mnrl", "cached_mnrl"):
+            raise ValueError(f"mask_same_text / guide_model filter in-batch negatives: loss {self.name} has none "
+                             "(use mnrl or cached_mnrl)")
         dims, weights = self.matryoshka_dims, self.matryoshka_weights
         if dims is not None and not dims:
             raise ValueError("matryoshka_dims: an empty list (leave it out for no Matryoshka)")

@@ -21,16 +21,19 @@ def cos_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mnrl(anchors: torch.Tensor, positives: torch.Tensor, negatives: list[torch.Tensor], *, scale: float,
-         label_offset: int, global_count: int) -> torch.Tensor:
+         label_offset: int, global_count: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """MultipleNegativesRankingLoss (Henderson et al. 2017; sentence-transformers' definition).
 
     ``anchors``: this rank's anchors (n x d). ``positives`` and each of ``negatives``: the candidates
     of ALL ranks in rank order (N x d), gathered with autograd. Anchor i's positive sits at column
     ``label_offset + i``; every other positive and every negative is an in-batch negative. Positives
     and negatives are gathered separately and concatenated after, so positives keep columns 0..N-1.
+    ``mask`` (n x candidates, True = leave out): likely false negatives, dropped from the softmax.
     """
     candidates = torch.cat([positives, *negatives], dim=0)
     scores = cos_sim(_wide(anchors), _wide(candidates)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
     labels = torch.arange(anchors.shape[0], device=anchors.device) + label_offset
     return F.cross_entropy(scores, labels, reduction="sum") / global_count
 

@@ -233,6 +233,16 @@ def loss_parameters(loss, world_size: int) -> dict:
         inner = loss.model_copy(update={"matryoshka_dims": None, "matryoshka_weights": None})
         return {"loss": LOSS_NAMES[loss.name], "matryoshka_dims": list(dims), "matryoshka_weights": list(weights),
                 "n_dims_per_step": -1, "loss_parameters": loss_parameters(inner, world_size)}
+    masks = {}
+    if loss.mask_same_text:
+        masks["mask_same_text"] = True
+    if loss.guide_model:
+        masks.update(guide_model=loss.guide_model, guide_margin=loss.guide_margin,
+                     guide_margin_strategy=loss.guide_margin_strategy)
+    return {**_plain_loss_parameters(loss, world_size), **masks}
+
+
+def _plain_loss_parameters(loss, world_size: int) -> dict:
     return {"mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim",
                      "gather_across_devices": loss.gather_across_devices if loss.gather_across_devices
                      is not None else world_size > 1},

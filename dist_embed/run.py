@@ -178,10 +178,23 @@ def pretokenized_for(path: str, tokenizer, max_seq_length: int) -> bool:
     return ok
 
 
-def loss_step_spec(loss, cfg: Config, state: DistState) -> StepSpec:
+def loss_step_spec(loss, cfg: Config, state: DistState, guides: dict | None = None) -> StepSpec:
     t = cfg.training
     gather = loss.gather_across_devices if loss.gather_across_devices is not None else state.enabled
-    return StepSpec(loss.name, scale=loss.scale, margin=loss.margin, distance=loss.distance, score_max=loss.score_max, matryoshka=loss.matryoshka(), gather=gather,
+    guide = None
+    if loss.guide_model:  # a frozen model on every rank that only scores candidates (one per path)
+        guides = {} if guides is None else guides
+        if loss.guide_model not in guides:
+            try:
+                g = Encoder.from_pretrained(loss.guide_model)
+            except (ModelError, FileNotFoundError) as e:
+                raise ConfigError(f"loss.guide_model: {e}") from None
+            guides[loss.guide_model] = g.to(state.device).eval().requires_grad_(False)
+        guide = guides[loss.guide_model]
+    return StepSpec(loss.name, scale=loss.scale, margin=loss.margin, distance=loss.distance,
+                    score_max=loss.score_max, matryoshka=loss.matryoshka(), gather=gather,
+                    mask_same_text=loss.mask_same_text, guide=guide, guide_margin=loss.guide_margin,
+                    guide_margin_strategy=loss.guide_margin_strategy,
                     mini_batch_size=loss.mini_batch_size, chunk=t.length_sorted_chunks, pack=t.pack_length,
                     autocast_dtype=DTYPES[t.precision])
 
@@ -224,7 +237,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                               "embeddings")
     schedule = Schedule.for_run(t, pos.samples_per_step, rows)
     backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)))
-    specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state) for ds in d.datasets()]
+    guides: dict = {}
+    specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state, guides) for ds in d.datasets()]
     gather = any(s.gather for s in specs)
     warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
     health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,

@@ -27,6 +27,11 @@ class StepSpec:
     score_max: float = 1.0  # cosine: label = score / score_max
     # Matryoshka: (dimension, weight) pairs; the loss is the weighted sum over the truncated embeddings
     matryoshka: tuple = ()
+    # false negatives: mask candidates with the positive's text; a guide Encoder (frozen) and its margin
+    mask_same_text: bool = False
+    guide: object = None
+    guide_margin: float = 0.0
+    guide_margin_strategy: str = "absolute"
     gather: bool = True
     mini_batch_size: int = 32  # cached_mnrl
     chunk: int = 0  # >0: encode in length-sorted chunks of this many rows
@@ -136,10 +141,13 @@ def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, 
         else:
             offset, count = 0, (anchors.shape[0] * state.world_size if state.enabled else n_global)
         info["candidates"] = sum(d.shape[0] for d in docs)
+        mask = false_negative_mask(batch, spec, state, sizes, offset, timer, 1 + len(docs)) \
+            if spec.mask_same_text or spec.guide is not None else None
         embs = [anchors, *docs]
 
         def loss_at(e):
-            return losses.mnrl(e[0], e[1], e[2:], scale=spec.scale, label_offset=offset, global_count=max(count, 1))
+            return losses.mnrl(e[0], e[1], e[2:], scale=spec.scale, label_offset=offset, global_count=max(count, 1),
+                               mask=mask)
     elif spec.loss == "cosine":
         scores = batch["scores"].to(embs[0].device) if batch["scores"] is not None else embs[0].new_zeros(0)
 
@@ -155,6 +163,42 @@ def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, 
         return loss_at(embs), info
     # as sentence-transformers' MatryoshkaLoss: each truncation is L2-normalised (matters for triplet distances)
     return sum(w * loss_at([F.normalize(e[:, :d], p=2, dim=-1) for e in embs]) for d, w in spec.matryoshka), info
+
+
+def text_keys(texts: list[str]) -> torch.Tensor:
+    """A 52-bit hash of each text as float64 (exact), so it travels through the float gather."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 12
+                         for t in texts], dtype=torch.float64)
+
+
+def false_negative_mask(batch: dict, spec: StepSpec, state: DistState, sizes: list[int], offset: int,
+                        timer, n_cols: int) -> torch.Tensor:
+    """[local anchors x all candidates] True where a candidate is likely a positive of the anchor
+    and must leave the softmax (never the anchor's own positive). Candidates are the positives,
+    then each negative column, of every rank in rank order: the layout ``losses.mnrl`` scores."""
+    texts = batch.get("texts") or [[] for _ in range(n_cols)]  # an empty slice still joins every gather
+    device = state.device
+    n = len(texts[0])
+    gather = (lambda x: gather_with_grad(x, sizes, state, timer)) if spec.gather and state.enabled else (lambda x: x)
+    labels = torch.arange(n, device=device) + offset
+    mask = None
+    if spec.mask_same_text:
+        keys = [text_keys(col).to(device) for col in texts]
+        cands = torch.cat([gather(k) for k in keys[1:]])
+        mask = keys[1][:, None] == cands[None, :]
+    if spec.guide is not None:
+        with torch.no_grad():
+            g = [torch.from_numpy(spec.guide.encode(col)).to(device) for col in texts]
+            cands = torch.nn.functional.normalize(torch.cat([gather(x) for x in g[1:]]), dim=-1)
+            sims = torch.nn.functional.normalize(g[0], dim=-1) @ cands.T
+            pos = sims.gather(1, labels[:, None]) if n else sims[:, :1]
+            limit = pos - spec.guide_margin if spec.guide_margin_strategy == "absolute" else pos * (1 - spec.guide_margin)
+            guided = sims > limit
+        mask = guided if mask is None else mask | guided
+    mask[torch.arange(n, device=device), labels] = False
+    return mask
 
 
 class AutogradBackward:

@@ -195,6 +195,7 @@ def collate(rows: Sequence[Row], tokenizer, max_length: int) -> dict[str, Any]:
     return {
         "features": feats,
         "row_ids": torch.tensor([r.row_id for r in rows], dtype=torch.long),
+        "texts": [[r.texts[c] for r in rows] for c in range(n_cols)],  # for false-negative filters
         "scores": torch.tensor(scores, dtype=torch.float32) if rows and rows[0].score is not None else None,
         "real_tokens": int(sum(int(f["attention_mask"].sum()) for f in feats)),
         "padded_tokens": int(sum(f["attention_mask"].numel() for f in feats)),
