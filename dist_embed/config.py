@@ -40,6 +40,9 @@ class LossConfig(_Section):
     scale: float = Field(default=20.0, gt=0)  # mnrl / cached_mnrl
     gather_across_devices: bool | None = None  # default: on when world size > 1
     mini_batch_size: int = Field(default=32, gt=0)  # cached_mnrl
+    # cached_mnrl: mini-batches by padded tokens (rows x longest row <= this) instead of by rows, so long
+    # and short texts use about the same memory per mini-batch; same loss and gradients
+    mini_batch_tokens: int | None = Field(default=None, gt=0)
     margin: float = Field(default=5.0, ge=0)  # triplet
     distance: Literal["euclidean", "cosine", "manhattan"] = "euclidean"  # triplet
     # cosine: the gold label is score / score_max (STS sets score 0-5; CosineSimilarityLoss wants 0-1)
@@ -58,6 +61,8 @@ class LossConfig(_Section):
 
     @model_validator(mode="after")
     def _matryoshka(self):
+        if self.mini_batch_tokens and self.name != "cached_mnrl":
+            raise ValueError(f"mini_batch_tokens sizes cached_mnrl's mini-batches; loss {self.name} has none")
         if (self.mask_same_text or self.guide_model) and self.name not in ("mnrl", "cached_mnrl"):
             raise ValueError(f"mask_same_text / guide_model filter in-batch negatives: loss {self.name} has none "
                              "(use mnrl or cached_mnrl)")

@@ -246,7 +246,8 @@ def _plain_loss_parameters(loss, world_size: int) -> dict:
     return {"mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim",
                      "gather_across_devices": loss.gather_across_devices if loss.gather_across_devices
                      is not None else world_size > 1},
-            "cached_mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim", "mini_batch_size": loss.mini_batch_size},
+            "cached_mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim", "mini_batch_size": loss.mini_batch_size,
+                            **({"mini_batch_tokens": loss.mini_batch_tokens} if loss.mini_batch_tokens else {})},
             "triplet": {"distance_metric": f"TripletDistanceMetric.{loss.distance.upper()}",
                         "triplet_margin": loss.margin},
             "cosine": {"loss_fct": "torch.nn.modules.loss.MSELoss"}}[loss.name]

@@ -195,8 +195,8 @@ def loss_step_spec(loss, cfg: Config, state: DistState, guides: dict | None = No
                     score_max=loss.score_max, matryoshka=loss.matryoshka(), gather=gather,
                     mask_same_text=loss.mask_same_text, guide=guide, guide_margin=loss.guide_margin,
                     guide_margin_strategy=loss.guide_margin_strategy,
-                    mini_batch_size=loss.mini_batch_size, chunk=t.length_sorted_chunks, pack=t.pack_length,
-                    autocast_dtype=DTYPES[t.precision])
+                    mini_batch_size=loss.mini_batch_size, mini_batch_tokens=loss.mini_batch_tokens or 0,
+                    chunk=t.length_sorted_chunks, pack=t.pack_length, autocast_dtype=DTYPES[t.precision])
 
 
 def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,

@@ -34,6 +34,7 @@ class StepSpec:
     guide_margin_strategy: str = "absolute"
     gather: bool = True
     mini_batch_size: int = 32  # cached_mnrl
+    mini_batch_tokens: int = 0  # cached_mnrl: >0: mini-batches of at most this many padded tokens instead
     chunk: int = 0  # >0: encode in length-sorted chunks of this many rows
     # pack texts side by side into rows (BERT-type encoders; wins over chunk): "auto" = rows as wide
     # as the longest text, N > 0 = rows of N tokens, 0 = off
@@ -60,6 +61,23 @@ def chunks(features: dict[str, torch.Tensor], size: int, by_length: bool) -> lis
     order = torch.argsort(features["attention_mask"].sum(1), descending=True, stable=True) if by_length \
         else torch.arange(n)
     return list(torch.split(order, size))
+
+
+def token_chunks(features: dict[str, torch.Tensor], budget: int) -> list[torch.Tensor]:
+    """Row index groups whose padded size (rows x longest row) stays within ``budget`` tokens:
+    rows sorted by length, longest first, so short texts go many to a group and long ones few
+    (a row longer than the budget goes alone). Memory per mini-batch is then about even."""
+    lengths = features["attention_mask"].sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    groups, start = [], 0
+    for pos, length in enumerate(lengths[order].tolist()):
+        # the group's longest row is its first: sorted longest first
+        if pos > start and (pos - start + 1) * int(lengths[order[start]]) > budget:
+            groups.append(order[start:pos])
+            start = pos
+    if len(order):
+        groups.append(order[start:])
+    return groups
 
 
 def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pack: int = 0,
@@ -284,12 +302,21 @@ def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, 
     Every rank runs ceil(largest slice / mini_batch_size) mini-batches per column, a smaller or
     empty slice topping up with placeholder ones, so forwards and backwards pair up across ranks."""
     device = state.device
-    per_column = math.ceil(max(batch["sizes"]) / spec.mini_batch_size)
+    if spec.mini_batch_tokens:
+        columns = [token_chunks(f, spec.mini_batch_tokens) for f in feats] if feats else [[] for _ in range(n_cols)]
+        per_column = max([len(g) for g in columns] + [0])
+        if state.enabled:  # ranks hold other texts: every rank runs the largest count of mini-batches
+            count = torch.tensor([per_column], dtype=torch.long, device=device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            per_column = int(count)
+    else:
+        per_column = math.ceil(max(batch["sizes"]) / spec.mini_batch_size)
+        columns = [chunks(f, spec.mini_batch_size, by_length=bool(spec.chunk)) for f in feats] if feats else None
     reps, plans = [], []
     for c in range(n_cols):
         f = feats[c] if feats else None
         col_parts, col_plan = [], []
-        groups = chunks(f, spec.mini_batch_size, by_length=bool(spec.chunk)) if f is not None else []
+        groups = columns[c] if f is not None else []
         for idx in groups + [None] * (per_column - len(groups)):
             rng = _RngReplay(device)
             sub = _slice(f, idx) if idx is not None else placeholder_features(encoder, device)
