@@ -166,6 +166,19 @@ def cmd_mine(args) -> int:
                       max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
                       relative_margin=args.relative_margin, batch_size=args.batch_size, block=args.block_size)
     out = Path(args.out)
+    if args.ray_address:
+        from dataclasses import asdict
+
+        from .launch.ray import submit_mine
+
+        def absolute(p):
+            return str(Path(p).resolve()) if p and Path(p).exists() else p
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return submit_mine(args.ray_address, args.ray_workers, {
+            "model": absolute(args.model), "data": absolute(args.data), "out": str(out.resolve()),
+            "corpus_file": absolute(args.corpus), "opt": asdict(opt), "columns": columns, "on_error": args.on_error,
+            "fmt": args.format, "max_seq_length": args.max_seq_length}, use_gpu=args.use_gpu)
     if args.nproc and args.nproc > 1 and not _inside_launched_job():
         from .launch.local import launch_local
 
@@ -312,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     mn.add_argument("--max-seq-length", type=int, default=None, help="truncation (default: the model's)")
     mn.add_argument("--block-size", type=int, default=512, help="anchors per unit of work and of resume")
     mn.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad rows: stop or skip+count")
-    mn.add_argument("--nproc", type=int, default=None, help="start N worker processes on this machine")
+    mn.add_argument("--nproc", type=int, default=None, help="start N worker processes on this machine "
+                                                            "(under srun/torchrun: leave out, each task is a rank)")
+    mn.add_argument("--ray-address", default=None, help="run on a Ray cluster (e.g. 10.0.0.1:6379) ...")
+    mn.add_argument("--ray-workers", type=int, default=2, help="... with this many workers (default 2)")
+    mn.add_argument("--use-gpu", action="store_true", help="Ray: one GPU per worker")
     mn.set_defaults(func=cmd_mine)
 
     rp = sub.add_parser("report", help="summary of a run from metrics.jsonl, and OUTPUT_DIR/report.png")

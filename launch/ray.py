@@ -30,6 +30,46 @@ def train_loop_per_worker(config: dict) -> None:
     train(cfg, state, "latest")
 
 
+def mine_loop_per_worker(config: dict) -> None:
+    """``dist-embed mine --ray-address``: each Ray worker is one rank of the mining job."""
+    import ray.train
+
+    from ..distributed import init_distributed
+    from ..mine import MineOptions, mine
+    from ..tracking import setup_logging
+
+    os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
+    state = init_distributed()
+    setup_logging(state.rank)
+    kwargs = dict(config)
+    kwargs["opt"] = MineOptions(**kwargs["opt"])
+    kwargs["out"] = Path(kwargs["out"])
+    mine(state, progress=False, **kwargs)
+
+
+def submit_mine(address: str, num_workers: int, kwargs: dict, use_gpu: bool = False) -> int:
+    """Run ``mine`` on ``num_workers`` Ray workers; every path in ``kwargs`` is already absolute."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = Path(kwargs["out"])
+    ray.init(address=address, logging_level=logging.WARNING)
+    trainer = TorchTrainer(mine_loop_per_worker, train_loop_config=kwargs,
+                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+                           run_config=RunConfig(name=f"dist-embed-mine-{out.stem}",
+                                                storage_path=str(out.parent / f".{out.name}.ray")))
+    try:
+        trainer.fit()
+    except Exception as e:
+        log.error("Ray mining failed: %s", e)
+        print(f"dist-embed: error: Ray mining failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return 1
+    print(f"done: {out}")
+    return 0
+
+
 def resolved_paths(cfg) -> dict:
     """The config with every local path made absolute here, on the driver: a worker on another node
     has no notion of the submitter's working directory (hub ids and missing paths stay as written)."""

@@ -201,3 +201,29 @@ def test_accelerate_launch_equals_nproc_two(tmp_path, tiny_model, triplets):
     assert "world size 2" in r.stderr
     assert train_losses(acc) == pytest.approx(train_losses(local), rel=1e-6)
     assert max_weight_diff(local, acc) < 1e-6
+
+
+def test_mining_under_slurm_and_ray_gives_the_bytes_of_one_process(slurm, ray_cluster, tmp_path, minilm):
+    """dist-embed mine as 2 srun tasks (each task a rank, the rendezvous from the job) and as 2 Ray
+    workers: the same file as one local process."""
+    rows = quick_triplets(120)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
+    args = ["--num-negatives", "2", "--block-size", "16", "--batch-size", "8", "--relative-margin", "0.05"]
+    local = tmp_path / "local.jsonl"
+    r = run_cli("mine", data, "--model", minilm, "--out", local, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    on_slurm = tmp_path / "slurm.jsonl"
+    script = tmp_path / "mine.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --cpus-per-task=1\n"
+                      f"#SBATCH --output={tmp_path}/slurm-%j.out\n"
+                      "export MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
+                      f"srun {sys.executable} -m dist_embed.cli mine {data} --model {minilm} --out {on_slurm} "
+                      + " ".join(args) + "\n")
+    job = slurm.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+    assert slurm.wait(job) == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
+    assert on_slurm.read_bytes() == local.read_bytes()
+    on_ray = tmp_path / "ray.jsonl"
+    r = run_cli("mine", data, "--model", minilm, "--out", on_ray, *args, "--ray-address", ray_cluster.address,
+                "--ray-workers", "2", env=ray_cluster.env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert on_ray.read_bytes() == local.read_bytes()
