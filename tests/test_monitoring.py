@@ -75,7 +75,7 @@ def test_model_card_renders_and_directory_still_loads(monitored_run):
     assert "pipeline_tag: sentence-similarity" in card and "library_name: sentence-transformers" in card
     for section in ["### Full Model Architecture", "## Usage", "### Training Dataset", "Approximate statistics",
                     "* Loss: `MultipleNegativesRankingLoss`", '"scale": 20.0', "#### Non-Default Hyperparameters",
-                    "#### All Hyperparameters", "### Training Logs", "#### Semantic Similarity: `snli`",
+                    "#### All Hyperparameters", "### Training Logs", "#### Semantic Similarity", "* Dataset: `snli`",
                     "### Framework Versions", "henderson2017efficient", "reimers-2019-sentence-bert"]:
         assert section in card, section
     assert "| **" in card and "**4**" in card  # the saved step's row in bold
