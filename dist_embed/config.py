@@ -24,7 +24,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
-    pooling: Literal["mean", "cls", "max"] | None = None  # None: read from a sentence-transformers dir, else mean
+    pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None  # None: read from a sentence-transformers dir, else mean
     normalize: bool | None = None  # None: read from a sentence-transformers dir, else False
     max_seq_length: int | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)

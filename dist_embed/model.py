@@ -64,6 +64,8 @@ def pool_tokens(states: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor,
         return sums / counts.clamp(min=1).to(states.dtype)[:, None]
     if mode == "cls":
         return states[torch.cumsum(counts, 0) - counts]  # each text's first token
+    if mode == "lasttoken":  # decoder embedders: the last real token (left or right padding alike)
+        return states[torch.cumsum(counts, 0) - 1]
     if mode == "max":
         out = torch.full((n, dim), torch.finfo(states.dtype).min, dtype=states.dtype, device=states.device)
         return out.scatter_reduce(0, owner[:, None].expand_as(states), states, reduce="amax")
@@ -264,7 +266,7 @@ class Encoder(nn.Module):
         pooling = {"word_embedding_dimension": int(self.transformer.config.hidden_size)}
         pooling.update({key: (name == self.pooling) for name, key in POOLING_KEYS.items()})
         pooling.update({"pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-                        "pooling_mode_lasttoken": False, "include_prompt": True})
+                        "include_prompt": True})
         return pooling
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+                "lasttoken": "pooling_mode_lasttoken"}
 ST_KEPT = ("prompts", "default_prompt_name", "similarity_fn_name", "truncate_dim")
 
 
@@ -45,11 +46,11 @@ def read_st_settings(path: str) -> dict:
                 modes = [mode] if isinstance(mode, str) else list(mode)
                 unknown = [m for m in modes if m not in POOLING_KEYS]
                 if unknown or len(modes) != 1:
-                    raise ModelError(f"{root}: pooling {modes} is not supported (mean, cls or max)")
+                    raise ModelError(f"{root}: pooling {modes} is not supported (mean, cls, max or lasttoken)")
             unsupported = [k for k, v in pcfg.items() if k.startswith("pooling_mode_") and v and
                            k not in POOLING_KEYS.values()]
             if unsupported or len(modes) != 1:
-                raise ModelError(f"{root}: pooling {unsupported or modes} is not supported (mean, cls or max)")
+                raise ModelError(f"{root}: pooling {unsupported or modes} is not supported (mean, cls, max or lasttoken)")
             if pcfg.get("include_prompt") is False:
                 raise ModelError(f"{root}: pooling with include_prompt=false (prompt tokens left out of the "
                                  "mean) is not supported; dist_embed pools every token")

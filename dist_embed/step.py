@@ -49,10 +49,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def _slice(features: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rows ``idx`` of a tokenized column, with the padding no row of them needs cut off."""
+    """Rows ``idx`` of a tokenized column, with the padding no row of them needs cut off (on the
+    right, or on the left for left-padded decoder tokenizers)."""
     out = {k: v[idx] for k, v in features.items()}
-    width = int(out["attention_mask"].sum(1).max()) if len(idx) else 1
-    return {k: v[:, :max(width, 1)] for k, v in out.items()}
+    used = torch.nonzero(out["attention_mask"].any(0)).flatten() if len(idx) else None
+    if used is None or not len(used):
+        return {k: v[:, :1] for k, v in out.items()}
+    first, last = int(used[0]), int(used[-1]) + 1
+    return {k: v[:, first:last] for k, v in out.items()}
 
 
 def chunks(features: dict[str, torch.Tensor], size: int, by_length: bool) -> list[torch.Tensor]:
