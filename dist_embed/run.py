@@ -117,6 +117,12 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
         from .fast_dropout import use_fast_dropout
 
         use_fast_dropout(encoder.transformer)
+    if cfg.training.gradient_checkpointing:
+        if not getattr(encoder.transformer, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"training.gradient_checkpointing: {type(encoder.transformer).__name__} does not "
+                              "support it")
+        # non-reentrant: works with inputs that need no grad and restores the RNG for the recompute
+        encoder.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return encoder
 
 
