@@ -104,6 +104,16 @@ def check_precision(precision: str, device: torch.device) -> None:
                         "%s): bf16 matmuls are emulated and can be ~100x slower than fp32 here", cap)
 
 
+def enable_checkpointing(transformer) -> None:
+    """Non-reentrant activation checkpointing (works with inputs that need no grad and restores the
+    RNG for the recompute); transformers >= 5.x names it activation_checkpointing_enable."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(transformer, "activation_checkpointing_enable"):
+        transformer.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_encoder(cfg: Config, state: DistState) -> Encoder:
     m = cfg.model
     try:
@@ -121,8 +131,7 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
         if not getattr(encoder.transformer, "supports_gradient_checkpointing", False):
             raise ConfigError(f"training.gradient_checkpointing: {type(encoder.transformer).__name__} does not "
                               "support it")
-        # non-reentrant: works with inputs that need no grad and restores the RNG for the recompute
-        encoder.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(encoder.transformer)
     return encoder
 
 

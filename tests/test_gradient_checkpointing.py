@@ -8,6 +8,7 @@ from dist_embed.data.rows import Row
 from dist_embed.distributed import DistState
 from dist_embed.fast_dropout import use_fast_dropout
 from dist_embed.model import Encoder
+from dist_embed.run import enable_checkpointing
 from dist_embed.step import StepSpec, forward_backward
 
 from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
@@ -18,7 +19,7 @@ def grads_of(model_dir, spec, rows, checkpointing: bool, fast: bool):
     if fast:
         use_fast_dropout(enc.transformer)
     if checkpointing:
-        enc.transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(enc.transformer)
     enc.train()
     batch = collate(rows, enc.tokenizer, enc.max_seq_length)
     batch.update(global_size=len(rows), sizes=[len(rows)])
