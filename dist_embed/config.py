@@ -22,6 +22,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraSpec(_Section):
+    """LoRA adapters (peft): only they train."""
+
+    r: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+    export: Literal["merged", "adapter"] = "merged"  # final/: merged weights, or the adapter alone
+
+
 class ModelConfig(_Section):
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
     pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None  # None: read from a sentence-transformers dir, else mean
@@ -30,6 +40,7 @@ class ModelConfig(_Section):
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     trust_remote_code: bool = False
     revision: str | None = None
+    lora: LoraSpec | None = None
 
 
 FORMAT = Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf", "wds"]

@@ -200,7 +200,9 @@ class Encoder(nn.Module):
         """The transformer's and Dense modules' weights (or ``weights``, e.g. gathered from ZeRO-3
         shards; Dense keys start with ``st_dense.``) + kept extras."""
         if weights is None:
-            weights = dict(self.transformer.state_dict())
+            from .lora import is_lora, merged_state
+
+            weights = merged_state(self.transformer) if is_lora(self.transformer) else dict(self.transformer.state_dict())
             weights.update({f"st_dense.{k}": v for k, v in self.st_dense.state_dict().items()})
         state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         state.update({k: v.contiguous() for k, v in self.extra_state.items() if k not in state})
@@ -235,7 +237,9 @@ class Encoder(nn.Module):
         state = self.state_for_saving() if state is None else state
         main = {k: v for k, v in state.items() if not k.startswith("st_dense.")}
         save_file(_dedupe_shared(main), str(out / "model.safetensors"), metadata={"format": "pt"})
-        self.transformer.config.save_pretrained(out)
+        from .lora import base_model
+
+        base_model(self.transformer).config.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]

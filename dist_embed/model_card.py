@@ -87,8 +87,10 @@ def dataset_info(name: str, rows: int | None, columns: list[str], texts: list[tu
 
 def architecture(encoder) -> str:
     """The module list as ``print(SentenceTransformer(path))`` shows it."""
+    from .lora import base_model
+
     tcfg = {"max_seq_length": encoder.max_seq_length, "do_lower_case": False,
-            "architecture": type(encoder.transformer).__name__}
+            "architecture": type(base_model(encoder.transformer)).__name__}
     pcfg = {k: v for k, v in encoder.pooling_config().items() if k != "include_prompt"}
     lines = ["SentenceTransformer(", f"  (0): Transformer({tcfg})", f"  (1): Pooling({pcfg})"]
     lines += [f"  ({i}): Dense({d.config()})" for i, d in enumerate(encoder.st_dense, start=2)]

@@ -169,6 +169,16 @@ def save(run, final: bool = False) -> Path:
         run.backend.save(sd, state.is_main)  # DeepSpeed: every rank writes its shards
     if state.is_main:
         run.encoder.save(tmp, run.encoder.state_for_saving(weights) if weights is not None else None)
+        lora = run.cfg.model.lora
+        if final and lora is not None and lora.export == "adapter":
+            # the adapter alone: transformers (so sentence-transformers) loads the base model it names
+            from .lora import write_adapter
+            from .model import resolve_model_path
+
+            (tmp / "model.safetensors").unlink()  # without the base's files transformers looks for
+            (tmp / "config.json").unlink()  # adapter_config.json and loads the base it names
+            base = resolve_model_path(run.cfg.model.name_or_path)
+            write_adapter(tmp, run.encoder.transformer, str(Path(base).resolve()) if Path(base).exists() else base)
         write_card(run, tmp)
         if not final:
             at_step = next((h for h in reversed(pos.history) if h["step"] == pos.step), {})

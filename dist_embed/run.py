@@ -127,6 +127,16 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
         from .fast_dropout import use_fast_dropout
 
         use_fast_dropout(encoder.transformer)
+    if m.lora is not None:
+        if cfg.distributed.backend == "deepspeed":
+            raise ConfigError("model.lora with distributed.backend=deepspeed is not supported yet; LoRA trains on "
+                              "the ddp backend (the adapters are small: ZeRO has little to shard)")
+        from .lora import apply_lora
+
+        # the adapters' random init must be the same on every rank (the ranks' RNGs differ, for dropout)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.training.seed)
+            encoder.transformer = apply_lora(encoder.transformer, m.lora)
     if cfg.training.gradient_checkpointing:
         if not getattr(encoder.transformer, "supports_gradient_checkpointing", False):
             raise ConfigError(f"training.gradient_checkpointing: {type(encoder.transformer).__name__} does not "

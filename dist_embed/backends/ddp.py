@@ -15,6 +15,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..distributed import DistState, all_reduce_grads
+from ..lora import ADAPTER_FILE, adapter_state, is_lora, load_adapter_state
 from ..optim import make_adamw
 from ..step import AutogradBackward
 from . import StepResult
@@ -82,6 +83,10 @@ class DDPBackend(AutogradBackward):
     # -- state ------------------------------------------------------------------------------------
 
     def save(self, directory: Path, is_main: bool) -> None:
+        if is_main and is_lora(self.encoder.transformer):  # the adapters: resume continues them exactly
+            from safetensors.torch import save_file
+
+            save_file(adapter_state(self.encoder.transformer), str(directory / ADAPTER_FILE))
         if is_main:
             ckpt.save_tensors(self.optimizer.state_dict(), directory / "optimizer.pt")
             ckpt.save_tensors(self.scheduler.state_dict(), directory / "scheduler.pt")
@@ -89,7 +94,12 @@ class DDPBackend(AutogradBackward):
                 ckpt.save_tensors(self.scaler.state_dict(), directory / "scaler.pt")
 
     def load(self, checkpoint: Path, directory: Path) -> None:
-        self.encoder.load_weights(self.encoder.saved_weights(checkpoint))
+        if is_lora(self.encoder.transformer):  # base weights as loaded; the adapters from the checkpoint
+            from safetensors.torch import load_file
+
+            load_adapter_state(self.encoder.transformer, load_file(str(directory / ADAPTER_FILE)))
+        else:
+            self.encoder.load_weights(self.encoder.saved_weights(checkpoint))
         self.optimizer.load_state_dict(ckpt.load_tensors(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_tensors(directory / "scheduler.pt"))
         if self.scaler is not None and (directory / "scaler.pt").exists():

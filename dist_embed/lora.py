@@ -1,0 +1,87 @@
+"""LoRA through the ``peft`` library: only the adapters train; checkpoints hold the merged weights
+(every checkpoint is a complete sentence-transformers model) and the adapters (for exact resume);
+``final/`` is the merged model or, with ``model.lora.export: adapter``, the adapter alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ADAPTER_FILE = "adapter.safetensors"  # in a checkpoint's training_state/
+
+
+def apply_lora(transformer, spec):
+    """``transformer`` wrapped by peft with the adapters ``spec`` (config.LoraSpec) describes."""
+    from peft import LoraConfig, get_peft_model
+
+    conf = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
+                      target_modules=list(spec.target_modules) if spec.target_modules else None)
+    return get_peft_model(transformer, conf)
+
+
+def is_lora(transformer) -> bool:
+    return hasattr(transformer, "peft_config")
+
+
+def base_model(transformer):
+    """The plain transformers model under a peft wrapper (the model itself otherwise)."""
+    return transformer.get_base_model() if is_lora(transformer) else transformer
+
+
+def merged_state(transformer) -> dict[str, torch.Tensor]:
+    """The base model's weights with every adapter's delta added, under the base model's own names;
+    the modules are left untouched (merging in place and back would perturb the base weights)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = base_model(transformer)
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[f"{name}.base_layer.weight"] = (f"{name}.weight", module.get_delta_weight("default"))
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        if key in deltas:
+            plain, delta = deltas[key]
+            out[plain] = (value + delta.to(value.dtype)).detach()
+        else:
+            out[key.replace(".base_layer.", ".")] = value.detach()
+    return out
+
+
+def adapter_state(transformer) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def load_adapter_state(transformer, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter weights INTO the existing parameters (peft's set_peft_model_state_dict may
+    put new Parameter objects in place, which the optimizer and the gradient all-reduce, holding the
+    old ones, would never see: a resume that silently stops training)."""
+    params = dict(transformer.named_parameters())
+    wanted = {n for n in params if "lora_" in n}
+    named = {}
+    for key, value in state.items():
+        head, _, leaf = key.rpartition(".")
+        named[f"{head}.default.{leaf}"] = value
+    if set(named) != wanted:
+        raise ValueError(f"adapter weights do not match the model: missing {sorted(wanted - set(named))[:3]}, "
+                         f"unexpected {sorted(set(named) - wanted)[:3]}")
+    with torch.no_grad():
+        for name, value in named.items():
+            params[name].copy_(value)
+
+
+def write_adapter(out: Path, transformer, base_path: str) -> None:
+    """PEFT's adapter layout (adapter_config.json + adapter_model.safetensors), naming the base model
+    so that transformers (and so sentence-transformers) loads base + adapter from ``out``."""
+    from safetensors.torch import save_file
+
+    conf = transformer.peft_config["default"].to_dict()
+    conf["base_model_name_or_path"] = base_path
+    conf = {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
+    (out / "adapter_config.json").write_text(json.dumps(conf, indent=2, default=str) + "\n")
+    save_file(adapter_state(transformer), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

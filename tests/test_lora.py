@@ -1,0 +1,66 @@
+"""LoRA through peft: only the adapters train, resume is exact (dropout on), checkpoints are
+complete merged models, and final/ as merged weights or as the adapter loads in sentence-transformers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
+
+pytestmark = pytest.mark.slow
+TEXTS = ["A man is playing a guitar.", "Kittens.", "The quick brown fox jumps over the lazy dog twice."]
+LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["query", "value"]}
+
+
+def test_lora_trains_adapters_only_resumes_exactly_and_exports(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from dist_embed.model import Encoder
+
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(96))
+    cfg = tiny_config(tmp_path, tiny_model, data, model={"dropout": 0.1, "lora": LORA},
+                      training={"max_steps": 4, "lr": 1e-2}, checkpoint={"steps": 2})
+    straight, resumed, adapter = tmp_path / "straight", tmp_path / "resumed", tmp_path / "adapter"
+    for out, extra in ((straight, []), (resumed, ["--resume", str(straight / "checkpoints" / "step-2")]),
+                       (adapter, ["model.lora.export=adapter"])):
+        r = run_cli("train", cfg, f"output_dir={out}", "--nproc", "2", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one = tmp_path / "one"
+    r = run_cli("train", cfg, f"output_dir={one}", "training.batch_size=16", "checkpoint.steps=0",
+                "model.dropout=0", "model.lora.dropout=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    r = run_cli("train", cfg, f"output_dir={two}", "--nproc", "2", "checkpoint.steps=0", "model.dropout=0",
+                "model.lora.dropout=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the same adapters on every rank (their random init is seeded apart from the ranks' dropout RNG)
+    assert train_losses(one) == pytest.approx(train_losses(two), rel=1e-5)
+    a, b = train_losses(straight), train_losses(resumed)
+    for step in b:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    start = load_file(str(tiny_model / "model.safetensors"))
+    merged = load_file(str(straight / "final" / "model.safetensors"))
+    assert set(merged) == set(start)  # the base model's own names: a complete plain model
+    changed = {k for k in start if not torch.equal(start[k], merged[k])}
+    assert changed and all(("query" in k or "value" in k) and k.endswith("weight") for k in changed), changed
+    again = load_file(str(resumed / "final" / "model.safetensors"))
+    assert max(float((again[k] - merged[k]).abs().max()) for k in merged) < 1e-6
+    st = SentenceTransformer(str(straight / "final"), device="cpu")
+    ours = Encoder.from_pretrained(str(straight / "final")).encode(TEXTS)
+    assert np.abs(st.encode(TEXTS) - ours).max() < 1e-5
+    # adapter export: no full weights, and base + adapter in sentence-transformers = our merged model
+    final = adapter / "final"
+    assert not (final / "model.safetensors").exists() and (final / "adapter_model.safetensors").is_file()
+    assert json.loads((final / "adapter_config.json").read_text())["r"] == 4
+    st_adapter = SentenceTransformer(str(final), device="cpu")
+    assert np.abs(st_adapter.encode(TEXTS) - st.encode(TEXTS)).max() < 1e-5  # same seed, same run
+
+
+def test_lora_with_deepspeed_is_refused_in_one_line(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(16))
+    cfg = tiny_config(tmp_path, tiny_model, data, model={"lora": LORA})
+    r = run_cli("train", cfg, "distributed.backend=deepspeed", "distributed.deepspeed_config=configs/deepspeed/zero2.json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "model.lora with distributed.backend=deepspeed" in r.stderr.strip().splitlines()[-1]
