@@ -339,18 +339,14 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
               "similarities = model.similarity(embeddings, embeddings)", "```", ""]
     if eval_names or ir_names:
         parts += ["## Evaluation", "", "### Metrics", ""]
-        for name in eval_names:
+        kinds = [(n, "Semantic Similarity", "STS evaluator", "EmbeddingSimilarityEvaluator") for n in eval_names] + \
+                [(n, "Information Retrieval", "retrieval evaluator", "InformationRetrievalEvaluator, cosine")
+                 for n in ir_names]
+        for name, title, ours, theirs in kinds:
             pref = f"eval/{name}/"
             rows = [[k[len(pref):], final_metrics[k]] for k in final_metrics if k.startswith(pref)]
-            parts += ["#### Semantic Similarity", "", f"* Dataset: `{name}`",
-                      "* Evaluated with dist_embed's STS evaluator (the definitions of sentence-transformers' "
-                      "`EmbeddingSimilarityEvaluator`)", "", _table(["Metric", "Value"], rows), ""]
-        for name in ir_names:
-            pref = f"eval/{name}/"
-            rows = [[k[len(pref):], final_metrics[k]] for k in final_metrics if k.startswith(pref)]
-            parts += ["#### Information Retrieval", "", f"* Dataset: `{name}`",
-                      "* Evaluated with dist_embed's retrieval evaluator (the definitions of sentence-transformers' "
-                      "`InformationRetrievalEvaluator`, cosine similarity)", "", _table(["Metric", "Value"], rows), ""]
+            parts += [f"#### {title}", "", f"* Dataset: `{name}`", f"* Evaluated with dist_embed's {ours} (the "
+                      f"definitions of sentence-transformers' `{theirs}`)", "", _table(["Metric", "Value"], rows), ""]
     parts += ["## Training Details", ""]
     if data:
         parts += [f"### Training Dataset{'s' if len(data) > 1 else ''}", ""]

@@ -137,11 +137,8 @@ def recipe_sentence(lang: str, s: int, p: int, a: int) -> str:
 def tiny_xlmr(tmp_path_factory) -> Path:
     """A 2-layer random XLM-R (padding_idx 1: positions start at 2) with a small SentencePiece-style
     Unigram tokenizer trained here on Korean, Russian, Sinhala, Chinese and English text."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
-
-    from dist_embed.model import Encoder
 
     texts = MULTILINGUAL * 20 + [t for r in quick_triplets(400) for t in r.values()]
     texts += [recipe_sentence(lang, s, p, a) for lang in RECIPE_WORDS for s in range(4) for p in range(4)
@@ -154,14 +151,26 @@ def tiny_xlmr(tmp_path_factory) -> Path:
         vocab_size=1200, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"))
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    fast = XLMRobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    fast = XLMRobertaTokenizerFast(tokenizer_object=tok, **ROBERTA_SPECIALS)
+    return _tiny_roberta_type(tmp_path_factory, "tiny-xlmr", XLMRobertaConfig, XLMRobertaModel, fast)
+
+
+ROBERTA_SPECIALS = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                        cls_token="<s>", sep_token="</s>")
+
+
+def _tiny_roberta_type(tmp_path_factory, name, config_cls, model_cls, tokenizer) -> Path:
+    """2 layers, 32 wide, padding_idx 1 (positions from 2), saved in sentence-transformers layout."""
+    import torch
+
+    from dist_embed.model import Encoder
+
     torch.manual_seed(0)
-    cfg = XLMRobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
-                           eos_token_id=2, type_vocab_size=1)
-    out = tmp_path_factory.mktemp("tiny") / "tiny-xlmr"
-    Encoder(XLMRobertaModel(cfg, add_pooling_layer=False), fast, pooling="mean", normalize=False,
+    cfg = config_cls(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
+                     eos_token_id=2, type_vocab_size=1)
+    out = tmp_path_factory.mktemp("tiny") / name
+    Encoder(model_cls(cfg, add_pooling_layer=False), tokenizer, pooling="mean", normalize=False,
             max_seq_length=48).save(out)
     return out
 
@@ -170,23 +179,12 @@ def tiny_xlmr(tmp_path_factory) -> Path:
 def tiny_roberta(tmp_path_factory) -> Path:
     """A 2-layer random RoBERTa (positions from padding_idx + 1) with a byte-level BPE tokenizer
     trained here on the same multilingual text."""
-    import torch
     from tokenizers import ByteLevelBPETokenizer, processors
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
-
-    from dist_embed.model import Encoder
 
     texts = MULTILINGUAL * 20 + [t for r in quick_triplets(400) for t in r.values()]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=1500, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe._tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    fast = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
-                        eos_token_id=2, type_vocab_size=1)
-    out = tmp_path_factory.mktemp("tiny") / "tiny-roberta"
-    Encoder(RobertaModel(cfg, add_pooling_layer=False), fast, pooling="mean", normalize=False,
-            max_seq_length=48).save(out)
-    return out
+    fast = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, **ROBERTA_SPECIALS)
+    return _tiny_roberta_type(tmp_path_factory, "tiny-roberta", RobertaConfig, RobertaModel, fast)
