@@ -261,9 +261,10 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
             raise ConfigError(f"loss.matryoshka_dims: {too_wide} wider than the model's {encoder.dim}-dimensional "
                               "embeddings")
     schedule = Schedule.for_run(t, pos.samples_per_step, rows)
-    backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)))
+    # guide models load before the backend: under ZeRO-3 a model loaded after it is partitioned
     guides: dict = {}
     specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state, guides) for ds in d.datasets()]
+    backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)))
     gather = any(s.gather for s in specs)
     warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
     health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,

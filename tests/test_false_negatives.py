@@ -94,3 +94,25 @@ def test_masks_need_in_batch_negatives(tmp_path, tiny_model):
     r = run_cli("train", tiny_config(tmp_path, tiny_model, data), "loss.name=triplet", "loss.mask_same_text=true")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "loss triplet has none" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_masks_and_token_budget_with_an_empty_slice_do_not_hang(tmp_path, tiny_model, backend):
+    """7 rows, 2 ranks x 3: the last global batch has 1 row and rank 1 an empty slice. The masks'
+    gathers and the token budget's mini-batch count still pair up across ranks (under ZeRO-3 every
+    forward communicates); dropout on."""
+    from test_deepspeed import ds_args
+
+    rows = quick_triplets(7)
+    rows[3]["positive"] = rows[0]["positive"]
+    data = write_jsonl(tmp_path / "seven.jsonl", rows)
+    cfg = tiny_config(tmp_path, tiny_model, data, model={"dropout": 0.1},
+                      data={"no_duplicates": False},
+                      loss={"name": "cached_mnrl", "mini_batch_tokens": 40, "mask_same_text": True,
+                            "guide_model": str(tiny_model)},
+                      training={"max_steps": -1, "batch_size": 3}, distributed={"timeout_s": 60})
+    extra = ds_args("zero3") if backend == "zero3" else []
+    r = run_cli("train", cfg, "--nproc", "2", *extra, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]

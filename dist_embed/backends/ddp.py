@@ -94,10 +94,13 @@ class DDPBackend(AutogradBackward):
                 ckpt.save_tensors(self.scaler.state_dict(), directory / "scaler.pt")
 
     def load(self, checkpoint: Path, directory: Path) -> None:
-        if is_lora(self.encoder.transformer):  # base weights as loaded; the adapters from the checkpoint
-            from safetensors.torch import load_file
+        if is_lora(self.encoder.transformer):  # base weights as loaded; the adapters (and any Dense
+            from safetensors.torch import load_file  # head, trained in full) from the checkpoint
 
             load_adapter_state(self.encoder.transformer, load_file(str(directory / ADAPTER_FILE)))
+            self.encoder.st_dense.load_state_dict({k.removeprefix("st_dense."): v for k, v in
+                                                   self.encoder.saved_weights(checkpoint).items()
+                                                   if k.startswith("st_dense.")}, strict=True)
         else:
             self.encoder.load_weights(self.encoder.saved_weights(checkpoint))
         self.optimizer.load_state_dict(ckpt.load_tensors(directory / "optimizer.pt"))
