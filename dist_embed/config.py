@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -223,8 +223,14 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     steps: int = Field(default=0, ge=0)  # 0: only final/
     keep_last: int | None = Field(default=3, gt=0)
-    # also keep the checkpoint with the highest value of this eval metric, e.g. eval/sts-dev/spearman_cosine
-    keep_best: str | None = None
+    keep_best: str | None = None  # also keep the best checkpoint by this metric, e.g. eval/sts-dev/spearman_cosine
+    max_shard_size: str = "5GB"  # per safetensors file (transformers' shards + index); ZeRO-3: rank 0 holds one
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        from .weights import parse_size
+        return v if parse_size(v) else v  # ValueError unless a positive size
 
 
 class HealthConfig(_Section):

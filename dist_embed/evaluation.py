@@ -72,8 +72,11 @@ def evaluate_sts(encoder, data: StsData, batch_size: int = 64) -> dict[str, floa
 def evaluate_sts_dims(encoder, data: StsData, batch_size: int = 64, dims=()) -> dict[str, dict[str, float]]:
     """Metrics of the full embeddings under ``data.name`` and, for each Matryoshka dimension d,
     of their first d dimensions under ``<name>-dim<d>`` (one encoding pass)."""
-    texts = data.sentences1 + data.sentences2
-    emb = encoder.encode(texts, batch_size=batch_size)
+    return sts_metrics(encoder.encode(data.sentences1 + data.sentences2, batch_size=batch_size), data, dims)
+
+
+def sts_metrics(emb: np.ndarray, data: StsData, dims=()) -> dict[str, dict[str, float]]:
+    """``evaluate_sts_dims`` from the embeddings of ``sentences1 + sentences2``."""
     n = len(data.sentences1)
     out = {data.name: similarity_metrics(emb[:n], emb[n:], data.scores)}
     for d in dims:

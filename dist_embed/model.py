@@ -10,7 +10,7 @@ import logging
 import os
 from importlib import import_module
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # sentence embeddings need only the encoder of these encoder-decoder families (AutoModel would build
 # the decoder too); sentence-transformers loads them the same way
 ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+DEFAULT_SHARD_SIZE = "5GB"  # per safetensors file, as transformers' save_pretrained
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "activation_dropout", "classifier_dropout", "hidden_dropout", "attention_dropout_prob")
 
@@ -124,7 +125,10 @@ class Encoder(nn.Module):
         # The pooler (a dense layer on [CLS]) is never used by pooled sentence embeddings; under a
         # gradient all-reduce it only costs time. Detach it but keep its weights for saving.
         if getattr(transformer, "pooler", None) is not None:
-            extra = {f"pooler.{k}": v.detach().clone() for k, v in transformer.pooler.state_dict().items()}
+            from .weights import full_parameters
+
+            with full_parameters(transformer.pooler.parameters()):  # ZeRO-3 built it partitioned
+                extra = {f"pooler.{k}": v.detach().clone() for k, v in transformer.pooler.state_dict().items()}
             transformer.pooler = None
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         limit = position_limit(config)
@@ -217,26 +221,41 @@ class Encoder(nn.Module):
 
     @staticmethod
     def saved_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-        """What ``save`` wrote, keyed as ``state_for_saving`` returns it."""
+        """What ``save`` wrote, keyed as ``state_for_saving`` returns it (shards read whole)."""
         from safetensors.torch import load_file
 
+        from .weights import read_weights
+
         root = Path(directory)
-        weights = load_file(str(root / "model.safetensors"))
+        weights = read_weights(root)
         modules = json.loads((root / "modules.json").read_text())
         dense = [m["path"] for m in modules if m.get("type", "").endswith(".Dense")]
         for i, path in enumerate(dense):
             weights.update({f"st_dense.{i}.{k}": v for k, v in load_file(str(root / path / "model.safetensors")).items()})
         return weights
 
-    def save(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
-        """Write a complete sentence-transformers model directory (weights as safetensors only)."""
+    def save(self, out_dir: str | Path, parts: Iterable[dict[str, torch.Tensor]] | None = None,
+             max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> None:
+        """Write a complete sentence-transformers model directory (weights as safetensors only).
+        ``parts``: the weights as ``state_for_saving`` keys them, in pieces (e.g. gathered from
+        ZeRO-3 one module at a time); the transformer's are written in shards of ``max_shard_size``."""
         from safetensors.torch import save_file
+
+        from .weights import parse_size, remove_weights, write_weights
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = self.state_for_saving() if state is None else state
-        main = {k: v for k, v in state.items() if not k.startswith("st_dense.")}
-        save_file(_dedupe_shared(main), str(out / "model.safetensors"), metadata={"format": "pt"})
+        remove_weights(out)  # a directory saved into again: no stale shard or index left beside
+        parts = [self.state_for_saving()] if parts is None else parts
+        state: dict[str, torch.Tensor] = {}  # the Dense modules' weights (small), kept for their folders
+
+        def transformer_parts():
+            for part in parts:
+                state.update({k: v for k, v in part.items() if k.startswith("st_dense.")})
+                yield {k: v for k, v in part.items() if not k.startswith("st_dense.")}
+            yield {k: v.contiguous() for k, v in self.extra_state.items()}
+
+        write_weights(out, transformer_parts(), parse_size(max_shard_size))
         from .lora import base_model
 
         base_model(self.transformer).config.save_pretrained(out)
@@ -272,17 +291,6 @@ class Encoder(nn.Module):
         pooling.update({"pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
                         "include_prompt": True})
         return pooling
-
-
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied weights): store a copy of each."""
-    seen: set = set()
-    out = {}
-    for k, v in state.items():
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
 
 
 def _versions() -> dict:

@@ -159,7 +159,6 @@ def save(run, final: bool = False) -> Path:
     if state.is_main:
         ckpt.begin(target)
     barrier(state)
-    weights = run.backend.full_state_dict()  # under ZeRO-3 a collective that gathers the weights to rank 0
     if not final:
         sd = tmp / ckpt.STATE_DIR
         if state.is_main:
@@ -167,15 +166,21 @@ def save(run, final: bool = False) -> Path:
         barrier(state)
         ckpt.save_tensors(ckpt.rng_state(), sd / f"rng-rank{state.rank}.pt")
         run.backend.save(sd, state.is_main)  # DeepSpeed: every rank writes its shards
+    parts = run.backend.weight_parts()  # None: the encoder's own; under ZeRO-3 gathered module by module
+    if not state.is_main:
+        for _ in parts or ():  # every rank takes part in each module's gather
+            pass
     if state.is_main:
-        run.encoder.save(tmp, run.encoder.state_for_saving(weights) if weights is not None else None)
+        run.encoder.save(tmp, parts, run.cfg.checkpoint.max_shard_size)
         lora = run.cfg.model.lora
         if final and lora is not None and lora.export == "adapter":
             # the adapter alone: transformers (so sentence-transformers) loads the base model it names
             from .lora import write_adapter
             from .model import resolve_model_path
 
-            (tmp / "model.safetensors").unlink()  # without the base's files transformers looks for
+            from .weights import remove_weights
+
+            remove_weights(tmp)  # without the base's files transformers looks for
             (tmp / "config.json").unlink()  # adapter_config.json and loads the base it names
             base = resolve_model_path(run.cfg.model.name_or_path)
             write_adapter(tmp, run.encoder.transformer, str(Path(base).resolve()) if Path(base).exists() else base)

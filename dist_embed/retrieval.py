@@ -81,23 +81,29 @@ def load_retrieval(name: str, queries, corpus, qrels) -> RetrievalData:
     return RetrievalData(name, q, c, rel)
 
 
-def embed_sharded(encoder, texts: list[str], state, batch_size: int, *, sharded: bool = True,
-                  prompt_name: str | None = None, everywhere: bool = False) -> np.ndarray | None:
-    """Embeddings of ``texts`` (float32, input order). With ``sharded`` the encoding batches (of
-    the length-sorted texts, as ``encode`` forms them) are dealt to the ranks in turn and the parts
-    gathered: every text is embedded in the same batch at any world size, so the result is the same
-    to the bit. It is on rank 0 (on every rank with ``everywhere``), None elsewhere. Without
-    ``sharded`` rank 0 embeds all (ZeRO-3: only rank 0 holds a full copy)."""
+def embed_sharded(encoder, texts: list[str], state, batch_size: int, *, prompt_name: str | None = None,
+                  everywhere: bool = False, lockstep: bool = False) -> np.ndarray | None:
+    """Embeddings of ``texts`` (float32, input order). The encoding batches (of the length-sorted
+    texts, as ``encode`` forms them) are dealt to the ranks in turn and the parts gathered: every
+    text is embedded in the same batch at any world size, so the result is the same to the bit.
+    It is on rank 0 (on every rank with ``everywhere``), None elsewhere. ``lockstep`` (ZeRO-3,
+    where each forward gathers the weights from all ranks): every rank runs as many forwards, a
+    rank whose batches ran out embeds one text and drops it."""
     import torch.distributed as dist
 
-    if not (sharded and state.enabled):
-        if not (state.is_main or everywhere):
-            return None
+    if not state.enabled:
         return encoder.encode(texts, batch_size=batch_size, prompt_name=prompt_name)
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(texts), batch_size)][state.rank::state.world_size]
-    mine = [(idx, encoder.encode([texts[i] for i in idx], batch_size=batch_size, prompt_name=prompt_name))
-            for idx in batches]
+    batches = [order[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    batches_here = batches[state.rank::state.world_size]
+    rounds = math.ceil(len(batches) / state.world_size) if lockstep else len(batches_here)
+    mine = []
+    for r in range(rounds):
+        if r < len(batches_here):
+            idx = batches_here[r]
+            mine.append((idx, encoder.encode([texts[i] for i in idx], batch_size=batch_size, prompt_name=prompt_name)))
+        else:
+            encoder.encode([texts[order[-1]]], batch_size=batch_size, prompt_name=prompt_name)
     parts: list = [None] * state.world_size
     if everywhere:
         dist.all_gather_object(parts, mine)
@@ -166,16 +172,17 @@ def ir_metrics(ranked: list[list[str]], relevant: list[set[str]]) -> dict[str, f
 
 
 def evaluate_retrieval(encoder, data: RetrievalData, state, batch_size: int = 64,
-                       sharded: bool = True) -> dict[str, float] | None:
-    """Metrics on rank 0 (None elsewhere). Every rank must call it when ``sharded``: the corpus
-    is embedded in slices across ranks; queries are embedded on rank 0."""
+                       lockstep: bool = False) -> dict[str, float] | None:
+    """Metrics on rank 0 (None elsewhere). Every rank must call it: queries and corpus are
+    embedded in slices across ranks (``embed_sharded``)."""
     doc_ids = list(data.corpus)
-    corpus = embed_sharded(encoder, [data.corpus[d] for d in doc_ids], state, batch_size, sharded=sharded,
-                           prompt_name="document")
+    corpus = embed_sharded(encoder, [data.corpus[d] for d in doc_ids], state, batch_size,
+                           prompt_name="document", lockstep=lockstep)
+    qids = [q for q in data.queries if data.relevant.get(q)]
+    queries = embed_sharded(encoder, [data.queries[q] for q in qids], state, batch_size, prompt_name="query",
+                            lockstep=lockstep)
     if not state.is_main:
         return None
-    qids = [q for q in data.queries if data.relevant.get(q)]
-    queries = encoder.encode([data.queries[q] for q in qids], batch_size=batch_size, prompt_name="query")
     k = max(ACCURACY_AT + PRECISION_RECALL_AT + MRR_AT + NDCG_AT + MAP_AT)
     _, idx = top_k(queries, corpus, k)
     ranked = [[doc_ids[i] for i in row] for row in idx]

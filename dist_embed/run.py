@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .backends import Backend, make_backend
+from .backends import Backend, make_backend, start_backend
 from .config import Config, ConfigError, dump_config
 from .data.loader import MixSpec, PlanSpec
 from .data.readers import DataError, Source
@@ -66,7 +66,7 @@ class Run:
     schedule: Schedule
     health: HealthMonitor
     metrics: MetricsWriter
-    eval_sets: list[StsData]
+    eval_sets: list[StsData]  # loaded on every rank (the texts are embedded across ranks)
     pos: Position
     retrieval_sets: list = field(default_factory=list)  # RetrievalData, loaded on every rank
     wandb: object = None
@@ -236,6 +236,11 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     check_precision(t.precision, state.device)
     torch.manual_seed(t.seed + state.rank)
     random.seed(t.seed + state.rank)
+    # guide models (frozen, whole on every rank) load before the backend starts: after it, ZeRO-3
+    # builds every model partitioned
+    guides: dict = {}
+    specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state, guides) for ds in d.datasets()]
+    started = start_backend(cfg, state)
     encoder = load_encoder(cfg, state)
 
     global_batch = t.batch_size * state.world_size
@@ -261,17 +266,16 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
             raise ConfigError(f"loss.matryoshka_dims: {too_wide} wider than the model's {encoder.dim}-dimensional "
                               "embeddings")
     schedule = Schedule.for_run(t, pos.samples_per_step, rows)
-    # guide models load before the backend: under ZeRO-3 a model loaded after it is partitioned
-    guides: dict = {}
-    specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state, guides) for ds in d.datasets()]
-    backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)))
+    backend = make_backend(cfg, state, encoder, lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)),
+                           started)
     gather = any(s.gather for s in specs)
     warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
     health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
                            warmup_steps=warmup_steps)
     run = Run(cfg=cfg, state=state, out=out, encoder=encoder, backend=backend, plan=plan, rows=rows,
               sizes=sizes, global_batch=global_batch, specs=specs, schedule=schedule, health=health, metrics=None,
-              eval_sets=[load_sts(s.path, s.name, split=s.split, subset=s.subset, columns=s.columns) for s in cfg.eval.sts] if state.is_main else [], pos=pos)
+              eval_sets=[load_sts(s.path, s.name, split=s.split, subset=s.subset, columns=s.columns)
+                         for s in cfg.eval.sts], pos=pos)  # on every rank: each embeds a share
     run.retrieval_sets = [load_retrieval(s.name, s.queries, s.corpus, s.qrels) for s in cfg.eval.retrieval]
     run.num_workers = d.num_workers
     if d.num_workers and all(s.source.token_ids for s in plan.specs):

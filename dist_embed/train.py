@@ -16,12 +16,12 @@ from pathlib import Path
 from . import resume
 from .data.loader import rank_batches
 from .distributed import DistState, all_reduce_sum, barrier
-from .evaluation import PRIMARY, evaluate_sts_dims
-from .retrieval import PRIMARY_RETRIEVAL, evaluate_retrieval
+from .evaluation import PRIMARY, sts_metrics
+from .retrieval import PRIMARY_RETRIEVAL, embed_sharded, evaluate_retrieval
 from .health import sts_events
 from .run import Run, build_run
 from .step import forward_backward
-from .tracking import Progress, Timer, Window
+from .tracking import Progress, Timer, Window, peak_memory
 
 log = logging.getLogger("dist_embed.train")
 
@@ -146,6 +146,8 @@ def loop(run: Run, stopper: "Stopper") -> Path:
     log_window(run, window, timer, backend.scheduler.get_last_lr()[0], None)
     evaluate(run)
     final = resume.save(run, final=True)
+    # the whole run's peak memory, the final evaluation and save included (a collective)
+    run.metrics.write({"step": pos.step, "epoch": run.epoch_progress(), "final": True, **peak_memory(run.state)})
     run.metrics.close()
     if run.state.is_main:
         log.info("%s", summary(run, final, time.perf_counter() - t_start, start_step, rows_trained))
@@ -203,21 +205,22 @@ def matryoshka_eval_dims(run: Run) -> list[int]:
 
 
 def evaluate(run: Run) -> dict[str, float]:
+    """Every rank embeds a share of the eval texts (under ZeRO-3 in lockstep: each forward gathers
+    the weights layer by layer); rank 0 scores, logs and keeps the record."""
     results: dict[str, float] = {}
-    # under ZeRO-3 every rank takes part in gathering the weights
-    evaluating = run.cfg.eval.sts or run.retrieval_sets
-    encoder = run.backend.encoder_for_eval() if evaluating else run.encoder
-    # the retrieval corpus is embedded across ranks, except under ZeRO-3 (only rank 0 has a full copy)
-    sharded = run.backend.describe().get("zero_stage") != 3
-    for data in run.retrieval_sets:
-        m = evaluate_retrieval(encoder, data, run.state, run.cfg.eval.batch_size, sharded=sharded)
-        results.update({f"eval/{data.name}/{k}": v for k, v in (m or {}).items()})
-    if run.state.is_main and evaluating:
-        dims = matryoshka_eval_dims(run)
+    evaluating = run.eval_sets or run.retrieval_sets
+    lockstep, bs = run.backend.collective_eval, run.cfg.eval.batch_size
+    dims = matryoshka_eval_dims(run)
+    with run.backend.evaluating() as encoder:
+        for data in run.retrieval_sets:
+            m = evaluate_retrieval(encoder, data, run.state, bs, lockstep=lockstep)
+            results.update({f"eval/{data.name}/{k}": v for k, v in (m or {}).items()})
         for data in run.eval_sets:
-            for name, m in evaluate_sts_dims(encoder, data, run.cfg.eval.batch_size, dims).items():
+            emb = embed_sharded(encoder, data.sentences1 + data.sentences2, run.state, bs, lockstep=lockstep)
+            for name, m in (sts_metrics(emb, data, dims) if emb is not None else {}).items():
                 results.update({f"eval/{name}/{k}": v for k, v in m.items()})
-        run.encoder.train()
+    run.encoder.train()
+    if run.state.is_main and evaluating:
         rec = {"step": run.pos.step, "epoch": run.epoch_progress(), **results}
         run.metrics.write(rec)
         run.pos.history.append(rec)

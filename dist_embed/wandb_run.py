@@ -72,7 +72,7 @@ class WandbRun:
         else:
             data = {}
             for k, v in record.items():
-                if k in ("step", "epoch"):
+                if k in ("step", "epoch", "final"):
                     continue
                 data[k if "/" in k else f"train/{k}"] = v
             if "epoch" in record:

@@ -12,15 +12,18 @@ The loop never asks which one it has. What it needs (``Backend``):
 - ``note_batch``: sees each micro-batch before its forward (the DDP path marks the word-embedding
   rows it touches); ``rescale_grads``: an epoch that ended mid-accumulation;
 - ``step(loss)``: reduce, clip, optimizer step (or skip), schedule; -> ``StepResult``;
-- ``save``/``load``: the training state in a checkpoint's ``training_state/``; ``full_state_dict``
-  and ``encoder_for_eval``: the whole weights (gathered under ZeRO-3); ``describe``: what a
+- ``save``/``load``: the training state in a checkpoint's ``training_state/``; ``weight_parts``:
+  the whole weights in pieces (gathered module by module under ZeRO-3); ``evaluating()`` (the
+  encoder to evaluate with, as a context) and ``collective_eval`` (whether every rank must run the evaluation's forwards); ``describe``: what a
   checkpoint may be resumed under.
+
+``start_backend`` runs before the model is built: under ZeRO-3 the model is then built partitioned.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ContextManager, Iterable, Protocol
 
 import torch
 
@@ -34,6 +37,7 @@ class StepResult:
 
 class Backend(Protocol):
     model: torch.nn.Module
+    collective_eval: bool
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -52,22 +56,33 @@ class Backend(Protocol):
 
     def load(self, checkpoint: Path, directory: Path) -> None: ...
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+    def weight_parts(self) -> Iterable[dict[str, torch.Tensor]] | None: ...
 
-    def encoder_for_eval(self): ...
+    def evaluating(self) -> ContextManager[torch.nn.Module]: ...
 
     def describe(self) -> dict: ...
 
 
-def make_backend(cfg, state, encoder, make_scheduler) -> Backend:
-    """The backend ``distributed.backend`` names, wrapping ``encoder``."""
+def start_backend(cfg, state):
+    """What must exist before the model is built (None for DDP): DeepSpeed's Accelerator, after
+    which ZeRO-3 builds models partitioned across the ranks."""
+    if cfg.distributed.backend != "deepspeed":
+        return None
+    from .deepspeed import DeepSpeedSetup
+
+    return DeepSpeedSetup(cfg, state)
+
+
+def make_backend(cfg, state, encoder, make_scheduler, started=None) -> Backend:
+    """The backend ``distributed.backend`` names, wrapping ``encoder`` (``started``: what
+    ``start_backend`` returned)."""
     from ..optim import param_groups
 
     groups = param_groups(encoder, cfg.training.weight_decay)
     if cfg.distributed.backend == "deepspeed":
         from .deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(cfg, state, encoder, groups, make_scheduler)
+        return DeepSpeedBackend(started or start_backend(cfg, state), cfg, state, encoder, groups, make_scheduler)
     from .ddp import DDPBackend
 
     return DDPBackend(cfg, state, encoder, groups, make_scheduler)

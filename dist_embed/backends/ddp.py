@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ class DDPBackend(AutogradBackward):
     def __init__(self, cfg, state: DistState, encoder, groups: list[dict], make_scheduler):
         self.cfg, self.state, self.encoder = cfg, state, encoder
         self.model = encoder
+        self.collective_eval = False  # rank 0 may evaluate alone
         self.params = [p for p in encoder.parameters() if p.requires_grad]
         self.optimizer = make_adamw(groups, cfg.training.lr)
         self.scheduler = make_scheduler(self.optimizer)
@@ -108,11 +110,11 @@ class DDPBackend(AutogradBackward):
         if self.scaler is not None and (directory / "scaler.pt").exists():
             self.scaler.load_state_dict(ckpt.load_tensors(directory / "scaler.pt"))
 
-    def full_state_dict(self):
+    def weight_parts(self):
         return None  # the encoder itself holds the full weights
 
-    def encoder_for_eval(self):
-        return self.encoder
+    def evaluating(self):
+        return nullcontext(self.encoder)
 
     def describe(self) -> dict:
         return {"backend": "ddp", "world_size": self.state.world_size}

@@ -20,6 +20,7 @@ import datetime
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .. import checkpoint as ckpt
 from ..config import Config, ConfigError
 from ..distributed import DistState
 from ..optim import make_adamw
+from ..weights import module_weights
 from . import StepResult
 
 log = logging.getLogger(__name__)
@@ -110,9 +112,14 @@ def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, de
         for key, value in (("lr", t.lr), ("betas", BETAS), ("eps", EPS), ("weight_decay", t.weight_decay)):
             if params.get(key, "auto") == "auto":
                 params[key] = value
+    # a transformer layer has ~12 H^2 weights. DeepSpeed's defaults for the last two (1e9) keep
+    # every gathered weight from the forward until its backward when the model has fewer than 1e9
+    # parameters, i.e. the whole model on every rank during the step: bound them to a few layers
+    layer = 12 * hidden_size * hidden_size
     sizes = {"reduce_bucket_size": hidden_size * hidden_size,
              "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-             "stage3_param_persistence_threshold": 10 * hidden_size}
+             "stage3_param_persistence_threshold": 10 * hidden_size,
+             "stage3_max_live_parameters": 3 * layer, "stage3_max_reuse_distance": 2 * layer}
     for key, value in sizes.items():
         if zero.get(key) == "auto":
             zero[key] = value
@@ -139,44 +146,71 @@ def _auto_keys(node: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "auto" else []
 
 
-class DeepSpeedBackend:
-    """The engine plus the few operations the trainer needs from it."""
+def _hidden_size(cfg: Config) -> int | None:
+    """The model's hidden size, from its config alone (ZeRO bucket sizes are set from it)."""
+    from transformers import AutoConfig
 
-    def __init__(self, cfg: Config, state: DistState, encoder, param_groups: list[dict], make_scheduler):
+    from ..model import resolve_model_path
+
+    try:
+        conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+                                          trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    except (OSError, ValueError):
+        return None  # loading the model reports what is wrong with it, in one line
+    return getattr(conf, "hidden_size", None) or getattr(conf, "d_model", None)
+
+
+class DeepSpeedSetup:
+    """The filled config and accelerate's Accelerator, made BEFORE the model: from then on, under
+    ZeRO-3, transformers builds every model partitioned across the ranks (DeepSpeed's ``zero.Init``
+    through accelerate's weak reference to the config) and loads its checkpoint module by module
+    (rank 0 reads, the others only get their partitions). So no rank ever holds the whole model."""
+
+    def __init__(self, cfg: Config, state: DistState):
         _set_default_extension_dir()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         from accelerate import Accelerator, DeepSpeedPlugin
-        from accelerate.utils import DummyOptim, DummyScheduler, InitProcessGroupKwargs
+        from accelerate.utils import InitProcessGroupKwargs
 
-        self.state = state
         path = cfg.distributed.deepspeed_config
-        self.config = fill_ds_config(read_ds_config(path), cfg, state.world_size, encoder.dim,
+        self.path = path
+        self.config = fill_ds_config(read_ds_config(path), cfg, state.world_size, _hidden_size(cfg) or 768,
                                      state.device.type, origin=path)
         self.stage = int(self.config["zero_optimization"]["stage"])
         backend = "nccl" if state.device.type == "cuda" else "gloo"
         # accelerate keeps its state in process-wide singletons; a process trains one model, so
         # one Accelerator per process is what it expects
         self.accelerator = Accelerator(
-            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.config),
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.config, zero3_init_flag=self.stage == 3),
             kwargs_handlers=[InitProcessGroupKwargs(backend=backend,
                                                     timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))])
+
+
+class DeepSpeedBackend:
+    """The engine plus the few operations the trainer needs from it."""
+
+    def __init__(self, setup: DeepSpeedSetup, cfg: Config, state: DistState, encoder, param_groups: list[dict],
+                 make_scheduler):
+        from accelerate.utils import DummyOptim, DummyScheduler
+
+        self.state = state
+        self.config, self.stage, self.accelerator = setup.config, setup.stage, setup.accelerator
+        # under ZeRO-3 an evaluation forward gathers each layer from all ranks: every rank runs it
+        self.collective_eval = self.stage == 3
         if "optimizer" in self.config:  # DeepSpeed builds the optimizer (e.g. torch AdamW via torch_adam)
             optimizer = DummyOptim(param_groups, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
             scheduler = DummyScheduler(optimizer, lr_scheduler_callable=make_scheduler)
         else:  # our fused AdamW, wrapped by ZeRO
             optimizer = make_adamw(param_groups, cfg.training.lr)
             scheduler = make_scheduler(optimizer)
-        # ZeRO-3 leaves each rank a shard of every weight; rank 0 evaluates on a plain copy that is
-        # refreshed from the gathered weights at each eval (costs one model's memory on rank 0)
-        self.eval_copy = copy.deepcopy(encoder) if self.stage == 3 and state.is_main else None
         self.engine, self.optimizer, scheduler = self.accelerator.prepare(encoder, optimizer, scheduler)
         self.model = self.engine  # every training forward goes through the engine
         # the schedule object itself (accelerate wraps it); DeepSpeed steps it only if it was handed over
         self.scheduler = getattr(scheduler, "scheduler", scheduler)
         self._engine_steps_scheduler = self.engine.lr_scheduler is not None
         self.world_size = state.world_size
-        log.info("DeepSpeed ZeRO stage %d (%s), micro batch %d, grad accumulation %d, optimizer %s", self.stage, path,
-                 self.config["train_micro_batch_size_per_gpu"], self.config["gradient_accumulation_steps"],
+        log.info("DeepSpeed ZeRO stage %d (%s), micro batch %d, grad accumulation %d, optimizer %s", self.stage,
+                 setup.path, self.config["train_micro_batch_size_per_gpu"], self.config["gradient_accumulation_steps"],
                  type(self.engine.optimizer).__name__)
 
     # -- the step -------------------------------------------------------------------------------
@@ -219,25 +253,30 @@ class DeepSpeedBackend:
 
     # -- weights and checkpoints ----------------------------------------------------------------
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on rank 0 (None elsewhere). All ranks must call it (ZeRO-3 gathers)."""
-        if self.stage == 3:
-            sd = self.accelerator.get_state_dict(self.engine)  # collective: gathers every partition
-        else:
-            sd = self.engine.module.state_dict() if self.state.is_main else None
-        if sd is None or not self.state.is_main:
-            return None
-        return {k.removeprefix("transformer."): v.detach().to("cpu").contiguous() for k, v in sd.items()
-                if k.startswith(("transformer.", "st_dense."))}
+    def weight_parts(self):
+        """The whole weights, one module at a time, keyed as ``Encoder.state_for_saving``: all ranks
+        must iterate it to the end (under ZeRO-3 each module is gathered from every rank); the
+        tensors come out on rank 0 only, so no rank ever holds more than one module gathered."""
+        self._release_gathered()
+        for part in module_weights(self.engine.module, self.state.is_main):
+            yield {k.removeprefix("transformer."): v for k, v in part.items()
+                   if k.startswith(("transformer.", "st_dense."))}
 
-    def encoder_for_eval(self):
-        """The encoder rank 0 evaluates with full weights. All ranks must call it (ZeRO-3 gathers)."""
-        if self.stage < 3:
-            return self.engine.module  # ZeRO-1/2 shard optimizer state and gradients, not weights
-        weights = self.full_state_dict()
-        if self.eval_copy is not None:
-            self.eval_copy.load_weights(weights)
-        return self.eval_copy
+    @contextmanager
+    def evaluating(self):
+        """The encoder itself: ZeRO-1/2 keep full weights on every rank; under ZeRO-3 its forward
+        gathers one layer at a time, so every rank must run the same forwards (``collective_eval``)."""
+        self._release_gathered()
+        try:
+            yield self.engine.module
+        finally:
+            self._release_gathered()
+
+    def _release_gathered(self) -> None:
+        """ZeRO-3 prefetches the weights the recorded order of modules says come next; forwards in
+        another order (evaluation) can leave some gathered or in flight: partition them all again."""
+        if self.stage == 3:
+            self.engine.empty_partition_cache()
 
     def save(self, directory: Path, is_main: bool) -> None:
         """Every rank writes its shards of the optimizer/model state under ``directory``."""
