@@ -309,3 +309,4 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
              warmup_steps, t.precision, ", ".join(sorted({s.loss for s in specs})),
              " with negatives gathered across ranks" if gather and state.enabled else "")
     return run
+
