@@ -1,9 +1,14 @@
 """ZeRO-3 on a model big enough to measure: built partitioned, evaluated and exported layer by layer.
 
-2 real gloo processes, fp32 on CPU, a BERT of BERT-large's shape with random weights (335M
+Real gloo processes, fp32 on CPU, a BERT of BERT-large's shape with random weights (334M
 parameters; the largest this CI machine trains in a few minutes). What would fail if any rank
 built or gathered the whole model: the peak RSS of each rank, over the whole run (loading,
 training steps with dropout on, the final lockstep evaluation and the gathered, sharded save).
+
+4 processes, not 2: DeepSpeed keeps an fp32 master copy beside the fp32 weights, so a rank's share
+of the training state is 20 P / N bytes: at N = 2 that is 10 P, which cannot be "well below" the
+12 P of one full fp32 model + AdamW moments whatever the implementation (README "Large models" has
+the measured 2-process table: ZeRO-3 4.3 GB per rank vs DDP 5.8 GB). At N = 4 it is 5 P.
 """
 import json
 import random
@@ -35,11 +40,11 @@ def test_zero3_never_holds_the_whole_model_and_its_shards_load_in_sentence_trans
     lines = (QUICK / "snli-dev-pairs-1k.tsv").read_text().splitlines()
     sts.write_text("\n".join([lines[0]] + rng.sample(lines[1:], 40)) + "\n")
     cfg = tiny_config(tmp_path, tmp_path / "start", data,
-                      training={"max_steps": 2, "batch_size": rng.choice([2, 3, 4]), "lr": 1e-4},
+                      training={"max_steps": 2, "batch_size": rng.choice([1, 2, 3]), "lr": 1e-4},
                       model={"max_seq_length": 32, "dropout": None}, eval={"steps": 0, "sts": [{"name": "dev", "path": str(sts)}]},
                       checkpoint={"steps": 0, "max_shard_size": "200MB"})
     out = tmp_path / "z3"
-    r = run_cli("train", cfg, f"output_dir={out}", "--nproc", "2", "distributed.backend=deepspeed",
+    r = run_cli("train", cfg, f"output_dir={out}", "--nproc", "4", "distributed.backend=deepspeed",
                 f"distributed.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}", timeout=1500)
     assert r.returncode == 0, r.stderr[-4000:]
     records = read_metrics(out)
@@ -47,7 +52,7 @@ def test_zero3_never_holds_the_whole_model_and_its_shards_load_in_sentence_trans
     full = 12 * n / MIB  # one fp32 model + AdamW's two moments; DDP needs 16 P (+ gradients)
     print(f"{n / 1e6:.0f}M parameters: ZeRO-3 peak RSS per rank {peak:,.0f} MiB over the whole run; one fp32 "
           f"model + AdamW state = {full:,.0f} MiB; 16 P = {16 * n / MIB:,.0f} MiB")
-    assert peak < 0.8 * full, (peak, full)
+    assert peak < 0.75 * full, (peak, full)
 
     final = out / "final"
     index = json.loads((final / "model.safetensors.index.json").read_text())
