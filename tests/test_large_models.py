@@ -58,7 +58,8 @@ def test_zero3_never_holds_the_whole_model_and_its_shards_load_in_sentence_trans
     index = json.loads((final / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 4 and all((final / s).stat().st_size <= 200e6 + 1e6 for s in shards), shards
-    assert index["metadata"]["total_size"] == 4 * n
+    # every weight once, fp32 (+ BERT's unused pooler, kept whole: transformers adds one on loading)
+    assert 4 * n <= index["metadata"]["total_size"] <= 4 * (n + 1024 * 1025), index["metadata"]
     # sentence-transformers loads the shards; its embeddings score the dev set as our lockstep
     # ZeRO-3 evaluation scored it at the final step
     st = SentenceTransformer(str(final), device="cpu")
