@@ -3,7 +3,7 @@
 ZeRO-3, with and without gradient checkpointing and LoRA.
 
     python benchmarks/large_model_memory.py [--hidden 1024 --layers 24] [--nproc 2] [--steps 3]
-        [--settings ddp,ddp+gc,ddp+lora,zero2,zero2+gc,zero3,zero3+gc] [key=value ...]
+        [--settings ddp,ddp+gc,ddp+lora,zero2,...,zero3+lora+gc] [key=value ...]
 
 The model is a BERT of the given shape with random weights (default: BERT-large's shape, 335M
 parameters), written once in the sentence-transformers layout. Each setting is a real
@@ -27,15 +27,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DS = REPO / "configs" / "deepspeed"
-SETTINGS = {
-    "ddp": [], "ddp+gc": ["training.gradient_checkpointing=true"],
-    "ddp+lora": ["model.lora={r: 16, alpha: 32, target_modules: [query, key, value, dense]}"],
-    "ddp+lora+gc": ["model.lora={r: 16, alpha: 32, target_modules: [query, key, value, dense]}",
-                    "training.gradient_checkpointing=true"],
-    **{f"{z}{gc}": ["distributed.backend=deepspeed", f"distributed.deepspeed_config={DS / z}.json", *extra]
-       for z in ("zero1", "zero2", "zero3", "zero3-offload")
-       for gc, extra in (("", []), ("+gc", ["training.gradient_checkpointing=true"]))},
-}
+LORA = "model.lora={r: 16, alpha: 32, target_modules: [query, key, value, dense]}"
+
+
+def setting_args(setting: str) -> list[str]:
+    """"zero3+lora+gc" -> overrides: a backend (ddp, zero1, zero2, zero3, zero3-offload), then flags."""
+    backend, *flags = setting.split("+")
+    args = [] if backend == "ddp" else ["distributed.backend=deepspeed",
+                                        f"distributed.deepspeed_config={DS / backend}.json"]
+    extra = {"gc": "training.gradient_checkpointing=true", "lora": LORA}
+    return args + [extra[f] for f in flags]
 
 
 def build_model(out: Path, hidden: int, layers: int, heads: int | None = None, seed: int = 0) -> int:
@@ -63,7 +64,7 @@ def train(model: Path, out: Path, setting: str, nproc: int, steps: int, extra: l
             f"output_dir={out}", f"model.name_or_path={model}", f"training.max_steps={steps}",
             "training.log_steps=1", "training.batch_size=4", "model.max_seq_length=32", "eval.steps=0",
             "eval.sts=[]", "eval.retrieval=[]", "eval.before_training=false", "checkpoint.steps=0",
-            "checkpoint.max_shard_size=500MB", "--nproc", str(nproc), *SETTINGS[setting], *extra]
+            "checkpoint.max_shard_size=500MB", "--nproc", str(nproc), *setting_args(setting), *extra]
     t0 = time.perf_counter()
     r = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if r.returncode != 0:
@@ -83,7 +84,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--settings", default="ddp,ddp+gc,ddp+lora,ddp+lora+gc,zero2,zero2+gc,zero3,zero3+gc")
+    ap.add_argument("--settings", default="ddp,ddp+gc,ddp+lora,zero2,zero2+gc,zero2+lora,zero3,zero3+gc,zero3+lora,"
+                                          "zero3+lora+gc")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

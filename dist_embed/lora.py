@@ -29,32 +29,35 @@ def base_model(transformer):
     return transformer.get_base_model() if is_lora(transformer) else transformer
 
 
-def merged_state(transformer) -> dict[str, torch.Tensor]:
-    """The base model's weights with every adapter's delta added, under the base model's own names;
-    the modules are left untouched (merging in place and back would perturb the base weights)."""
+def merged_parts(transformer, is_main: bool = True):
+    """The base model's weights with every adapter's delta added, under the base model's own names,
+    one module at a time (``weights.module_weights``: under ZeRO-3 each LoRA layer's base weight
+    and adapters are gathered together). The modules are left untouched (merging in place and back
+    would perturb the base weights)."""
     from peft.tuners.lora import LoraLayer
 
-    base = base_model(transformer)
-    deltas = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            deltas[f"{name}.base_layer.weight"] = (f"{name}.weight", module.get_delta_weight("default"))
-    out = {}
-    for key, value in base.state_dict().items():
-        if "lora_" in key:
-            continue
-        if key in deltas:
-            plain, delta = deltas[key]
-            out[plain] = (value + delta.to(value.dtype)).detach()
-        else:
-            out[key.replace(".base_layer.", ".")] = value.detach()
-    return out
+    from .weights import module_weights
+
+    def merged(name: str, layer) -> dict[str, torch.Tensor]:
+        out = {f"{name}.{k}": v for k, v in layer.base_layer.state_dict().items()}
+        out[f"{name}.weight"] = out[f"{name}.weight"] + layer.get_delta_weight("default").to(out[f"{name}.weight"].dtype)
+        return out
+
+    return module_weights(base_model(transformer), is_main, whole={LoraLayer: merged})
+
+
+def merged_state(transformer) -> dict[str, torch.Tensor]:
+    return {k: v for part in merged_parts(transformer) for k, v in part.items()}
 
 
 def adapter_state(transformer) -> dict[str, torch.Tensor]:
+    """The adapters' weights in peft's file naming. Every rank must call it (ZeRO-3 gathers them)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    from .weights import full_parameters
+
+    with full_parameters(p for n, p in transformer.named_parameters() if "lora_" in n):
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
 def load_adapter_state(transformer, state: dict[str, torch.Tensor]) -> None:
@@ -75,13 +78,14 @@ def load_adapter_state(transformer, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def write_adapter(out: Path, transformer, base_path: str) -> None:
-    """PEFT's adapter layout (adapter_config.json + adapter_model.safetensors), naming the base model
-    so that transformers (and so sentence-transformers) loads base + adapter from ``out``."""
+def write_adapter(out: Path, transformer, base_path: str, state: dict[str, torch.Tensor]) -> None:
+    """PEFT's adapter layout (adapter_config.json + adapter_model.safetensors; ``state`` from
+    ``adapter_state``), naming the base model so that transformers (and so sentence-transformers)
+    loads base + adapter from ``out``."""
     from safetensors.torch import save_file
 
     conf = transformer.peft_config["default"].to_dict()
     conf["base_model_name_or_path"] = base_path
     conf = {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
     (out / "adapter_config.json").write_text(json.dumps(conf, indent=2, default=str) + "\n")
-    save_file(adapter_state(transformer), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -166,24 +166,30 @@ def save(run, final: bool = False) -> Path:
         barrier(state)
         ckpt.save_tensors(ckpt.rng_state(), sd / f"rng-rank{state.rank}.pt")
         run.backend.save(sd, state.is_main)  # DeepSpeed: every rank writes its shards
+    lora = run.cfg.model.lora
+    adapter = None
+    if final and lora is not None and lora.export == "adapter":
+        from .lora import adapter_state
+
+        adapter = adapter_state(run.encoder.transformer)  # every rank: ZeRO-3 gathers the adapters
+    # the collectives below run in the same order on every rank: rank 0 consumes ``parts`` in save()
     parts = run.backend.weight_parts()  # None: the encoder's own; under ZeRO-3 gathered module by module
     if not state.is_main:
         for _ in parts or ():  # every rank takes part in each module's gather
             pass
     if state.is_main:
         run.encoder.save(tmp, parts, run.cfg.checkpoint.max_shard_size)
-        lora = run.cfg.model.lora
-        if final and lora is not None and lora.export == "adapter":
+        if adapter is not None:
             # the adapter alone: transformers (so sentence-transformers) loads the base model it names
             from .lora import write_adapter
             from .model import resolve_model_path
-
             from .weights import remove_weights
 
             remove_weights(tmp)  # without the base's files transformers looks for
             (tmp / "config.json").unlink()  # adapter_config.json and loads the base it names
             base = resolve_model_path(run.cfg.model.name_or_path)
-            write_adapter(tmp, run.encoder.transformer, str(Path(base).resolve()) if Path(base).exists() else base)
+            write_adapter(tmp, run.encoder.transformer, str(Path(base).resolve()) if Path(base).exists() else base,
+                          adapter)
         write_card(run, tmp)
         if not final:
             at_step = next((h for h in reversed(pos.history) if h["step"] == pos.step), {})

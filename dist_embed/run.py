@@ -128,9 +128,6 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
 
         use_fast_dropout(encoder.transformer)
     if m.lora is not None:
-        if cfg.distributed.backend == "deepspeed":
-            raise ConfigError("model.lora with distributed.backend=deepspeed is not supported yet; LoRA trains on "
-                              "the ddp backend (the adapters are small: ZeRO has little to shard)")
         from .lora import apply_lora
 
         # the adapters' random init must be the same on every rank (the ranks' RNGs differ, for dropout)

@@ -52,11 +52,25 @@ def full_parameters(params: Iterable[torch.Tensor], modifier_rank: int | None = 
     return deepspeed.zero.GatheredParameters(parts, modifier_rank=modifier_rank)
 
 
-def module_weights(module: torch.nn.Module, is_main: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """The module's state dict, one submodule at a time, as CPU copies (keys as ``state_dict``).
-    Under ZeRO-3 every rank must run it to the end (each submodule's gather is a collective);
-    the tensors are yielded on rank 0 only, so rank 0 holds one submodule's weights at a time."""
+def module_weights(module: torch.nn.Module, is_main: bool, prefix: str = "",
+                   whole: dict | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The module's state dict, one submodule at a time, as CPU copies (keys as ``state_dict``,
+    after ``prefix``). Under ZeRO-3 every rank must run it to the end (each submodule's gather is a
+    collective); the tensors are yielded on rank 0 only, so rank 0 holds one submodule at a time.
+    ``whole``: {module type: fn(name, submodule) -> tensors} for submodules written as one piece
+    (a LoRA layer, merged), computed while all their parameters are gathered."""
+    skip: tuple[str, ...] = ()
     for name, sub in module.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        fn = next((f for kind, f in (whole or {}).items() if isinstance(sub, kind)), None)
+        if fn is not None:
+            skip += (f"{name}.",)
+            with full_parameters(sub.parameters()):
+                out = fn(name, sub) if is_main else None
+            if is_main:
+                yield {prefix + k: v.detach().to("cpu").clone() for k, v in out.items()}
+            continue
         params = {k: p for k, p in sub._parameters.items() if p is not None}
         buffers = {k: b for k, b in sub._buffers.items()
                    if b is not None and k not in sub._non_persistent_buffers_set}
@@ -64,7 +78,7 @@ def module_weights(module: torch.nn.Module, is_main: bool) -> Iterator[dict[str,
             continue
         with full_parameters(params.values()):
             if is_main:
-                yield {f"{name}.{k}" if name else k: t.detach().to("cpu").clone()
+                yield {prefix + (f"{name}.{k}" if name else k): t.detach().to("cpu").clone()
                        for k, t in {**params, **buffers}.items()}
 
 

@@ -273,10 +273,13 @@ class DeepSpeedBackend:
         """The whole weights, one module at a time, keyed as ``Encoder.state_for_saving``: all ranks
         must iterate it to the end (under ZeRO-3 each module is gathered from every rank); the
         tensors come out on rank 0 only, so no rank ever holds more than one module gathered."""
+        from ..lora import is_lora, merged_parts
+
         self._release_gathered()
-        for part in module_weights(self.engine.module, self.state.is_main):
-            yield {k.removeprefix("transformer."): v for k, v in part.items()
-                   if k.startswith(("transformer.", "st_dense."))}
+        encoder, main = self.engine.module, self.state.is_main
+        yield from (merged_parts(encoder.transformer, main) if is_lora(encoder.transformer)
+                    else module_weights(encoder.transformer, main))
+        yield from module_weights(encoder.st_dense, main, prefix="st_dense.")
 
     @contextmanager
     def evaluating(self):
