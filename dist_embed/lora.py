@@ -46,10 +46,6 @@ def merged_parts(transformer, is_main: bool = True):
     return module_weights(base_model(transformer), is_main, whole={LoraLayer: merged})
 
 
-def merged_state(transformer) -> dict[str, torch.Tensor]:
-    return {k: v for part in merged_parts(transformer) for k, v in part.items()}
-
-
 def adapter_state(transformer) -> dict[str, torch.Tensor]:
     """The adapters' weights in peft's file naming. Every rank must call it (ZeRO-3 gathers them)."""
     from peft import get_peft_model_state_dict

@@ -200,15 +200,20 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------------------------------
     # sentence-transformers layout
 
-    def state_for_saving(self, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The transformer's and Dense modules' weights (or ``weights``, e.g. gathered from ZeRO-3
-        shards; Dense keys start with ``st_dense.``) + kept extras."""
-        if weights is None:
-            from .lora import is_lora, merged_state
+    def weight_parts(self, is_main: bool = True):
+        """The weights as ``state_for_saving`` keys them, one module at a time (a LoRA layer with its
+        adapters merged in; Dense keys start with ``st_dense.``). Under ZeRO-3 a collective: every
+        rank iterates it to the end, rank 0 gets the tensors (``weights.module_weights``)."""
+        from .lora import is_lora, merged_parts
+        from .weights import module_weights
 
-            weights = merged_state(self.transformer) if is_lora(self.transformer) else dict(self.transformer.state_dict())
-            weights.update({f"st_dense.{k}": v for k, v in self.st_dense.state_dict().items()})
-        state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        yield from (merged_parts(self.transformer, is_main) if is_lora(self.transformer)
+                    else module_weights(self.transformer, is_main))
+        yield from module_weights(self.st_dense, is_main, prefix="st_dense.")
+
+    def state_for_saving(self) -> dict[str, torch.Tensor]:
+        """Every weight ``save`` writes (the transformer's, LoRA merged; Dense; kept extras), on CPU."""
+        state = {k: v for part in self.weight_parts() for k, v in part.items()}
         state.update({k: v.contiguous() for k, v in self.extra_state.items() if k not in state})
         return state
 
@@ -246,7 +251,7 @@ class Encoder(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         remove_weights(out)  # a directory saved into again: no stale shard or index left beside
-        parts = [self.state_for_saving()] if parts is None else parts
+        parts = self.weight_parts() if parts is None else parts  # one module at a time
         state: dict[str, torch.Tensor] = {}  # the Dense modules' weights (small), kept for their folders
 
         def transformer_parts():

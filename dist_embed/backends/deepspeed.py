@@ -30,7 +30,6 @@ from .. import checkpoint as ckpt
 from ..config import Config, ConfigError
 from ..distributed import DistState
 from ..optim import make_adamw
-from ..weights import module_weights
 from . import StepResult
 
 log = logging.getLogger(__name__)
@@ -273,13 +272,8 @@ class DeepSpeedBackend:
         """The whole weights, one module at a time, keyed as ``Encoder.state_for_saving``: all ranks
         must iterate it to the end (under ZeRO-3 each module is gathered from every rank); the
         tensors come out on rank 0 only, so no rank ever holds more than one module gathered."""
-        from ..lora import is_lora, merged_parts
-
         self._release_gathered()
-        encoder, main = self.engine.module, self.state.is_main
-        yield from (merged_parts(encoder.transformer, main) if is_lora(encoder.transformer)
-                    else module_weights(encoder.transformer, main))
-        yield from module_weights(encoder.st_dense, main, prefix="st_dense.")
+        yield from self.engine.module.weight_parts(self.state.is_main)
 
     @contextmanager
     def evaluating(self):
