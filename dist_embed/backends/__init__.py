@@ -13,9 +13,9 @@ The loop never asks which one it has. What it needs (``Backend``):
   rows it touches); ``rescale_grads``: an epoch that ended mid-accumulation;
 - ``step(loss)``: reduce, clip, optimizer step (or skip), schedule; -> ``StepResult``;
 - ``save``/``load``: the training state in a checkpoint's ``training_state/``; ``weight_parts``:
-  the whole weights in pieces (gathered module by module under ZeRO-3); ``evaluating()`` (the
-  encoder to evaluate with, as a context) and ``collective_eval`` (whether every rank must run the evaluation's forwards); ``describe``: what a
-  checkpoint may be resumed under.
+  the whole weights in pieces (gathered module by module under ZeRO-3); ``evaluating()``: the
+  encoder to evaluate with, as a context; ``collective_eval``: every rank must run the same
+  evaluation forwards (ZeRO-3); ``describe``: what a checkpoint may be resumed under.
 
 ``start_backend`` runs before the model is built: under ZeRO-3 the model is then built partitioned.
 """

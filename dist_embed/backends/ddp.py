@@ -29,7 +29,7 @@ class DDPBackend(AutogradBackward):
     def __init__(self, cfg, state: DistState, encoder, groups: list[dict], make_scheduler):
         self.cfg, self.state, self.encoder = cfg, state, encoder
         self.model = encoder
-        self.collective_eval = False  # rank 0 may evaluate alone
+        self.collective_eval = False  # an evaluation forward needs no other rank
         self.params = [p for p in encoder.parameters() if p.requires_grad]
         self.optimizer = make_adamw(groups, cfg.training.lr)
         self.scheduler = make_scheduler(self.optimizer)

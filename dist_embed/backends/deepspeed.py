@@ -163,7 +163,7 @@ def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
     """ZeRO-3 gathers and frees every layer's weights each forward and backward. glibc raises its
     mmap threshold after such frees (up to 32 MB), so later layer-sized buffers come from the heap,
     which fragments and is not given back: measured peak RSS per rank 8.0 GB -> 5.9 GB with the
-    threshold fixed at 1 MB (335M-parameter model, 2 ranks, CPU). Host memory only; a no-op off glibc."""
+    threshold fixed at 1 MB (334M-parameter model, 2 ranks, CPU). Host memory only; a no-op off glibc."""
     import ctypes
     import ctypes.util
 
