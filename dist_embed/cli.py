@@ -121,6 +121,21 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_merge(args) -> int:
+    from .lora import merge_adapter_dir
+    from .model import ModelError
+    from .tracking import setup_logging
+
+    setup_logging(0)
+    try:
+        merge_adapter_dir(args.adapter, args.out)
+    except (ModelError, FileNotFoundError, OSError, ValueError) as e:
+        print(f"dist-embed: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(args.out)
+    return EXIT_OK
+
+
 def cmd_prepare(args) -> int:
     from .data.readers import DataError
     from .prepare import prepare
@@ -331,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     mn.add_argument("--ray-workers", type=int, default=2, help="... with this many workers (default 2)")
     mn.add_argument("--use-gpu", action="store_true", help="Ray: one GPU per worker")
     mn.set_defaults(func=cmd_mine)
+
+    mg = sub.add_parser("merge", help="an adapter export (model.lora.export: adapter) -> a merged model")
+    mg.add_argument("adapter", help="the adapter export's directory (e.g. OUTPUT_DIR/final)")
+    mg.add_argument("out", help="where to write the merged sentence-transformers model")
+    mg.set_defaults(func=cmd_merge)
 
     rp = sub.add_parser("report", help="summary of a run from metrics.jsonl, and OUTPUT_DIR/report.png")
     rp.add_argument("output_dir", help="a run's output_dir (reads its metrics.jsonl)")

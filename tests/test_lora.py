@@ -56,6 +56,14 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(tmp_path, tiny_mo
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 4
     st_adapter = SentenceTransformer(str(final), device="cpu")
     assert np.abs(st_adapter.encode(TEXTS) - st.encode(TEXTS)).max() < 1e-5  # same seed, same run
+    # `dist-embed merge`: the adapter export -> a plain merged model, as the merged export
+    r = run_cli("merge", final, tmp_path / "merged")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "README.md").is_file()
+    plain = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    assert np.abs(plain.encode(TEXTS) - st.encode(TEXTS)).max() < 1e-5
+    r = run_cli("merge", straight / "final", tmp_path / "nothing")  # a merged model is no adapter export
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "adapter_config.json" in r.stderr.strip(), r.stderr
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
