@@ -122,7 +122,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .lora import merge_adapter_dir
+    from .export import merge_adapter_dir
     from .model import ModelError
     from .tracking import setup_logging
 
