@@ -32,7 +32,7 @@ from .health import HealthMonitor
 from .model import Encoder, ModelError
 from .optim import DTYPES, Schedule, lambda_lr
 from .step import StepSpec
-from .tracking import MetricsWriter
+from .tracking import MetricsWriter, rss_mib
 
 log = logging.getLogger("dist_embed.train")
 
@@ -73,6 +73,7 @@ class Run:
     num_workers: int = 0  # dataloader workers (0 when every dataset is pre-tokenized: nothing to tokenize)
     row_log: object = None  # DIST_EMBED_LOG_ROW_IDS: per-step row ids of each rank (tests, drills)
     dataset_info: object = None  # for the model card (rank 0)
+    rss_before_model: float | None = None  # MiB, this rank, once libraries and process group are up
 
     @property
     def ckpt_root(self) -> Path:
@@ -238,6 +239,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     guides: dict = {}
     specs = [loss_step_spec(ds.loss or cfg.loss, cfg, state, guides) for ds in d.datasets()]
     started = start_backend(cfg, state)
+    rss_before_model = rss_mib()
     encoder = load_encoder(cfg, state)
 
     global_batch = t.batch_size * state.world_size
@@ -275,6 +277,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                          for s in cfg.eval.sts], pos=pos)  # on every rank: each embeds a share
     run.retrieval_sets = [load_retrieval(s.name, s.queries, s.corpus, s.qrels) for s in cfg.eval.retrieval]
     run.num_workers = d.num_workers
+    run.rss_before_model = rss_before_model
     if d.num_workers and all(s.source.token_ids for s in plan.specs):
         # padding ids costs less than shipping rows to a worker process and back (benchmarks/
         # data_pipeline.py: 44.8k rows/s in-process vs 25.2k with 2 workers on pre-tokenized shards)

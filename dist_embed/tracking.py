@@ -162,8 +162,21 @@ class Window:
         return rec
 
 
-def peak_memory(state) -> dict[str, float]:
-    """Peak memory of the largest process so far, MiB: host RSS, and GPU memory allocated on CUDA."""
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (Linux; 0 where /proc is missing)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def peak_memory(state, before_model: float | None = None) -> dict[str, float]:
+    """Peak memory of the largest process so far, MiB: host RSS, and GPU memory allocated on CUDA.
+    ``before_model``: this rank's RSS before the model was built (libraries, process group), so the
+    model's own share shows as peak - before (the closing record carries it)."""
     import resource
 
     import torch
@@ -171,10 +184,14 @@ def peak_memory(state) -> dict[str, float]:
     from .distributed import all_reduce_sum
 
     values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # Linux reports KiB
+    if before_model is not None:
+        values.append(before_model)
     if state.device.type == "cuda":
         values.append(torch.cuda.max_memory_allocated(state.device) / 2**20)
     values = all_reduce_sum(values, state, op=torch.distributed.ReduceOp.MAX)
-    out = {"mem/peak_rss_mib": round(values[0], 1)}
-    if len(values) > 1:
-        out["mem/peak_gpu_mib"] = round(values[1], 1)
+    out = {"mem/peak_rss_mib": round(values.pop(0), 1)}
+    if before_model is not None:
+        out["mem/rss_before_model_mib"] = round(values.pop(0), 1)
+    if values:
+        out["mem/peak_gpu_mib"] = round(values[0], 1)
     return out

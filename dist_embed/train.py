@@ -147,7 +147,8 @@ def loop(run: Run, stopper: "Stopper") -> Path:
     evaluate(run)
     final = resume.save(run, final=True)
     # the whole run's peak memory, the final evaluation and save included (a collective)
-    run.metrics.write({"step": pos.step, "epoch": run.epoch_progress(), "final": True, **peak_memory(run.state)})
+    run.metrics.write({"step": pos.step, "epoch": run.epoch_progress(), "final": True,
+                       **peak_memory(run.state, run.rss_before_model)})
     run.metrics.close()
     if run.state.is_main:
         log.info("%s", summary(run, final, time.perf_counter() - t_start, start_step, rows_trained))
