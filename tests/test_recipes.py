@@ -3,6 +3,7 @@ model of the recipe's family (BERT or XLM-R) and generated data in the recipe's 
 with the recipe's own column names (so its column mapping is exercised). The final model loads in
 sentence-transformers with the expected architecture and evaluates better than before training."""
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -103,15 +104,17 @@ def test_recipe_trains_saves_and_loads_in_sentence_transformers(recipe, tmp_path
     path = RECIPES / f"{recipe}.yaml"
     cfg = yaml.safe_load(path.read_text())
     loss, eval_set = cfg["loss"]["name"], cfg["eval"]["sts"][0]
-    seed = random.SystemRandom().randrange(10**6)
-    print(f"{recipe}: seed {seed}")
+    seed = int(os.environ.get("DIST_EMBED_RECIPE_SEED") or random.SystemRandom().randrange(10**6))
+    print(f"{recipe}: seed {seed} (DIST_EMBED_RECIPE_SEED replays it)")
     rng = random.Random(seed)
     model = {"xlmr": tiny_xlmr, "bert-zh": tiny_bert_zh}.get(family, tiny_model)
     train = write_jsonl(tmp_path / "train.jsonl", training_rows(lang, loss, cfg["data"].get("columns", {}), rng, 320))
     ecols = eval_set.get("columns", {})
+    # 400 scored pairs, not 120: on 120 the untrained model's Spearman swung 0.78-0.86 with the draw,
+    # and a draw at the top left the trained model (loss 4.8 -> 0.06) under the +0.01 (seed 863560)
     dev = write_jsonl(tmp_path / "dev.jsonl", [
         {ecols.get("sentence1", "sentence1"): a, ecols.get("sentence2", "sentence2"): b, ecols.get("score", "score"): s}
-        for a, b, s in (scored_pair(lang, rng) for _ in range(120))])
+        for a, b, s in (scored_pair(lang, rng) for _ in range(400))])
     texts = [recipe_sentence(lang, s, p, a) for s in range(4) for p in range(4) for a in range(3)]
     assert unk_share(model, texts) < 0.05, f"{lang} text does not tokenize"
     overrides = [  # the stand-ins, and what a tiny random model on CPU needs (fp32, a larger lr, few steps)
