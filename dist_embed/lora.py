@@ -85,4 +85,3 @@ def write_adapter(out: Path, transformer, base_path: str, state: dict[str, torch
     conf = {k: (sorted(v) if isinstance(v, set) else v) for k, v in conf.items()}
     (out / "adapter_config.json").write_text(json.dumps(conf, indent=2, default=str) + "\n")
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-
