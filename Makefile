@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## The main job: a short real training run on the shipped defaults, offline.
 quickstart: $(STAMP)
-	$(BIN)/dist-embed train configs/quickstart.yaml $(ARGS)
+	$(BIN)/dist-embed train configs/quickstart.yaml --overwrite $(ARGS)
 	$(BIN)/dist-embed eval runs/quickstart/final --sts snli-dev=data/quickstart/snli-dev-pairs-1k.tsv
 
 ## The test suite (real gloo process groups, real sentence-transformers).

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -113,23 +112,6 @@ def commit(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
-
-
-def output_dir_problem(path: str) -> str | None:
-    """Why ``path`` cannot take a run's outputs (None if it can): checked before any heavy work."""
-    p = Path(path)
-    for parent in [p, *p.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{parent} is a file, not a directory"
-            break
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        return f"not writable ({e.strerror or e})"
-    return None
 
 
 def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:

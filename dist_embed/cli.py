@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, PREEMPTED_MARKER
 
 log = logging.getLogger("dist_embed")
 
@@ -34,6 +34,14 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
+    from .stops import STOPS
+
+    launching = bool(args.nproc and (args.nproc > 1 or args.nnodes > 1) and not _inside_launched_job())
+    signals = None
+    if launching:  # stop signals (recorded since main) are forwarded to the workers once started
+        from .launch.local import LauncherSignals
+
+        signals = LauncherSignals(STOPS.signum).install()
     for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
         if value is not None and value < 1:
             print(f"dist-embed: error: {flag} must be at least 1 (got {value})", file=sys.stderr)
@@ -41,61 +49,80 @@ def cmd_train(args) -> int:
     cfg = _load_config(args)
     if cfg is None:
         return EXIT_BAD_INPUT
-    from .checkpoint import output_dir_problem
+    if not launching:
+        return run_worker(cfg, args.resume, allow_data_change=args.allow_data_change,
+                          allow_fresh_start=args.resume_or_start_fresh, overwrite=args.overwrite)
+    from .config import ConfigError
+    from .launch.local import launch_local
+    from .run_dir import CLAIMED_ENV, claim
 
-    problem = output_dir_problem(cfg.output_dir)
-    if problem:
-        print(f"dist-embed: error: output_dir {cfg.output_dir}: {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.nproc and (args.nproc > 1 or args.nnodes > 1) and not _inside_launched_job():
-        from .launch.local import launch_local
-
-        node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
-        return launch_local(args.nproc, ["train", args.config, *args.overrides]
-                            + (["--resume", args.resume] if args.resume else [])
-                            + (["--allow-data-change"] if args.allow_data_change else [])
-                            + (["--resume-or-start-fresh"] if args.resume_or_start_fresh else []), cfg.output_dir,
-                            nnodes=args.nnodes, node_rank=node_rank, master_addr=args.master_addr,
-                            master_port=args.master_port)
-    return run_worker(cfg, args.resume, allow_data_change=args.allow_data_change,
-                      allow_fresh_start=args.resume_or_start_fresh)
+    node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
+    if node_rank == 0:  # one launcher holds the output_dir for the whole job (its workers skip the claim)
+        try:
+            claim(cfg.output_dir, args.resume, args.overwrite)
+        except ConfigError as e:
+            print(f"dist-embed: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    os.environ[CLAIMED_ENV] = "1"
+    return launch_local(args.nproc, ["train", args.config, *args.overrides]
+                        + (["--resume", args.resume] if args.resume else [])
+                        + (["--allow-data-change"] if args.allow_data_change else [])
+                        + (["--resume-or-start-fresh"] if args.resume_or_start_fresh else []), cfg.output_dir,
+                        nnodes=args.nnodes, node_rank=node_rank, master_addr=args.master_addr,
+                        master_port=args.master_port, signals=signals)
 
 
-def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allow_fresh_start: bool = False) -> int:
-    """The one worker entry point that --nproc, torchrun, srun and Ray all start."""
+def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allow_fresh_start: bool = False,
+               overwrite: bool = False, hard_exit: bool = True) -> int:
+    """The one worker entry point that --nproc, torchrun, accelerate, srun and Ray all start.
+
+    Returns the exit code (0 done, 2 bad input, 75 stopped by a signal, 1 failed) and leaves a
+    marker in output_dir for the launcher (BAD_INPUT: the one line; PREEMPTED: the checkpoint).
+    ``hard_exit``: end the process after the last barrier (our own process group); Ray owns its
+    worker processes and process group, so there the code is returned."""
     from .config import ConfigError
     from .data.readers import DataError
     from .distributed import finish, init_distributed
-    from .tracking import setup_logging
     from .health import TrainingHealthError
-    from .train import Preempted, train
+    from .stops import STOPS, Preempted
+    from .tracking import setup_logging
+    from .train import train
 
+    STOPS.install()  # usually done at process start already (main); Ray's thread cannot
     state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
     setup_logging(state.rank)
     code = EXIT_OK
+    out = Path(cfg.output_dir)
     try:
-        train(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start)
+        train(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start,
+              overwrite=overwrite)
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT
-        if state.enabled:  # torchrun reports any failure as 1; tell our launcher which (the first rank
-            out = Path(cfg.output_dir)  # to fail may be any rank, and the others get killed)
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f"{BAD_INPUT_MARKER}.rank{state.rank}"
-            tmp.write_text(f"{e}\n")
-            os.replace(tmp, out / BAD_INPUT_MARKER)
+        if state.enabled or not hard_exit:  # torchrun and Ray report any failure alike: say which
+            _write_marker(out, BAD_INPUT_MARKER, f"{e}", state.rank)
     except Preempted as e:
         log.warning("%s; exit code %d (requeue and resume with --resume latest)", e, EXIT_PREEMPTED)
         code = EXIT_PREEMPTED
+        if state.is_main:
+            _write_marker(out, PREEMPTED_MARKER, str(e.checkpoint or ""), state.rank)
     except TrainingHealthError as e:
         log.error("training stopped: %s", e)
         code = EXIT_FAILED
     except Exception:
         log.exception("training failed")
         code = EXIT_FAILED
-    if state.enabled:
+    if state.enabled and hard_exit:
         finish(state, code, sync=code in (EXIT_OK, EXIT_PREEMPTED))  # never returns
     return code
+
+
+def _write_marker(out: Path, name: str, text: str, rank: int) -> None:
+    """A marker file, written whole (the first rank to fail may be any rank)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{name}.rank{rank}"
+    tmp.write_text(f"{text}\n")
+    os.replace(tmp, out / name)
 
 
 def cmd_eval(args) -> int:
@@ -128,7 +155,7 @@ def cmd_merge(args) -> int:
 
     setup_logging(0)
     try:
-        merge_adapter_dir(args.adapter, args.out)
+        merge_adapter_dir(args.adapter, args.out, overwrite=args.overwrite)
     except (ModelError, FileNotFoundError, OSError, ValueError) as e:
         print(f"dist-embed: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -169,6 +196,18 @@ def cmd_mine(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             print(f"dist-embed: error: --{flag.replace('_', '-')} must be at least 1 (got {value})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.range_min < 0 or args.range_min >= args.range_max:
+        print(f"dist-embed: error: --range-min {args.range_min} --range-max {args.range_max}: the candidates "
+              "ranked from range-min (>= 0) up to range-max must be a non-empty range", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    import math
+
+    for flag in ("max_score", "min_score", "absolute_margin", "relative_margin"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            print(f"dist-embed: error: --{flag.replace('_', '-')} must be a finite number (got {value})",
+                  file=sys.stderr)
             return EXIT_BAD_INPUT
     columns = {}
     for item in args.columns or []:
@@ -213,12 +252,13 @@ def cmd_mine(args) -> int:
                        columns=columns, on_error=args.on_error, fmt=args.format, max_seq_length=args.max_seq_length)
         if state.is_main:
             print(json.dumps(summary))
-    except (DataError, ModelError, FileNotFoundError) as e:
-        log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except (DataError, ModelError, OSError) as e:
+        line = _os_error(e) if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else \
+            (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.error("%s", line)
         code = EXIT_BAD_INPUT
         if state.enabled:
-            marker = out.parent / BAD_INPUT_MARKER
-            marker.write_text(f"{e}\n")
+            _write_marker(out.parent, BAD_INPUT_MARKER, line, state.rank)
     except Exception:
         log.exception("mining failed")
         code = EXIT_FAILED
@@ -233,8 +273,9 @@ def cmd_report(args) -> int:
     try:
         print(summary(Path(args.output_dir)))
         print(f"plot: {plot(Path(args.output_dir))}")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"dist-embed: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"dist-embed: error: {e if isinstance(e, (FileNotFoundError, ValueError)) else _os_error(e)}",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_OK
 
@@ -258,8 +299,17 @@ def cmd_status(args) -> int:
     if not Path(args.output_dir).is_dir():
         print(f"dist-embed: error: {args.output_dir}: no such run directory", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(status(Path(args.output_dir)))
+    try:
+        print(status(Path(args.output_dir)))
+    except OSError as e:
+        print(f"dist-embed: error: {_os_error(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError as one line: the file and what is wrong with it."""
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e).splitlines()[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume-or-start-fresh", action="store_true",
                     help="with --resume latest: start from scratch when every checkpoint is unusable "
                          "(default: refuse, exit 2)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="delete the outputs of an earlier run in output_dir (checkpoints, final/, metrics) "
+                         "and start over (default: refuse a directory that holds another run's checkpoints)")
     tr.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one launcher per node)")
     tr.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: $SLURM_NODEID or 0)")
     tr.add_argument("--master-addr", default=None, help="rendezvous host for --nnodes > 1")
@@ -349,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("merge", help="an adapter export (model.lora.export: adapter) -> a merged model")
     mg.add_argument("adapter", help="the adapter export's directory (e.g. OUTPUT_DIR/final)")
-    mg.add_argument("out", help="where to write the merged sentence-transformers model")
+    mg.add_argument("out", help="where to write the merged sentence-transformers model (a new directory)")
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     mg.set_defaults(func=cmd_merge)
 
     rp = sub.add_parser("report", help="summary of a run from metrics.jsonl, and OUTPUT_DIR/report.png")
@@ -359,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .stops import STOP_SIGNALS, STOPS
+
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    if command == ["train"]:
+        STOPS.install()  # stop signals are recorded from the first moment: a run acts on them, never dies of them
+    elif _inside_launched_job():  # our launcher started this worker with stop signals blocked (pending)
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # other commands: the default action
     parser = build_parser()
     # overrides (key.sub=value) may come after options: collect the ones argparse left over
     args, rest = parser.parse_known_args(argv)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,7 +20,20 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never a useful setting (nan already fails every bound; inf passes ``gt=0``)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class _PathMarker:
+    """Marks a field that may hold a local path (a file or directory the run reads): launchers
+    whose workers start elsewhere (Ray) make these absolute from the schema, not from a list."""
+
+    def __init__(self, always: bool = False):
+        self.always = always  # output_dir: absolute even before it exists
+
+
+LocalPath = Annotated[str, _PathMarker()]
+OutputPath = Annotated[str, _PathMarker(always=True)]
 
 
 class LoraSpec(_Section):
@@ -33,7 +47,7 @@ class LoraSpec(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
+    name_or_path: LocalPath = "sentence-transformers/all-MiniLM-L6-v2"
     pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None  # None: read from a sentence-transformers dir, else mean
     normalize: bool | None = None  # None: read from a sentence-transformers dir, else False
     max_seq_length: int | None = Field(default=None, gt=0)
@@ -66,7 +80,7 @@ class LossConfig(_Section):
     # are left out of the softmax: the same text as the anchor's positive, and/or (GISTEmbed-style)
     # those a guide model scores above its anchor-positive score (- margin, or x (1 - margin))
     mask_same_text: bool = False
-    guide_model: str | None = None
+    guide_model: LocalPath | None = None
     guide_margin: float = Field(default=0.0, ge=0)
     guide_margin_strategy: Literal["absolute", "relative"] = "absolute"
 
@@ -98,7 +112,7 @@ class DatasetConfig(_Section):
     """One of several training datasets (``data.train`` as a list)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # metrics keys: loss/<name>, data/<name>/rows
-    path: str
+    path: LocalPath
     format: FORMAT = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     subset: str | None = None
@@ -113,7 +127,7 @@ class DatasetConfig(_Section):
 class DataConfig(_Section):
     # a file, directory, shard set (directory with manifest.json, brace pattern, URL) or hub id;
     # or a list of named datasets, each with its own loss and prompts
-    train: str | list[DatasetConfig]
+    train: LocalPath | list[DatasetConfig]
     format: FORMAT = "auto"
     columns: dict[str, str] = Field(default_factory=dict)  # our column -> column in the source
     subset: str | None = None  # Hugging Face dataset config name, e.g. "triplet"
@@ -185,10 +199,17 @@ class TrainingConfig(_Section):
     # ~30% more compute); dropout masks are replayed, so loss and gradients are unchanged
     gradient_checkpointing: bool = False
 
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be a positive number of optimizer steps, or -1 to run training.epochs epochs")
+        return v
+
 
 class StsSet(_Section):
     name: str
-    path: str  # a file, or a Hugging Face dataset (e.g. sentence-transformers/stsb)
+    path: LocalPath  # a file, or a Hugging Face dataset (e.g. sentence-transformers/stsb)
     split: str = "validation"  # Hugging Face datasets only
     subset: str | None = None
     columns: dict[str, str] = Field(default_factory=dict)  # sentence1 / sentence2 / score -> the source's names
@@ -197,7 +218,7 @@ class StsSet(_Section):
 class DataRef(_Section):
     """A file, or a Hugging Face dataset with its subset and split."""
 
-    path: str
+    path: LocalPath
     subset: str | None = None
     split: str = "train"
 
@@ -206,9 +227,9 @@ class RetrievalSet(_Section):
     """Queries, corpus and relevance judgements (BEIR layout), each a path or a DataRef."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    queries: str | DataRef
-    corpus: str | DataRef
-    qrels: str | DataRef
+    queries: LocalPath | DataRef
+    corpus: LocalPath | DataRef
+    qrels: LocalPath | DataRef
 
 
 class EvalConfig(_Section):
@@ -241,7 +262,7 @@ class HealthConfig(_Section):
 
 class DistributedConfig(_Section):
     backend: Literal["ddp", "deepspeed"] = "ddp"
-    deepspeed_config: str | None = None
+    deepspeed_config: LocalPath | None = None
     timeout_s: int = Field(default=1800, gt=0)
     bucket_mb: float = Field(default=25.0, gt=0)  # gradient all-reduce bucket size
     # deal each global batch's rows out so that every rank gets about as many characters of text
@@ -264,7 +285,7 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
-    output_dir: str
+    output_dir: OutputPath
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -283,6 +304,52 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def with_absolute_paths(self, base: Path) -> "Config":
+        """This config with every local path (the fields typed ``LocalPath``) that exists under
+        ``base`` made absolute, and ``output_dir`` absolute: for workers whose working directory is
+        not the submitter's (Ray). Hub ids, URLs and ``package:`` paths stay as written."""
+        return _absolute(self, Path(base))
+
+
+def _marker(field) -> _PathMarker | None:
+    """The path marker of a pydantic field, looking through ``X | None`` and ``X | list[...]``."""
+    for meta in field.metadata:
+        if isinstance(meta, _PathMarker):
+            return meta
+    pending = [field.annotation]
+    while pending:
+        tp = pending.pop()
+        if get_origin(tp) is Annotated:
+            found = next((m for m in get_args(tp)[1:] if isinstance(m, _PathMarker)), None)
+            if found:
+                return found
+        elif get_origin(tp) in (Union, UnionType):
+            pending.extend(get_args(tp))
+    return None
+
+
+def _absolute_path(value: str, base: Path, always: bool) -> str:
+    if value.startswith(("package:", "pipe:")) or "://" in value or Path(value).is_absolute():
+        return value
+    local = base / value
+    # a brace pattern of shards exists through its directory
+    probe = local.parent if "{" in local.name else local
+    return str(local.resolve()) if always or probe.exists() else value
+
+
+def _absolute(model: BaseModel, base: Path):
+    updates = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        marker = _marker(field)
+        if isinstance(value, str) and marker is not None:
+            updates[name] = _absolute_path(value, base, marker.always)
+        elif isinstance(value, BaseModel):
+            updates[name] = _absolute(value, base)
+        elif isinstance(value, list):
+            updates[name] = [_absolute(v, base) if isinstance(v, BaseModel) else v for v in value]
+    return model.model_copy(update=updates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +473,9 @@ def _describe(err: ValidationError, origin: str, lines: dict, overridden: set) -
             what = "missing required key"
         else:
             what = f"{item['msg']} (got {item.get('input')!r})"
-        if loc in overridden:
+        if any(loc[:len(o)] == o or o[:len(loc)] == loc for o in overridden) and loc not in lines:
+            where = "command line"
+        elif loc in overridden:
             where = "command line"
         elif loc in lines:
             where = f"{origin}:{lines[loc]}"

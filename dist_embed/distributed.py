@@ -187,6 +187,15 @@ def all_reduce_sum(values: list[float], state: DistState, op=dist.ReduceOp.SUM) 
     return t.tolist()
 
 
+def broadcast_object(obj, state: DistState):
+    """Rank 0's ``obj`` (picklable) on every rank."""
+    if not state.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(state: DistState) -> None:
     if state.enabled:
         dist.barrier()

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
 from .backends import Backend, make_backend, start_backend
 from .config import Config, ConfigError, dump_config
 from .data.loader import MixSpec, PlanSpec
 from .data.readers import DataError, Source
 from .data.rows import Schema, manifest_rows, scan
 from .data.shards import shard_urls
-from .distributed import DistState
+from .distributed import DistState, broadcast_object
 from .evaluation import StsData, load_sts
 from .retrieval import load_retrieval
+from .run_dir import CLAIMED_ENV, claim, start_afresh
 from .health import HealthMonitor
 from .model import Encoder, ModelError
 from .optim import DTYPES, Schedule, lambda_lr
@@ -223,12 +223,19 @@ def loss_step_spec(loss, cfg: Config, state: DistState, guides: dict | None = No
 
 
 def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,
-              allow_fresh_start: bool = False) -> Run:
+              allow_fresh_start: bool = False, overwrite: bool = False) -> Run:
     from . import resume as resuming
 
-    problem = ckpt.output_dir_problem(cfg.output_dir) if state.is_main else None
-    if problem:  # before any heavy work
-        raise ConfigError(f"output_dir {cfg.output_dir}: {problem}")
+    if os.environ.get(CLAIMED_ENV) != "1":  # no launcher of ours claimed the output_dir for this run
+        problem = None
+        if state.is_main:  # before any heavy work
+            try:
+                claim(cfg.output_dir, resume, overwrite)
+            except ConfigError as e:
+                problem = str(e)
+        problem = broadcast_object(problem, state)  # every rank stops with the same line
+        if problem:
+            raise ConfigError(problem)
     out = Path(cfg.output_dir)
     d, t = cfg.data, cfg.training
     check_precision(t.precision, state.device)
@@ -250,6 +257,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     pos = Position(samples_per_step=float(global_batch * t.grad_accum), dataset_rows=[0] * len(plan.names))
     saved = resuming.read_checkpoint(out / "checkpoints", resume, plan, allow_data_change, allow_fresh_start) \
         if resume else None
+    if saved is None and state.is_main:
+        start_afresh(out)
     sizes = saved.sizes if saved and saved.data_unchanged else dataset_sizes(plan, cfg)
     rows = plan.epoch_rows(sizes, global_batch)
     if saved:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -21,19 +19,11 @@ from .retrieval import PRIMARY_RETRIEVAL, embed_sharded, evaluate_retrieval
 from .health import sts_events
 from .run import Run, build_run
 from .step import forward_backward
+from .stops import STOPS, Preempted
 from .tracking import Progress, Timer, Window, peak_memory
 
 log = logging.getLogger("dist_embed.train")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """A stop signal arrived; a checkpoint was written and the job should be requeued."""
-
-    def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}")
-        self.signum, self.checkpoint = signum, checkpoint
 
 
 def train(cfg, state: DistState, resume_from: str | None = None, **kwargs) -> Path:
@@ -42,14 +32,13 @@ def train(cfg, state: DistState, resume_from: str | None = None, **kwargs) -> Pa
 
 
 def fit(run: Run) -> Path:
-    """``loop`` with stop signals caught (a checkpoint, then exit 75) and W&B closed either way."""
-    stopper = Stopper(run.state)
-    # signal handlers can only be set from the main thread (Ray runs the loop in another one)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, stopper.on_signal) for s in STOP_SIGNALS} if in_main else {}
+    """``loop`` with stop signals recorded (a checkpoint, then exit 75) and W&B closed either way."""
+    owned = not STOPS.installed and STOPS.install()  # a worker installed them at its start
     code = 1
     try:
-        final = loop(run, stopper)
+        if STOPS.requested(run.state):  # signalled during set-up: nothing trained, nothing to save
+            raise Preempted(STOPS.signum)
+        final = loop(run)
         code = 0
         if run.wandb is not None:
             run.wandb.log_model(final)
@@ -60,11 +49,11 @@ def fit(run: Run) -> Path:
     finally:
         if run.wandb is not None:
             run.wandb.finish(code)
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if owned:
+            STOPS.uninstall()
 
 
-def loop(run: Run, stopper: "Stopper") -> Path:
+def loop(run: Run) -> Path:
     cfg, t, pos, backend = run.cfg, run.cfg.training, run.pos, run.backend
     if run.state.is_main:
         run.dataset_info = dataset_info(run)
@@ -135,13 +124,10 @@ def loop(run: Run, stopper: "Stopper") -> Path:
             evaluate(run)
         if cfg.checkpoint.steps and pos.step % cfg.checkpoint.steps == 0 and not done:
             resume.save(run)
-        if not done and stopper.stop_requested():
+        if not done and STOPS.requested(run.state):
             progress.close()
             log_window(run, window, timer, lr, grad_norm)
-            saved = resume.save(run)
-            if run.state.is_main:
-                (run.out / "PREEMPTED").write_text(f"{saved}\n")
-            raise Preempted(stopper.signum or signal.SIGTERM, saved)
+            raise Preempted(STOPS.signum, resume.save(run))
     progress.close()
     log_window(run, window, timer, backend.scheduler.get_last_lr()[0], None)
     evaluate(run)
@@ -309,25 +295,3 @@ def summary(run: Run, final: Path, seconds: float, start_step: int, rows_trained
                          f"step {last['step']}: {last[key]:.4f} (best {best[key]:.4f} at step {best['step']})")
     lines.append(f"  model          {final}")
     return "\n".join(lines)
-
-
-class Stopper:
-    """SIGTERM/SIGUSR1 (Slurm before a time limit, preemption): finish the step, checkpoint, exit 75."""
-
-    def __init__(self, state: DistState):
-        self.state, self.signum = state, None
-
-    def on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is None:
-            self.signum = signum
-            log.warning("%s received: finishing this step, then checkpointing and exiting", name)
-        else:
-            log.warning("%s received again: already stopping; the checkpoint is written atomically", name)
-
-    def stop_requested(self) -> bool:
-        """All ranks agree to stop if any rank was signalled (one tiny all-reduce per step)."""
-        if not self.state.enabled:
-            return self.signum is not None
-        (n,) = all_reduce_sum([1.0 if self.signum is not None else 0.0], self.state)
-        return n > 0

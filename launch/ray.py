@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Each Ray worker runs the one worker entry (``cli.run_worker``) with ``--resume latest``.
+    Bad input (2) and a stop signal (75) end the worker normally, leaving their marker in
+    output_dir for the driver (a retry would only fail again); a failure (1) raises, so Ray
+    restarts the group from the latest checkpoint as FailureConfig allows."""
     import ray.train
 
+    from ..cli import run_worker
     from ..config import Config
-    from ..distributed import init_distributed
-    from ..tracking import setup_logging
-    from ..train import train
+    from ..exit_codes import EXIT_FAILED
+    from ..run_dir import CLAIMED_ENV
 
-    ctx = ray.train.get_context()
-    os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
-    cfg = Config.model_validate(config["config"])  # resolved on the driver: no working directory needed
-    state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
-    setup_logging(state.rank)
-    train(cfg, state, "latest")
+    os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
+    os.environ[CLAIMED_ENV] = "1"  # the driver holds the output_dir
+    cfg = Config.model_validate(config["config"])  # paths made absolute on the driver
+    if run_worker(cfg, "latest", hard_exit=False) == EXIT_FAILED:
+        raise RuntimeError("dist_embed training failed on this worker (its log above says why)")
 
 
 def mine_loop_per_worker(config: dict) -> None:
@@ -70,41 +74,32 @@ def submit_mine(address: str, num_workers: int, kwargs: dict, use_gpu: bool = Fa
     return 0
 
 
-def resolved_paths(cfg) -> dict:
-    """The config with every local path made absolute here, on the driver: a worker on another node
-    has no notion of the submitter's working directory (hub ids and missing paths stay as written)."""
-    tree = cfg.to_dict()
-
-    def absolute(value):
-        if isinstance(value, str) and not value.startswith(("package:", "/")) and Path(value).exists():
-            return str(Path(value).resolve())
-        return value
-
-    tree["output_dir"] = str(Path(tree["output_dir"]).resolve())
-    if isinstance(tree["data"]["train"], list):
-        for d in tree["data"]["train"]:
-            d["path"] = absolute(d["path"])
-    else:
-        tree["data"]["train"] = absolute(tree["data"]["train"])
-    tree["model"]["name_or_path"] = absolute(tree["model"]["name_or_path"])
-    tree["distributed"]["deepspeed_config"] = absolute(tree["distributed"]["deepspeed_config"])
-    for s in tree["eval"]["sts"]:
-        s["path"] = absolute(s["path"])
-    return tree
-
-
 def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out_dir = Path(cfg.output_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from ..config import ConfigError
+    from ..exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
+    from ..run_dir import claim
+
+    # every path the schema marks as local, made absolute here: a worker on another node has no
+    # notion of the submitter's working directory (hub ids and missing paths stay as written)
+    cfg = cfg.with_absolute_paths(Path.cwd())
+    out_dir = Path(cfg.output_dir)
+    try:
+        claim(cfg.output_dir, "latest", False)  # held by this driver while the workers run
+    except ConfigError as e:
+        print(f"dist-embed: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    markers = {name: out_dir / name for name in (BAD_INPUT_MARKER, PREEMPTED_MARKER)}
+    for marker in markers.values():
+        marker.unlink(missing_ok=True)
     ray.init(address=args.address, logging_level=logging.WARNING)
     resources = {"CPU": args.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": resolved_paths(cfg)},
+        train_loop_config={"config": cfg.to_dict()},
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo",
                                  timeout_s=cfg.distributed.timeout_s),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
@@ -116,8 +111,18 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; the workers' logs above have the details
         log.error("Ray training failed: %s", e)
-        print(f"dist-embed: error: Ray training failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+        ray.shutdown()  # the workers' last log lines arrive before our summary line
+        print(f"dist-embed: error: Ray training failed: {type(e).__name__}: {str(e).splitlines()[0]}",
+              file=sys.stderr)
         return 1
+    ray.shutdown()
+    if markers[BAD_INPUT_MARKER].exists():
+        print(f"dist-embed: error: {markers[BAD_INPUT_MARKER].read_text().strip()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if markers[PREEMPTED_MARKER].exists():
+        where = markers[PREEMPTED_MARKER].read_text().strip() or "none (before the first step)"
+        print(f"dist-embed: stopped by a signal; checkpoint: {where}; resume by submitting again", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(f"done: {out_dir / 'final'}")
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dist_embed.data.readers import DataError, Source
-from dist_embed.data.rows import Schema, scan
+from dist_embed.data.rows import Schema, scan, validate_rows
 
 from conftest import REPO, QUICK, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl
 
@@ -226,6 +226,19 @@ def _mutate(rng: random.Random, lines: list[bytes], kind: str) -> bytes:
         lines[i] = lines[i][: rng.randrange(1, len(lines[i]))] + b"\n"
     elif kind == "blank_lines":
         lines.insert(i, b"\n\n")
+    elif kind == "surrogate" and lines[i].startswith(b"{"):  # a JSON escape naming half a UTF-16 pair
+        obj = json.loads(lines[i])
+        col = rng.choice(list(obj))
+        half = rng.choice(["\\ud800", "\\udbff", "\\udc00", "\\udfff", "\\ude00\\ud83d"])
+        text = json.dumps(obj[col])[1:-1]
+        cut = rng.randrange(len(text) + 1)
+        obj[col] = "@@"
+        lines[i] = json.dumps(obj).replace("@@", text[:cut] + half + text[cut:]).encode() + b"\n"
+    elif kind == "bad_utf8":  # byte sequences UTF-8 forbids: overlong, encoded surrogates, past U+10FFFF, cut
+        bad = rng.choice([b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xf4\x90\x80\x80",
+                          b"\xf8\x88\x80\x80\x80", b"\xe2\x82", b"\xff\xfe"])
+        at = rng.randrange(1, max(2, len(lines[i]) - 1))
+        lines[i] = lines[i][:at] + bad + lines[i][at:]
     data = b"".join(lines)
     if kind == "truncate":
         data = data[: rng.randrange(1, len(data))]
@@ -233,7 +246,7 @@ def _mutate(rng: random.Random, lines: list[bytes], kind: str) -> bytes:
 
 
 KINDS = ["random_bytes", "wrong_type", "huge_line", "bom", "crlf", "latin1", "nul", "deep_json", "cut_line",
-         "blank_lines", "truncate"]
+         "blank_lines", "truncate", "surrogate", "bad_utf8"]
 
 
 def _fuzz_file(tmp: Path, rng: random.Random, case: int) -> tuple[Path, str]:
@@ -255,8 +268,8 @@ def _fuzz_file(tmp: Path, rng: random.Random, case: int) -> tuple[Path, str]:
         for r in rows:
             w.writerow([r["anchor"], r["positive"]])
         lines = [l.encode() + b"\n" for l in buf.getvalue().splitlines()]
-        if kind in ("wrong_type", "deep_json"):
-            kind = "random_bytes"
+        if kind in ("wrong_type", "deep_json", "surrogate"):
+            kind = rng.choice(["random_bytes", "bad_utf8"])
     data = _mutate(rng, lines, kind)
     path = tmp / f"case{case}.{fmt}"
     path.write_bytes(gzip.compress(data, mtime=0) if fmt.endswith(".gz") and kind != "truncate" else
@@ -285,6 +298,9 @@ def test_fuzzed_files_give_rows_counted_skips_or_one_line(tmp_path):
             assert res.rows + res.skips.total == res.records, note
             if on_error == "raise":
                 assert res.skips.total == 0, note
+            for row in validate_rows(Source(str(path)).records(), Schema.for_loss("mnrl"), {}, "skip"):
+                for text in row.texts:
+                    text.encode("utf-8")  # every text that passes is Unicode (no lone surrogate)
     print(f"fuzz seed {FUZZ_SEED}: {FUZZ_CASES} files x 2 modes; outcomes: {json.dumps(found, indent=1)}")
 
 
@@ -301,3 +317,76 @@ def test_fuzzed_files_end_to_end(tmp_path, tiny_model):
         assert r.returncode in (0, 2) and "Traceback" not in r.stderr, note
         if r.returncode == 2:
             assert str(path) in last_line(r), note
+
+
+# ---------------------------------------------------------------------------------------------
+# invalid Unicode, config values and the commands' other inputs
+
+
+def test_a_lone_surrogate_is_bad_input_in_train_prepare_and_mine(tmp_path, tiny_model):
+    good = quick_triplets(40)
+    lines = [json.dumps(r) for r in good]
+    lines[7] = '{"anchor": "bad \\ud800 x", "positive": "p", "negative": "n"}'
+    data = tmp_path / "s.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    where = f"{data}:8: column 'anchor': invalid Unicode (a lone UTF-16 surrogate"
+    r = run_cli("train", tiny_config(tmp_path, tiny_model, data))
+    assert_one_line_exit_2(r, where)
+    cfg = tiny_config(tmp_path, tiny_model, data, data={"on_error": "skip", "max_skip_fraction": 0.1},
+                      training={"max_steps": 1})
+    r = run_cli("train", cfg, f"output_dir={tmp_path / 'skip'}")
+    assert r.returncode == 0 and "1 rows skipped: 1 column 'anchor': invalid Unicode" in r.stderr, r.stderr[-3000:]
+    out = tmp_path / "shards"
+    r = run_cli("prepare-data", data, "--out", out)
+    assert_one_line_exit_2(r, where)
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tar"))
+    r = run_cli("prepare-data", data, "--out", tmp_path / "shards2", "--on-error", "skip")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "shards2" / "manifest.json").read_text())["rows"] == 39
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"anchor": "a", "positive": "p"}\n{"anchor": "b \\udfff", "positive": "q"}\n')
+    r = run_cli("mine", pairs, "--model", tiny_model, "--out", tmp_path / "mined.jsonl")
+    assert_one_line_exit_2(r, f"{pairs}:2: column 'anchor': invalid Unicode")
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("training.max_steps=0", "command line: training.max_steps: Value error, must be a positive number"),
+    ("training.max_steps=-5", "command line: training.max_steps: Value error, must be a positive number"),
+    ("training.lr=inf", "command line: training.lr: Input should be a finite number"),
+    ("loss.scale=inf", "command line: loss.scale: Input should be a finite number"),
+    ("foo.bar=1", "command line: foo: unknown key"),
+    ("training.batch_sise=3", "command line: training.batch_sise: unknown key"),
+])
+def test_bad_values_are_refused_and_named_where_they_were_given(tmp_path, tiny_model, triplets, override, fragment):
+    r = run_cli("train", tiny_config(tmp_path, tiny_model, triplets), override)
+    assert_one_line_exit_2(r, fragment)
+
+
+def test_status_and_report_read_past_a_torn_metrics_file(tmp_path, tiny_model, triplets):
+    out = tmp_path / "run"
+    assert run_cli("train", tiny_config(tmp_path, tiny_model, triplets), f"output_dir={out}").returncode == 0
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_bytes(("\n".join(lines[:3] + ["garbage {", '"a string"', '{"step": [1], "loss": "x"}'] + lines[3:])
+                         + '\n{"step": 7, "lo').encode() + b"\xff\xfe")
+    for cmd in ("status", "report"):
+        r = run_cli(cmd, out)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "unreadable line(s) of metrics.jsonl skipped (first: " in r.stdout and "steps        6" in r.stdout
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    for cmd in ("status", "report"):
+        r = run_cli(cmd, not_a_dir)
+        assert_one_line_exit_2(r, str(not_a_dir))
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--range-min", "5", "--range-max", "2"], "--range-min 5 --range-max 2: the candidates ranked"),
+    (["--range-min", "-1"], "--range-min -1 --range-max 100"),
+    (["--max-score", "nan"], "--max-score must be a finite number"),
+    (["--num-negatives", "0"], "--num-negatives must be at least 1"),
+])
+def test_mine_refuses_impossible_options(tmp_path, tiny_model, args, fragment):
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"anchor": "a", "positive": "b"}])
+    r = run_cli("mine", pairs, "--model", tiny_model, "--out", tmp_path / "m.jsonl", *args)
+    assert_one_line_exit_2(r, fragment)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from clusters import LocalRay, LocalSlurm, slurm_available
-from conftest import REPO, quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
+from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl
 from test_distributed import max_weight_diff
 from test_resume import chain_rows, read_row_log
 
@@ -114,20 +114,51 @@ def ray_cluster(tmp_path_factory):
 
 
 def test_ray_two_workers_equal_nproc_two(ray_cluster, tmp_path, tiny_model, triplets):
-    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 4, "lr": 1e-4})
+    """Relative paths in every path field of the schema (a list of training datasets, STS and
+    retrieval sets, the guide model), meaningful only in the submitter's directory: made absolute
+    on the driver, since the workers (whose working directory is Ray's own, as on another node)
+    have none of it. Same losses and weights as --nproc 2."""
+    import shutil
+
+    shutil.copytree(REPO / "data" / "quickstart" / "snli-dev-retrieval", tmp_path / "retrieval")
+    shutil.copyfile(REPO / "data" / "quickstart" / "snli-dev-pairs-1k.tsv", tmp_path / "sts.tsv")
+    shutil.copytree(tiny_model, tmp_path / "guide")
+    half = write_jsonl(tmp_path / "more.jsonl", quick_triplets(300)[200:])
+    rel = lambda p: os.path.relpath(p, tmp_path)  # noqa: E731
+    cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 4, "lr": 1e-4},
+                      loss={"name": "mnrl", "guide_model": "guide"},
+                      eval={"before_training": False, "sts": [{"name": "sts", "path": "sts.tsv"}],
+                            "retrieval": [{"name": "ret", "queries": "retrieval/queries.jsonl",
+                                           "corpus": "retrieval/corpus.jsonl", "qrels": "retrieval/qrels.tsv"}]},
+                      data={"train": [{"name": "a", "path": rel(triplets)}, {"name": "b", "path": rel(half)}]},
+                      model={"name_or_path": rel(tiny_model)})
     local = tmp_path / "local"
-    r = run_cli("train", cfg, f"output_dir={local}", "--nproc", "2")
+    r = run_cli("train", cfg, f"output_dir={local}", "--nproc", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    on_ray = tmp_path / "ray"
-    # relative paths, meaningful only in the submitter's directory: resolved on the driver, the
-    # workers (whose working directory is Ray's own, as on another node) need no cwd
-    rel = {k: os.path.relpath(v, tmp_path) for k, v in (("out", on_ray), ("data", triplets), ("model", tiny_model))}
-    r = run_cli("submit", "ray", cfg.name, f"output_dir={rel['out']}", f"data.train={rel['data']}",
-                f"model.name_or_path={rel['model']}", "--address", ray_cluster.address, "--num-workers", "2",
+    r = run_cli("submit", "ray", cfg.name, "output_dir=ray", "--address", ray_cluster.address, "--num-workers", "2",
                 env=ray_cluster.env, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    on_ray = tmp_path / "ray"
     assert train_losses(local) == pytest.approx(train_losses(on_ray), rel=1e-6)
     assert max_weight_diff(local, on_ray) < 1e-6
+    final_eval = [m for m in read_metrics(on_ray) if "eval/ret/ndcg@10" in m]
+    assert final_eval and "eval/sts/spearman_cosine" in final_eval[-1]
+
+
+def test_ray_runs_the_quickstart_config_as_shipped_and_bad_input_is_one_line(ray_cluster, tmp_path):
+    out = tmp_path / "qs"
+    r = run_cli("submit", "ray", "configs/quickstart.yaml", f"output_dir={out}", "training.max_steps=2",
+                "eval.before_training=false", "--address", ray_cluster.address, "--num-workers", "2",
+                env=ray_cluster.env, cwd=REPO)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert any("eval/snli-dev-retrieval/ndcg@10" in m for m in read_metrics(out))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(t) + "\n" for t in quick_triplets(30)) + '{"anchor": "a", "positive": null}\n')
+    r = run_cli("submit", "ray", "configs/quickstart.yaml", f"output_dir={tmp_path / 'bad'}", f"data.train={bad}",
+                "--address", ray_cluster.address, "--num-workers", "2", env=ray_cluster.env, cwd=REPO)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
+    assert r.stderr.strip().splitlines()[-1] == f"dist-embed: error: {bad}:31: column 'positive': null text"
 
 
 def test_slurm_job_that_can_never_start_is_refused_and_status_says_why(slurm, tmp_path, tiny_model, triplets):

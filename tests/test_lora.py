@@ -64,6 +64,26 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(tmp_path, tiny_mo
     assert np.abs(plain.encode(TEXTS) - st.encode(TEXTS)).max() < 1e-5
     r = run_cli("merge", straight / "final", tmp_path / "nothing")  # a merged model is no adapter export
     assert r.returncode == 2 and "Traceback" not in r.stderr and "adapter_config.json" in r.stderr.strip(), r.stderr
+    # merge never writes into the export or over a directory, and checks the adapter file first
+    import shutil
+
+    listing = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+    for target, words in ((final, "needs a directory of its own"), (final / "sub", "needs a directory of its own"),
+                          (tmp_path / "merged", "already exists")):
+        r = run_cli("merge", final, target)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert words in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()} == listing
+    r = run_cli("merge", final, tmp_path / "merged", "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.abs(SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(TEXTS) - st.encode(TEXTS)).max() < 1e-5
+    cut = shutil.copytree(final, tmp_path / "cut")
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    r = run_cli("merge", cut, tmp_path / "from-cut")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"dist-embed: error: {weights}: truncated")
+    assert not (tmp_path / "from-cut").exists()
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])

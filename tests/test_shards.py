@@ -286,3 +286,34 @@ def test_bad_shards_are_one_line_errors(tmp_path, tiny_model):
     (broken / MANIFEST).write_text('{"format": "dist_embed-webdataset", "shards": [')
     cfg = tiny_config(tmp_path, tiny_model, broken)
     assert_one_line_exit_2(run_cli("train", cfg), f"{broken}/manifest.json: not a valid manifest")
+
+
+def test_shards_are_checked_against_their_manifest_as_they_stream(tmp_path, tiny_model):
+    """A shard swapped for another (fewer rows) is refused by its size at open or its sha256; one
+    flipped byte inside a text (same size) by its sha256 once read: exit 2, one line naming the
+    shard, never a run that silently trains other rows."""
+    import shutil
+
+    from test_bad_input import assert_one_line_exit_2
+
+    rng = random.Random(SEED + 7)
+    good = tmp_path / "good"
+    prepare(write_jsonl(tmp_path / "t.jsonl", corpus(150, rng)), "--out", good, "--shard-rows", 40, "--block-rows", 8)
+    other = tmp_path / "other"
+    prepare(write_jsonl(tmp_path / "o.jsonl", corpus(30, rng)), "--out", other, "--shard-rows", 40, "--block-rows", 8)
+    swapped = Path(shutil.copytree(good, tmp_path / "swapped"))
+    shutil.copyfile(other / "shard-000000.tar", swapped / "shard-000001.tar")
+    cfg = tiny_config(tmp_path, tiny_model, swapped, training={"max_steps": -1})
+    # tar pads to 10 KiB records: the other shard may have the same size, and then its sha256 tells
+    assert_one_line_exit_2(run_cli("train", cfg), f"{swapped}/shard-000001.tar: ", "manifest.json",
+                           "write the shards again")
+    flipped = Path(shutil.copytree(good, tmp_path / "flipped"))
+    shard = flipped / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    text = quick_triplets()[rng.randrange(80, 120)]["anchor"].encode()[:12]
+    at = data.find(text)
+    at = at if at >= 0 else data.find(b'"rows":[[') + 12
+    data[at] = data[at] ^ 0x01  # still a valid tar (member contents only), another text
+    shard.write_bytes(bytes(data))
+    cfg = tiny_config(tmp_path, tiny_model, flipped, training={"max_steps": -1})
+    assert_one_line_exit_2(run_cli("train", cfg, f"output_dir={tmp_path / 'f'}"), f"{shard}: its sha256 differs")

@@ -163,7 +163,7 @@ def _prepared_rows(spec: PlanSpec, urls: list[str], man: dict, start: dict, at: 
     cols = text_cols + extra_cols
     id_columns = man.get("text_columns") if src.token_ids and man.get("tokenizer") else None
     row_id, limit = start.get("row", 0), src.max_rows
-    for _url, _key, names, rows, cuts, first in shard_blocks(urls, start, at, id_columns):
+    for _url, _key, names, rows, cuts, first in shard_blocks(urls, start, at, id_columns, man["shards"]):
         picks = [names.index(c) for c in cols]
         score = names.index(score_col) if score_col is not None else None
         id_cuts = [cuts[c] for c in cols] if cuts and all(c in cuts for c in cols) else None

@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,23 @@ def _decoded_lines(path: Path, offset: int = 0, lineno: int = 0) -> Iterator[tup
                         "read past that point, so data.on_error=skip cannot skip it: re-create the file") from None
 
 
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: dict, where: str) -> DataError | None:
+    """A JSON escape can name half of a UTF-16 surrogate pair alone (``"\\ud800"``): Python keeps
+    it, but it is not Unicode text (no UTF-8 encoding exists). Named as bad input, column first."""
+    for key, value in obj.items():
+        for what, text in (("column name", key), (f"column {key!r}", value)):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return DataError(f"{where}: {what}: invalid Unicode (a lone UTF-16 surrogate "
+                                     f"{text[e.start]!r} at character {e.start})")
+    return None
+
+
 def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) -> Iterator[Record]:
     """``start``: a position from ``at`` (offset, line, row) to continue from; ``at`` is updated
     before each record is yielded to the position right after it."""
@@ -122,6 +140,8 @@ def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) ->
                 obj = DataError(f"{where}: malformed JSON: nested too deeply")
             if not isinstance(obj, (dict, DataError)):
                 obj = DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            elif "\\u" in text and isinstance(obj, dict) and _ESCAPED_SURROGATE.search(text):
+                obj = _lone_surrogate(obj, where) or obj
         at["offset"], at["line"], at["row"] = offset, lineno, row_id + 1
         yield Record(row_id, where, obj)
         row_id += 1
@@ -286,7 +306,7 @@ class RecordCursor:
             urls, man = shard_urls(src.path)
             text_columns = man.get("text_columns") if man and src.token_ids and man.get("tokenizer") else None
             at = self._at = dict(start)
-            for rec in read_shards(urls, text_columns, start, at):
+            for rec in read_shards(urls, text_columns, start, at, man["shards"] if man else None):
                 if limit is not None and rec.row_id >= limit:
                     return
                 yield rec

@@ -51,15 +51,19 @@ def write_shard(path: Path, blocks: list[dict], first_key: int) -> tuple[str, in
     """Write one shard (atomically: a temporary name, then rename). ``blocks``: dicts with
     ``columns``, ``rows`` and optionally ``ids``/``lens`` arrays. Returns (sha256, bytes)."""
     tmp = path.with_name(path.name + ".partial")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for i, block in enumerate(blocks):
-            key = f"{first_key + i:012d}"
-            members = [("rows.json", json.dumps({"columns": block["columns"], "rows": block["rows"]},
-                                                ensure_ascii=False, separators=(",", ":")).encode("utf-8"))]
-            if block.get("ids") is not None:
-                members += [("ids.npy", _npy(block["ids"])), ("lens.npy", _npy(block["lens"]))]
-            for ext, data in members:
-                tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i, block in enumerate(blocks):
+                key = f"{first_key + i:012d}"
+                members = [("rows.json", json.dumps({"columns": block["columns"], "rows": block["rows"]},
+                                                    ensure_ascii=False, separators=(",", ":")).encode("utf-8"))]
+                if block.get("ids") is not None:
+                    members += [("ids.npy", _npy(block["ids"])), ("lens.npy", _npy(block["lens"]))]
+                for ext, data in members:
+                    tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never a half-written shard left behind
+        raise
     digest, size = file_sha256(tmp)
     tmp.replace(path)
     return digest, size
@@ -170,16 +174,58 @@ def _check_local(urls: list[str]) -> None:
 # reading
 
 
-def _samples(url: str) -> Iterator[dict]:
-    """The samples of one shard, through webdataset's own tar parsing and key grouping."""
+class _Verified:
+    """A shard's byte stream, hashed as it is read (webdataset's tar reader reads it front to
+    back; blocks a resume skips are read, only not parsed): at the end the size and sha256 must
+    be the manifest's, else the shard changed after prepare-data wrote it."""
+
+    def __init__(self, stream, url: str, entry: dict):
+        self.stream, self.url, self.entry = stream, url, entry
+        self.sha, self.size = hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def check(self) -> None:
+        while self.read(1 << 20):  # the tar's end-of-archive padding
+            pass
+        if self.size != self.entry["bytes"]:
+            raise DataError(f"{self.url}: {self.size} bytes, but {MANIFEST} says {self.entry['bytes']}: "
+                            f"{'truncated' if self.size < self.entry['bytes'] else 'changed'} since prepare-data "
+                            "wrote it (write the shards again)")
+        if self.sha.hexdigest() != self.entry["sha256"]:
+            raise DataError(f"{self.url}: its sha256 differs from {MANIFEST}'s: the shard changed after "
+                            "prepare-data wrote it (a damaged or replaced file; write the shards again)")
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _samples(url: str, entry: dict | None = None) -> Iterator[dict]:
+    """The samples of one shard, through webdataset's own tar parsing and key grouping; checked
+    against its manifest ``entry`` (bytes and sha256) when there is one: a local file's size at
+    open, the sha256 of what was read at the end."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    if entry is not None and _is_local(url) and _local(url).is_file():
+        size, expected = _local(url).stat().st_size, entry.get("bytes", -1)
+        if size != expected:
+            raise DataError(f"{url}: {size} bytes, but {MANIFEST} says {expected}: "
+                            f"{'truncated' if size < expected else 'changed'} since prepare-data wrote it "
+                            "(write the shards again)")
     try:
         stream = open_url(url)
     except (OSError, ValueError) as e:
         raise DataError(f"{url}: cannot open shard: {e}") from None
+    if entry is not None and entry.get("sha256"):
+        stream = _Verified(stream, url, entry)
     try:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        if isinstance(stream, _Verified):
+            stream.check()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{url}: unreadable shard (truncated or not a tar): {e}") from None
     finally:
@@ -200,22 +246,27 @@ def _block(sample: dict, url: str):
     return key, columns, rows, ids, lens
 
 
-def shard_blocks(urls: list[str], start: dict, at: dict, id_columns: list[str] | None):
+def shard_blocks(urls: list[str], start: dict, at: dict, id_columns: list[str] | None,
+                 entries: list[dict] | None = None):
     """The row blocks of the shards from ``start`` (``{shard, block, index, row}``) on, as
     ``(url, key, columns, rows, ids, first)``: ``ids`` maps each of ``id_columns`` to a function
     of the row index giving that text's token ids (None: no ids wanted or none stored), ``first``
     the first row to read. ``at`` is kept at the block boundaries; the caller, reading rows, keeps
-    ``at["index"]`` and ``at["row"]`` (the position right after its last row)."""
+    ``at["index"]`` and ``at["row"]`` (the position right after its last row). ``entries``: each
+    shard's manifest entry: its bytes and sha256 are checked as it streams, its rows at its end."""
     at.setdefault("row", start.get("row", 0))
     first_shard = start.get("shard", 0)
     for s in range(first_shard, len(urls)):
         url = urls[s]
         skip_blocks = start.get("block", 0) if s == first_shard else 0
         first = start.get("index", 0) if s == first_shard else 0
-        for b, sample in enumerate(_samples(url)):
+        entry = entries[s] if entries is not None else None
+        rows_seen = 0
+        for b, sample in enumerate(_samples(url, entry)):
             if b < skip_blocks:
                 continue  # whole blocks before the position: not parsed
             key, columns, rows, ids, lens = _block(sample, url)
+            rows_seen += len(rows)
             cuts = None
             if ids is not None and id_columns is not None:
                 # each text's ids as a bytes slice (int32): cheaper to cut than numpy views, and not
@@ -229,17 +280,19 @@ def shard_blocks(urls: list[str], start: dict, at: dict, id_columns: list[str] |
             yield url, key, columns, rows, cuts, first
             first = 0
             at["block"], at["index"] = b + 1, 0
+        if entry is not None and not skip_blocks and rows_seen != entry.get("rows", rows_seen):
+            raise DataError(f"{url}: {rows_seen} rows, but {MANIFEST} says {entry['rows']} (write the shards again)")
         at["shard"], at["block"], at["index"] = s + 1, 0, 0
 
 
 def read_shards(urls: list[str], text_columns: list[str] | None, start: dict | None = None,
-                at: dict | None = None) -> Iterator[Record]:
+                at: dict | None = None, entries: list[dict] | None = None) -> Iterator[Record]:
     """Records of the shards from ``start`` on (see ``shard_blocks``). ``text_columns``: which
     columns the blocks' token ids belong to (None: ignore ids)."""
     start = dict(start or {})
     at = {} if at is None else at
     row_id = start.get("row", 0)
-    for url, key, columns, rows, cuts, first in shard_blocks(urls, start, at, text_columns):
+    for url, key, columns, rows, cuts, first in shard_blocks(urls, start, at, text_columns, entries):
         for i in range(first, len(rows)):
             at["index"], at["row"] = i + 1, row_id + 1  # plain stores: this loop runs per row
             yield Record(row_id, f"{url}: sample {key} row {i}", dict(zip(columns, rows[i])),
