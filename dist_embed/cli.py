@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, PREEMPTED_MARKER
+from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 log = logging.getLogger("dist_embed")
 
@@ -34,7 +34,7 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
-    from .stops import STOPS
+    from .engine.stops import STOPS
 
     launching = bool(args.nproc and (args.nproc > 1 or args.nnodes > 1) and not _inside_launched_job())
     signals = None
@@ -50,11 +50,13 @@ def cmd_train(args) -> int:
     if cfg is None:
         return EXIT_BAD_INPUT
     if not launching:
+        from .engine.worker import run_worker
+
         return run_worker(cfg, args.resume, allow_data_change=args.allow_data_change,
                           allow_fresh_start=args.resume_or_start_fresh, overwrite=args.overwrite)
     from .config import ConfigError
     from .launch.local import launch_local
-    from .run_dir import CLAIMED_ENV, claim
+    from .outputs.run_dir import CLAIMED_ENV, claim
 
     node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
     if node_rank == 0:  # one launcher holds the output_dir for the whole job (its workers skip the claim)
@@ -72,64 +74,11 @@ def cmd_train(args) -> int:
                         master_port=args.master_port, signals=signals)
 
 
-def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allow_fresh_start: bool = False,
-               overwrite: bool = False, hard_exit: bool = True) -> int:
-    """The one worker entry point that --nproc, torchrun, accelerate, srun and Ray all start.
-
-    Returns the exit code (0 done, 2 bad input, 75 stopped by a signal, 1 failed) and leaves a
-    marker in output_dir for the launcher (BAD_INPUT: the one line; PREEMPTED: the checkpoint).
-    ``hard_exit``: end the process after the last barrier (our own process group); Ray owns its
-    worker processes and process group, so there the code is returned."""
-    from .config import ConfigError
-    from .data.readers import DataError
-    from .distributed import finish, init_distributed
-    from .health import TrainingHealthError
-    from .stops import STOPS, Preempted
-    from .tracking import setup_logging
-    from .train import train
-
-    STOPS.install()  # usually done at process start already (main); Ray's thread cannot
-    state = init_distributed(cfg.distributed.timeout_s, group_of_one=cfg.distributed.backend == "deepspeed")
-    setup_logging(state.rank)
-    code = EXIT_OK
-    out = Path(cfg.output_dir)
-    try:
-        train(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start,
-              overwrite=overwrite)
-    except (ConfigError, DataError) as e:
-        log.error("%s", e)
-        code = EXIT_BAD_INPUT
-        if state.enabled or not hard_exit:  # torchrun and Ray report any failure alike: say which
-            _write_marker(out, BAD_INPUT_MARKER, f"{e}", state.rank)
-    except Preempted as e:
-        log.warning("%s; exit code %d (requeue and resume with --resume latest)", e, EXIT_PREEMPTED)
-        code = EXIT_PREEMPTED
-        if state.is_main:
-            _write_marker(out, PREEMPTED_MARKER, str(e.checkpoint or ""), state.rank)
-    except TrainingHealthError as e:
-        log.error("training stopped: %s", e)
-        code = EXIT_FAILED
-    except Exception:
-        log.exception("training failed")
-        code = EXIT_FAILED
-    if state.enabled and hard_exit:
-        finish(state, code, sync=code in (EXIT_OK, EXIT_PREEMPTED))  # never returns
-    return code
-
-
-def _write_marker(out: Path, name: str, text: str, rank: int) -> None:
-    """A marker file, written whole (the first rank to fail may be any rank)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{name}.rank{rank}"
-    tmp.write_text(f"{text}\n")
-    os.replace(tmp, out / name)
-
-
 def cmd_eval(args) -> int:
     from .data.readers import DataError
-    from .evaluation import evaluate_sts, load_sts
-    from .model import Encoder, ModelError
-    from .tracking import setup_logging
+    from .evaluation.sts import evaluate_sts, load_sts
+    from .model.encoder import Encoder, ModelError
+    from .outputs.tracking import setup_logging
 
     setup_logging(0)
     results = {}
@@ -149,9 +98,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .export import merge_adapter_dir
-    from .model import ModelError
-    from .tracking import setup_logging
+    from .tools.merge import merge_adapter_dir
+    from .model.encoder import ModelError
+    from .outputs.tracking import setup_logging
 
     setup_logging(0)
     try:
@@ -165,8 +114,8 @@ def cmd_merge(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .data.readers import DataError
-    from .prepare import prepare
-    from .tracking import setup_logging
+    from .tools.prepare import prepare
+    from .outputs.tracking import setup_logging
 
     setup_logging(0)
     for flag in ("shard_rows", "block_rows", "max_seq_length"):
@@ -190,7 +139,7 @@ def cmd_prepare(args) -> int:
 def cmd_mine(args) -> int:
     """Hard-negative mining; with --nproc N (or under torchrun/srun/Ray) across N ranks."""
     from .data.readers import DataError
-    from .mine import MineOptions
+    from .tools.mine import MineOptions
 
     for flag in ("nproc", "num_negatives", "range_max", "batch_size", "block_size"):
         value = getattr(args, flag)
@@ -239,14 +188,15 @@ def cmd_mine(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         return launch_local(args.nproc, sys.argv[1:], str(out.parent))  # the workers see RANK: they mine
     from .distributed import finish, init_distributed
-    from .model import ModelError
-    from .tracking import setup_logging
+    from .engine.worker import write_marker
+    from .model.encoder import ModelError
+    from .outputs.tracking import setup_logging
 
     state = init_distributed()
     setup_logging(state.rank)
     code = EXIT_OK
     try:
-        from .mine import mine
+        from .tools.mine import mine
 
         summary = mine(state, model=args.model, data=args.data, out=out, corpus_file=args.corpus, opt=opt,
                        columns=columns, on_error=args.on_error, fmt=args.format, max_seq_length=args.max_seq_length)
@@ -258,7 +208,7 @@ def cmd_mine(args) -> int:
         log.error("%s", line)
         code = EXIT_BAD_INPUT
         if state.enabled:
-            _write_marker(out.parent, BAD_INPUT_MARKER, line, state.rank)
+            write_marker(out.parent, BAD_INPUT_MARKER, line, state.rank)
     except Exception:
         log.exception("mining failed")
         code = EXIT_FAILED
@@ -268,7 +218,7 @@ def cmd_mine(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import plot, summary
+    from .outputs.report import plot, summary
 
     try:
         print(summary(Path(args.output_dir)))
@@ -413,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .stops import STOP_SIGNALS, STOPS
+    from .engine.stops import STOP_SIGNALS, STOPS
 
     command = (sys.argv[1:] if argv is None else argv)[:1]
     if command == ["train"]:

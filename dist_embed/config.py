@@ -250,7 +250,7 @@ class CheckpointConfig(_Section):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        from .weights import parse_size
+        from .model.weights import parse_size
         return v if parse_size(v) else v  # ValueError unless a positive size
 
 

@@ -36,7 +36,7 @@ def tiny_model(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from dist_embed.model import Encoder
+    from dist_embed.model.encoder import Encoder
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -163,7 +163,7 @@ def _tiny_roberta_type(tmp_path_factory, name, config_cls, model_cls, tokenizer)
     """2 layers, 32 wide, padding_idx 1 (positions from 2), saved in sentence-transformers layout."""
     import torch
 
-    from dist_embed.model import Encoder
+    from dist_embed.model.encoder import Encoder
 
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -21,7 +21,7 @@ import pytest
 from dist_embed.data.readers import DataError, Source
 from dist_embed.data.rows import Schema, scan, validate_rows
 
-from conftest import REPO, QUICK, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl
+from conftest import REPO, QUICK, quick_triplets, run_cli, tiny_config, write_jsonl
 
 QS = REPO / "configs" / "quickstart.yaml"
 

@@ -4,7 +4,7 @@ sentence-transformers layout, which gives back our embeddings."""
 import numpy as np
 import pytest
 
-from dist_embed.model import Encoder
+from dist_embed.model.encoder import Encoder
 
 from conftest import MULTILINGUAL, quick_triplets, run_cli, tiny_config, write_jsonl
 

@@ -1,10 +1,8 @@
 """Multi-process training with real gloo process groups (2 workers started by --nproc 2)."""
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_config, train_losses, write_jsonl, quick_triplets

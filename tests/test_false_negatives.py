@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dist_embed.distributed import DistState
-from dist_embed.model import Encoder
-from dist_embed.step import StepSpec, loss_from_embeddings
+from dist_embed.model.encoder import Encoder
+from dist_embed.engine.step import StepSpec, loss_from_embeddings
 
 from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
 

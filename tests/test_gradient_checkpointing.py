@@ -6,10 +6,10 @@ import torch
 from dist_embed.data.loader import collate
 from dist_embed.data.rows import Row
 from dist_embed.distributed import DistState
-from dist_embed.fast_dropout import use_fast_dropout
-from dist_embed.model import Encoder
-from dist_embed.run import enable_checkpointing
-from dist_embed.step import StepSpec, forward_backward
+from dist_embed.model.fast_dropout import use_fast_dropout
+from dist_embed.model.encoder import Encoder
+from dist_embed.engine.setup import enable_checkpointing
+from dist_embed.engine.step import StepSpec, forward_backward
 
 from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
 

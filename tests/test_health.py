@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from dist_embed.health import HealthMonitor, TrainingHealthError, sts_events
-from dist_embed.evaluation import similarity_metrics
+from dist_embed.engine.health import HealthMonitor, TrainingHealthError, sts_events
+from dist_embed.evaluation.sts import similarity_metrics
 
 import numpy as np
 

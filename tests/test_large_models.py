@@ -29,7 +29,7 @@ MIB = 2**20
 def test_zero3_never_holds_the_whole_model_and_its_shards_load_in_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from dist_embed.evaluation import load_sts, similarity_metrics
+    from dist_embed.evaluation.sts import load_sts, similarity_metrics
 
     seed = random.randrange(10**6)
     print(f"seed {seed}")

@@ -17,7 +17,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports(tmp_path, tiny_mo
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
-    from dist_embed.model import Encoder
+    from dist_embed.model.encoder import Encoder
 
     data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(96))
     cfg = tiny_config(tmp_path, tiny_model, data, model={"dropout": 0.1, "lora": LORA},

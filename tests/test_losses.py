@@ -92,7 +92,7 @@ def test_matryoshka_equals_sentence_transformers(tiny_model, loss_name):
 
     from conftest import quick_triplets
     from dist_embed.data.rows import Row
-    from dist_embed.step import StepSpec
+    from dist_embed.engine.step import StepSpec
     from test_speedups import loss_and_grads
 
     dims, weights = (32, 16, 8), (1.0, 0.5, 0.25)

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from dist_embed.mine import MineOptions, choose_negatives
+from dist_embed.tools.mine import MineOptions, choose_negatives
 
-from conftest import QUICK, REPO, quick_triplets, run_cli, tiny_config, write_jsonl
+from conftest import REPO, quick_triplets, run_cli, tiny_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,6 @@
 prompt, scored pairs from parquet with the cosine loss), with each sampler: realised shares, exact
 resume, per-dataset metrics, the model card; and the Hugging Face path with locally saved datasets."""
 import csv
-import json
 import os
 import random
 from collections import Counter

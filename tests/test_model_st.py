@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_embed.evaluation import evaluate_sts, load_sts
-from dist_embed.model import Encoder
+from dist_embed.evaluation.sts import evaluate_sts, load_sts
+from dist_embed.model.encoder import Encoder
 
 from conftest import QUICK, SHARED
 

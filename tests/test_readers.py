@@ -8,7 +8,7 @@ import pytest
 
 from dist_embed.data.readers import DataError, Source
 from dist_embed.data.rows import Schema, SkipCounter, scan, validate_rows
-from dist_embed.evaluation import load_sts
+from dist_embed.evaluation.sts import load_sts
 
 MNRL = Schema.for_loss("mnrl")
 GOOD = {"anchor": "a cat", "positive": "an animal", "negative": "a car"}

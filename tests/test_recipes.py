@@ -35,7 +35,7 @@ def tiny_bert_zh(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from conftest import MULTILINGUAL
-    from dist_embed.model import Encoder
+    from dist_embed.model.encoder import Encoder
 
     texts = MULTILINGUAL + [recipe_sentence(lang, s, p, a) for lang in RECIPE_WORDS for s in range(4)
                             for p in range(4) for a in range(3)]

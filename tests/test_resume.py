@@ -1,7 +1,6 @@
 """Fault tolerance with real processes: exact resume, preemption signals, SIGKILL, corrupt checkpoints."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_embed.checkpoint import find_resumable, verify
+from dist_embed.outputs.checkpoint import find_resumable, verify
 from dist_embed.launch.local import child_pids
 
 from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl

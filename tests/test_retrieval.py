@@ -1,14 +1,12 @@
 """Retrieval evaluation: metrics pinned by hand and against sentence-transformers'
 InformationRetrievalEvaluator; exact top-k; the corpus embedded across real gloo ranks."""
-import json
 import random
 
 import numpy as np
 import pytest
-import torch
 
 from dist_embed.distributed import DistState
-from dist_embed.retrieval import evaluate_retrieval, ir_metrics, load_retrieval, top_k
+from dist_embed.evaluation.retrieval import evaluate_retrieval, ir_metrics, load_retrieval, top_k
 
 from conftest import QUICK, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl
 
@@ -51,7 +49,7 @@ def test_metrics_equal_sentence_transformers_information_retrieval_evaluator(min
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from dist_embed.model import Encoder
+    from dist_embed.model.encoder import Encoder
 
     data = snli()
     st = SentenceTransformer(str(minilm), device="cpu")

@@ -1,7 +1,6 @@
 """The 557,850-row scale corpus streamed through the global no-duplicates batcher (batch 256)."""
 import subprocess
 import sys
-from collections import Counter
 
 import pytest
 

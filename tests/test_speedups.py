@@ -8,8 +8,8 @@ import torch
 from dist_embed.data.loader import collate
 from dist_embed.data.rows import Row
 from dist_embed.distributed import DistState
-from dist_embed.model import Encoder
-from dist_embed.step import StepSpec, forward_backward
+from dist_embed.model.encoder import Encoder
+from dist_embed.engine.step import StepSpec, forward_backward
 
 from conftest import quick_triplets
 
@@ -56,7 +56,7 @@ def test_chunks_really_cut_padding(tiny_model):
 def test_pack_rows_places_every_text_once_within_the_row_length():
     import random
 
-    from dist_embed.packing import pack_rows
+    from dist_embed.model.packing import pack_rows
 
     rng = random.Random(0)
     for n, row_len in ((1, 5), (96, 52), (2000, 60), (300, 128)):
@@ -76,7 +76,7 @@ def test_fast_tokenization_equals_the_tokenizer_call(minilm, single_type_id):
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from dist_embed.tokenization import single_type_ids_are_zero, tokenize_columns
+    from dist_embed.data.tokenization import single_type_ids_are_zero, tokenize_columns
 
     tok = AutoTokenizer.from_pretrained(str(minilm))
     assert single_type_ids_are_zero(tok.backend_tokenizer)  # BERT's template: type ids not read back
@@ -99,7 +99,7 @@ def test_fast_tokenization_equals_the_tokenizer_call(minilm, single_type_id):
 
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", False)])
 def test_packed_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normalize):
-    from dist_embed.packing import embed_packed
+    from dist_embed.model.packing import embed_packed
 
     enc = Encoder.from_pretrained(str(tiny_model), pooling=pooling, normalize=normalize, dropout=0.0).eval()
     rows = quick_triplets(20)
@@ -116,7 +116,7 @@ def test_packed_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normali
 
 
 def test_fast_dropout_is_dropout_with_the_same_distribution():
-    from dist_embed.fast_dropout import fast_dropout
+    from dist_embed.model.fast_dropout import fast_dropout
 
     x = torch.randn(1000, 1000, dtype=torch.float32, requires_grad=True)
     torch.manual_seed(3)
@@ -134,7 +134,7 @@ def test_fast_dropout_is_dropout_with_the_same_distribution():
 def test_fast_attention_is_sdpa_maths(tiny_model):
     """Dropout off: the swapped model is bit-identical. Dropout on: our attention equals SDPA's maths
     (softmax(QK^T s + mask) V) with our dropout mask."""
-    from dist_embed.fast_dropout import _attention, use_fast_dropout
+    from dist_embed.model.fast_dropout import _attention, use_fast_dropout
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(24))]
@@ -189,8 +189,8 @@ def test_gpu_benchmark_script_runs_and_computes_mfu(tmp_path):
 def test_eager_attention_is_never_packed(tiny_model):
     """Eager attention adds a mask to the scores instead of applying a boolean one: packed texts
     would attend to each other. Such a model falls back to per-text padding: same embeddings."""
-    from dist_embed.packing import can_pack
-    from dist_embed.step import embed_columns
+    from dist_embed.model.packing import can_pack
+    from dist_embed.engine.step import embed_columns
 
     enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0).eval()
     enc.transformer.set_attn_implementation("eager")
@@ -216,7 +216,7 @@ def roberta_family(request):
 
 def test_xlmr_tokenizer_fast_path_gives_the_tokenizers_own_ids(roberta_family):
     from conftest import MULTILINGUAL
-    from dist_embed.tokenization import tokenize_columns
+    from dist_embed.data.tokenization import tokenize_columns
 
     tiny_xlmr = roberta_family
     enc = Encoder.from_pretrained(str(tiny_xlmr))
@@ -234,7 +234,7 @@ def test_xlmr_tokenizer_fast_path_gives_the_tokenizers_own_ids(roberta_family):
 def test_xlmr_packing_equals_unpacked_embeddings_and_gradients(roberta_family, loss_name):
     """Packed rows carry each text's positions from padding_idx + 1, as XLM-R numbers them alone."""
     from conftest import MULTILINGUAL
-    from dist_embed.packing import can_pack
+    from dist_embed.model.packing import can_pack
 
     tiny_xlmr = roberta_family
     assert can_pack(Encoder.from_pretrained(str(tiny_xlmr)))

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-from dist_embed.checkpoint import verify
+from dist_embed.outputs.checkpoint import verify
 from dist_embed.launch.local import child_pids
 
 from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl

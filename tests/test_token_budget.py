@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_embed.data.rows import Row
-from dist_embed.step import StepSpec, token_chunks
+from dist_embed.engine.step import StepSpec, token_chunks
 
 from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
 from test_speedups import loss_and_grads

@@ -1,11 +1,10 @@
 """End-to-end single-process runs of the real CLI on the tiny model."""
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 
-from dist_embed.checkpoint import verify
+from dist_embed.outputs.checkpoint import verify
 
 from conftest import QUICK, read_metrics, run_cli, tiny_config, write_jsonl, quick_triplets
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_embed.model import Encoder
-from dist_embed.weights import parse_size, weight_files
+from dist_embed.model.encoder import Encoder
+from dist_embed.model.weights import parse_size, weight_files
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run through the snow.", "A woman slices an onion."]
 

@@ -76,7 +76,7 @@ def start_backend(cfg, state):
 def make_backend(cfg, state, encoder, make_scheduler, started=None) -> Backend:
     """The backend ``distributed.backend`` names, wrapping ``encoder`` (``started``: what
     ``start_backend`` returned)."""
-    from ..optim import param_groups
+    from ..engine.optim import param_groups
 
     groups = param_groups(encoder, cfg.training.weight_decay)
     if cfg.distributed.backend == "deepspeed":

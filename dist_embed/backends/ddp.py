@@ -8,17 +8,16 @@ touched (about 3 MB instead of 47 MB for MiniLM).
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt
+from ..outputs import checkpoint as ckpt
 from ..distributed import DistState, all_reduce_grads
-from ..lora import ADAPTER_FILE, adapter_state, is_lora, load_adapter_state
-from ..optim import make_adamw
-from ..step import AutogradBackward
+from ..model.lora import ADAPTER_FILE, adapter_state, is_lora, load_adapter_state
+from ..engine.optim import make_adamw
+from ..engine.step import AutogradBackward
 from . import StepResult
 
 

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt
+from ..outputs import checkpoint as ckpt
 from ..config import Config, ConfigError
 from ..distributed import DistState
-from ..optim import make_adamw
+from ..engine.optim import make_adamw
 from . import StepResult
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _hidden_size(cfg: Config) -> int | None:
     """The model's hidden size, from its config alone (ZeRO bucket sizes are set from it)."""
     from transformers import AutoConfig
 
-    from ..model import resolve_model_path
+    from ..model.encoder import resolve_model_path
 
     try:
         conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),

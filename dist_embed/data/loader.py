@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..tokenization import features_from_ids, tokenize_columns
+from .tokenization import features_from_ids, tokenize_columns
 from .batching import EpochPlanner, balanced_order, rank_slice, split_sizes
 from .mixing import MixPlanner, round_robin_rows, sampler_shares
 from .readers import Source

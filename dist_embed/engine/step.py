@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .distributed import DistState, gather_with_grad
-from .packing import can_pack, embed_packed
-from .tracking import Timer
+from ..distributed import DistState, gather_with_grad
+from ..model.packing import can_pack, embed_packed
+from ..outputs.tracking import Timer
 
 
 @dataclass(frozen=True)

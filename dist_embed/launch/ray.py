@@ -16,16 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Each Ray worker runs the one worker entry (``cli.run_worker``) with ``--resume latest``.
+    """Each Ray worker runs the one worker entry (``engine.worker.run_worker``) with ``--resume latest``.
     Bad input (2) and a stop signal (75) end the worker normally, leaving their marker in
     output_dir for the driver (a retry would only fail again); a failure (1) raises, so Ray
     restarts the group from the latest checkpoint as FailureConfig allows."""
     import ray.train
 
-    from ..cli import run_worker
+    from ..engine.worker import run_worker
     from ..config import Config
     from ..exit_codes import EXIT_FAILED
-    from ..run_dir import CLAIMED_ENV
+    from ..outputs.run_dir import CLAIMED_ENV
 
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
     os.environ[CLAIMED_ENV] = "1"  # the driver holds the output_dir
@@ -39,8 +39,8 @@ def mine_loop_per_worker(config: dict) -> None:
     import ray.train
 
     from ..distributed import init_distributed
-    from ..mine import MineOptions, mine
-    from ..tracking import setup_logging
+    from ..tools.mine import MineOptions, mine
+    from ..outputs.tracking import setup_logging
 
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
     state = init_distributed()
@@ -81,7 +81,7 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
 
     from ..config import ConfigError
     from ..exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
-    from ..run_dir import claim
+    from ..outputs.run_dir import claim
 
     # every path the schema marks as local, made absolute here: a worker on another node has no
     # notion of the submitter's working directory (hub ids and missing paths stay as written)

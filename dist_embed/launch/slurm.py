@@ -150,7 +150,7 @@ def job_state(job_id: str) -> str:
 
 
 def status(out_dir: Path) -> str:
-    from ..report import summary
+    from ..outputs.report import summary
 
     lines = []
     id_file = out_dir / JOB_ID_FILE

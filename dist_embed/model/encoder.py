@@ -170,7 +170,7 @@ class Encoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded to the longest text, truncated to max_seq_length: the training batches' path."""
-        from .tokenization import tokenize_columns
+        from ..data.tokenization import tokenize_columns
 
         return tokenize_columns(self.tokenizer, [list(texts)], self.max_seq_length)[0]
 

@@ -6,6 +6,6 @@
 - accelerate: ``accelerate launch --config_file configs/accelerate/<name>.yaml -m dist_embed train ...``
   (accelerate starts the processes; they join the process group like any other launcher's).
 
-Every launcher starts the same worker entry point (``dist_embed.cli.run_worker``); the worker
+Every launcher starts the same worker entry point (``dist_embed.engine.worker.run_worker``); the worker
 library (``dist_embed`` outside this package) never imports a launcher.
 """

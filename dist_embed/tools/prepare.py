@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.readers import DataError, Source, detect_format
-from .data.rows import SkipCounter, _reason
-from .data.shards import FORMAT, MANIFEST, VERSION, file_sha256, write_shard
+from ..data.readers import DataError, Source, detect_format
+from ..data.rows import SkipCounter, _reason
+from ..data.shards import FORMAT, MANIFEST, VERSION, file_sha256, write_shard
 
 log = logging.getLogger("dist_embed.prepare")
 STATE = ".prepare-state.json"
@@ -194,8 +194,8 @@ def prepare(paths: list[str], out: Path, *, fmt: str = "auto", subset: str | Non
 def _load_tokenizer(name: str, max_seq_length: int | None):
     from transformers import AutoTokenizer
 
-    from .model import resolve_model_path
-    from .tokenization import single_type_ids_are_zero
+    from ..model.encoder import resolve_model_path
+    from ..data.tokenization import single_type_ids_are_zero
 
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(name))

@@ -142,7 +142,7 @@ class Window:
         over ranks), then a fresh window; None if no step finished in it. With several
         ``datasets``: ``loss/<name>``, the mean loss of that dataset's batches (every rank draws
         from the same dataset at each micro-batch, so the per-rank sums add up)."""
-        from .distributed import all_reduce_sum
+        from ..distributed import all_reduce_sum
 
         if not self.n:
             return None
@@ -181,7 +181,7 @@ def peak_memory(state, before_model: float | None = None) -> dict[str, float]:
 
     import torch
 
-    from .distributed import all_reduce_sum
+    from ..distributed import all_reduce_sum
 
     values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # Linux reports KiB
     if before_model is not None:

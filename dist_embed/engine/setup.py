@@ -18,21 +18,21 @@ from pathlib import Path
 
 import torch
 
-from .backends import Backend, make_backend, start_backend
-from .config import Config, ConfigError, dump_config
-from .data.loader import MixSpec, PlanSpec
-from .data.readers import DataError, Source
-from .data.rows import Schema, manifest_rows, scan
-from .data.shards import shard_urls
-from .distributed import DistState, broadcast_object
-from .evaluation import StsData, load_sts
-from .retrieval import load_retrieval
-from .run_dir import CLAIMED_ENV, claim, start_afresh
+from ..backends import Backend, make_backend, start_backend
+from ..config import Config, ConfigError, dump_config
+from ..data.loader import MixSpec, PlanSpec
+from ..data.readers import DataError, Source
+from ..data.rows import Schema, manifest_rows, scan
+from ..data.shards import shard_urls
+from ..distributed import DistState, broadcast_object
+from ..evaluation.sts import StsData, load_sts
+from ..evaluation.retrieval import load_retrieval
+from ..outputs.run_dir import CLAIMED_ENV, claim, start_afresh
 from .health import HealthMonitor
-from .model import Encoder, ModelError
+from ..model.encoder import Encoder, ModelError
 from .optim import DTYPES, Schedule, lambda_lr
 from .step import StepSpec
-from .tracking import MetricsWriter, rss_mib
+from ..outputs.tracking import MetricsWriter, rss_mib
 
 log = logging.getLogger("dist_embed.train")
 
@@ -125,11 +125,11 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
         raise ConfigError(f"model.name_or_path: {e}") from None
     encoder.to(state.device).train()
     if cfg.training.fast_dropout and state.device.type == "cpu":
-        from .fast_dropout import use_fast_dropout
+        from ..model.fast_dropout import use_fast_dropout
 
         use_fast_dropout(encoder.transformer)
     if m.lora is not None:
-        from .lora import apply_lora
+        from ..model.lora import apply_lora
 
         # the adapters' random init must be the same on every rank (the ranks' RNGs differ, for dropout)
         with torch.random.fork_rng(devices=[]):
@@ -187,7 +187,7 @@ def build_plan(cfg: Config, global_batch: int, tokenizer, max_seq_length: int) -
 def pretokenized_for(path: str, tokenizer, max_seq_length: int) -> bool:
     """Whether shards carry token ids made by this very tokenizer at this length (else the
     workers tokenize the text, which gives the same result, only slower)."""
-    from .prepare import tokenizer_fingerprint
+    from ..tools.prepare import tokenizer_fingerprint
 
     _, man = shard_urls(path)
     tok = (man or {}).get("tokenizer")
@@ -301,7 +301,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
         if getattr(backend, "config", None) is not None:  # what DeepSpeed ran with, every "auto" filled
             (out / "deepspeed_config.json").write_text(json.dumps(backend.config, indent=2) + "\n")
         if cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
-            from .wandb_run import WandbRun
+            from ..outputs.wandb_run import WandbRun
 
             run.wandb = WandbRun(cfg.logging.wandb, out, cfg.to_dict(), state.world_size,
                                  skip_until=pos.logged_until)

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from .checkpoint import step_dirs
-from .config import ConfigError
-from .exit_codes import BAD_INPUT_MARKER, PREEMPTED_MARKER
+from ..config import ConfigError
+from ..exit_codes import BAD_INPUT_MARKER, PREEMPTED_MARKER
 
 log = logging.getLogger("dist_embed")
 

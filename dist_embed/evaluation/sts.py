@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from .data.readers import Source
-from .data.rows import Schema, SkipCounter, validate_rows
+from ..data.readers import Source
+from ..data.rows import Schema, SkipCounter, validate_rows
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data.readers import Source
-from .data.records import DataError
+from ..data.readers import Source
+from ..data.records import DataError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.readers import DataError, Source
-from .data.rows import Schema, SkipCounter, validate_rows
-from .retrieval import embed_sharded, top_k
+from ..data.readers import DataError, Source
+from ..data.rows import Schema, SkipCounter, validate_rows
+from ..evaluation.retrieval import embed_sharded, top_k
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = N
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from .model import Encoder
+    from ..model.encoder import Encoder
 
     start = time.perf_counter()
     pairs = read_pairs(data, columns or {}, on_error)

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .config import ConfigError
-from .data.loader import MixSpec, json_without_ids
-from .distributed import barrier
+from ..outputs import checkpoint as ckpt
+from ..config import ConfigError
+from ..data.loader import MixSpec, json_without_ids
+from ..distributed import barrier
 
 log = logging.getLogger("dist_embed.train")
 
@@ -169,7 +169,7 @@ def save(run, final: bool = False) -> Path:
     lora = run.cfg.model.lora
     adapter = None
     if final and lora is not None and lora.export == "adapter":
-        from .lora import adapter_state
+        from ..model.lora import adapter_state
 
         adapter = adapter_state(run.encoder.transformer)  # every rank: ZeRO-3 gathers the adapters
     # the collectives below run in the same order on every rank: rank 0 consumes ``parts`` in save()
@@ -181,9 +181,9 @@ def save(run, final: bool = False) -> Path:
         run.encoder.save(tmp, parts, run.cfg.checkpoint.max_shard_size)
         if adapter is not None:
             # the adapter alone: transformers (so sentence-transformers) loads the base model it names
-            from .lora import write_adapter
-            from .model import resolve_model_path
-            from .weights import remove_weights
+            from ..model.lora import write_adapter
+            from ..model.encoder import resolve_model_path
+            from ..model.weights import remove_weights
 
             remove_weights(tmp)  # without the base's files transformers looks for
             (tmp / "config.json").unlink()  # adapter_config.json and loads the base it names
@@ -222,7 +222,7 @@ def save(run, final: bool = False) -> Path:
 
 
 def write_card(run, directory: Path) -> None:
-    from .model_card import render
+    from ..outputs.model_card import render
 
     history = run.pos.history
     final_metrics = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("eval/")}

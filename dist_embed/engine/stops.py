@@ -66,7 +66,7 @@ class StopSignals:
         """Whether any rank was signalled (all ranks call it at the same points: one tiny all-reduce)."""
         if not state.enabled:
             return self.signum is not None
-        from .distributed import all_reduce_sum
+        from ..distributed import all_reduce_sum
 
         (n,) = all_reduce_sum([1.0 if self.signum is not None else 0.0], state)
         if n > 0 and self.signum is None:

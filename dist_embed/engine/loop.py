@@ -12,15 +12,15 @@ import time
 from pathlib import Path
 
 from . import resume
-from .data.loader import rank_batches
-from .distributed import DistState, all_reduce_sum, barrier
-from .evaluation import PRIMARY, sts_metrics
-from .retrieval import PRIMARY_RETRIEVAL, embed_sharded, evaluate_retrieval
+from ..data.loader import rank_batches
+from ..distributed import DistState, all_reduce_sum, barrier
+from ..evaluation.sts import PRIMARY, sts_metrics
+from ..evaluation.retrieval import PRIMARY_RETRIEVAL, embed_sharded, evaluate_retrieval
 from .health import sts_events
-from .run import Run, build_run
+from .setup import Run, build_run
 from .step import forward_backward
 from .stops import STOPS, Preempted
-from .tracking import Progress, Timer, Window, peak_memory
+from ..outputs.tracking import Progress, Timer, Window, peak_memory
 
 log = logging.getLogger("dist_embed.train")
 
@@ -249,7 +249,7 @@ def dataset_info(run: Run) -> list:
     rows, for the model card."""
     from itertools import islice
 
-    from .model_card import dataset_info as describe
+    from ..outputs.model_card import dataset_info as describe
 
     infos = []
     shares = run.plan.shares(run.sizes)

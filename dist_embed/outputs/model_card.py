@@ -87,7 +87,7 @@ def dataset_info(name: str, rows: int | None, columns: list[str], texts: list[tu
 
 def architecture(encoder) -> str:
     """The module list as ``print(SentenceTransformer(path))`` shows it."""
-    from .lora import base_model
+    from ..model.lora import base_model
 
     tcfg = {"max_seq_length": encoder.max_seq_length, "do_lower_case": False,
             "architecture": type(base_model(encoder.transformer)).__name__}
@@ -277,7 +277,7 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     data = data or []
     losses = [d.loss or cfg.loss for d in data] or [cfg.loss]
@@ -304,11 +304,11 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
              "be used for semantic textual similarity, semantic search, paraphrase mining, text classification, "
              "clustering, and more.", "",
              "## Model Details", "", "### Model Description",
-             f"- **Model Type:** Sentence Transformer",
+             "- **Model Type:** Sentence Transformer",
              f"- **Base model:** `{base_model}`",
              f"- **Maximum Sequence Length:** {encoder.max_seq_length} tokens",
              f"- **Output Dimensionality:** {encoder.dim} dimensions",
-             f"- **Similarity Function:** Cosine Similarity",
+             "- **Similarity Function:** Cosine Similarity",
              f"- **Training Steps:** {step}", ""]
     sims = {"cosine": "Cosine Similarity", "dot": "Dot Product", "euclidean": "Euclidean Distance",
             "manhattan": "Manhattan Distance"}

@@ -16,8 +16,8 @@ def merge_adapter_dir(adapter_dir: str | Path, out: str | Path, overwrite: bool 
     directory unless ``overwrite``."""
     import shutil
 
-    from .model import Encoder, ModelError, read_st_settings
-    from .st_modules import safetensors_problem
+    from ..model.encoder import Encoder, ModelError, read_st_settings
+    from ..model.st_modules import safetensors_problem
 
     root, dest = Path(adapter_dir), Path(out)
     conf_file = root / "adapter_config.json"
