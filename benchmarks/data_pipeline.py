@@ -42,7 +42,7 @@ def measure(path: str, world: int, tokenize: bool, batch: int, workers: int, tok
     rows = 0
     if tokenize:
         for item, _ in rank_batches(spec.planner(0), batch * world, 0, world, tok, 128, workers, balance=True):
-            rows += item["global_size"]
+            rows += item.global_size
     else:
         rows = sum(len(gb) for gb in spec.batches(0))
     dt = time.perf_counter() - t0

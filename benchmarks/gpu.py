@@ -67,18 +67,18 @@ def batches(tokenizer, batch: int, n: int) -> list[dict]:
     out = []
     for i in range(n):
         part = [rows[(i * batch + j) % len(rows)] for j in range(batch)]
-        b = collate([Row(j, (r["anchor"], r["positive"], r["negative"]), None) for j, r in enumerate(part)],
-                    tokenizer, 128)
-        b.update(global_size=batch, sizes=[batch])
-        out.append(b)
+        out.append(collate([Row(j, (r["anchor"], r["positive"], r["negative"]), None) for j, r in enumerate(part)],
+                           tokenizer, 128))
     return out
 
 
 def measure(model_name: str, precision: str, device: torch.device, batch: int, warmup: int, steps: int,
             peak: float) -> dict:
     from dist_embed.distributed import DistState
-    from dist_embed.engine.step import AutogradBackward, StepSpec, forward_backward
-    from dist_embed.engine.optim import DTYPES, make_adamw
+    from dist_embed.engine.losses import MultipleNegativesRanking
+    from dist_embed.engine.optim import make_adamw
+    from dist_embed.engine.precision import Precision
+    from dist_embed.engine.step import AutogradBackward, Embedder, forward_backward
 
     enc = encoder(model_name, device).train()
     if device.type == "cpu":  # as the trainer does there
@@ -89,7 +89,7 @@ def measure(model_name: str, precision: str, device: torch.device, batch: int, w
     n_params = sum(p.numel() for p in params)
     opt = make_adamw([{"params": params}], 5e-5)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    spec = StepSpec("mnrl", scale=20.0, pack="auto", autocast_dtype=DTYPES[precision])
+    loss, embedder = MultipleNegativesRanking(scale=20.0, gather=False), Embedder("auto", 0, Precision(precision, device.type).autocast)
     state = DistState(device=device)
     data = batches(enc.tokenizer, batch, warmup + steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -99,7 +99,7 @@ def measure(model_name: str, precision: str, device: torch.device, batch: int, w
     for i, b in enumerate(data):
         sync()
         t0 = time.perf_counter()
-        forward_backward(enc, b, spec, state, grads=AutogradBackward(scaler))
+        forward_backward(enc, b, loss, embedder, state, grads=AutogradBackward(scaler))
         if scaler is not None:
             scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -113,7 +113,7 @@ def measure(model_name: str, precision: str, device: torch.device, batch: int, w
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    tokens = statistics.mean(b["real_tokens"] for b in data[warmup:])
+    tokens = statistics.mean(b.real_tokens for b in data[warmup:])
     tok_s = tokens / step
     return {"model": model_name, "precision": precision, "params_m": n_params / 1e6, "triplets_s": batch / step,
             "tokens_s": tok_s, "step_s": step, "mfu": 6 * n_params * tok_s / (peak * 1e12),

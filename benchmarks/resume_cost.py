@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     import yaml
 
-    from dist_embed import checkpoint as ckpt
+    from dist_embed.outputs import checkpoint as ckpt
     from dist_embed.config import load_config
     from dist_embed.data.loader import PlanSpec
     from dist_embed.data.readers import Source

@@ -188,3 +188,21 @@ def tiny_roberta(tmp_path_factory) -> Path:
     bpe._tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     fast = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, **ROBERTA_SPECIALS)
     return _tiny_roberta_type(tmp_path_factory, "tiny-roberta", RobertaConfig, RobertaModel, fast)
+
+
+def step_parts(loss_name: str = "mnrl", *, pack=0, chunk: int = 0, mini_batch_size: int = 32,
+               mini_batch_tokens: int | None = None, matryoshka=(), gather: bool = False, mask_same_text: bool = False,
+               guide=None, guide_margin: float = 0.0, scale: float = 20.0):
+    """(loss, embedder) as a run builds them from its loss section and training.pack_length /
+    training.length_sorted_chunks: what ``forward_backward`` takes after the batch."""
+    from dist_embed.config.schema import LossConfig
+    from dist_embed.engine.losses import GuideFilter, build_loss
+    from dist_embed.engine.step import Embedder
+
+    dims = [d for d, _ in matryoshka] or None
+    cfg = LossConfig(name=loss_name, scale=scale, mini_batch_size=mini_batch_size,
+                     mini_batch_tokens=mini_batch_tokens if loss_name == "cached_mnrl" else None,
+                     matryoshka_dims=dims, matryoshka_weights=[w for _, w in matryoshka] or None,
+                     mask_same_text=mask_same_text)
+    filt = GuideFilter(guide, "guide", guide_margin) if guide is not None else None
+    return build_loss(cfg, gather, filt), Embedder(pack, chunk)

@@ -138,7 +138,7 @@ def test_ds_config_errors_name_the_file_and_key(tmp_path):
         fill_ds_config({**base, "scheduler": {"type": "WarmupLR"}}, cfg, 2, 32, "cpu")
     with pytest.raises(ConfigError, match=r"no value to fill \"auto\" in zero_optimization.sub_group_size"):
         fill_ds_config({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, cfg, 2, 32, "cpu")
-    with pytest.raises(ConfigError, match="fp16 only on GPUs"):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         fill_ds_config(base, _cfg(tmp_path, precision="fp16"), 2, 32, "cpu")
     with pytest.raises(ConfigError, match="stage: expected 1, 2 or 3"):
         fill_ds_config({"zero_optimization": {"stage": 0}}, cfg, 2, 32, "cpu")

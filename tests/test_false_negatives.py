@@ -8,9 +8,10 @@ import torch
 
 from dist_embed.distributed import DistState
 from dist_embed.model.encoder import Encoder
-from dist_embed.engine.step import StepSpec, loss_from_embeddings
+from dist_embed.data.batch import Batch
+from dist_embed.engine.losses import compute
 
-from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
+from conftest import quick_triplets, run_cli, step_parts, tiny_config, train_losses, write_jsonl
 
 
 def by_hand(a, cands, keep, labels, scale=20.0):
@@ -39,9 +40,10 @@ def test_masks_by_hand(tiny_model, mode):
     embs = [torch.randn(n, 16, generator=g, dtype=torch.float64) for _ in range(3)]
     guide = Encoder.from_pretrained(str(tiny_model)).eval() if mode != "same_text" else None
     margin = rng.choice([0.0, 0.05, 0.2])
-    spec = StepSpec("mnrl", gather=False, mask_same_text=mode != "guided", guide=guide, guide_margin=margin)
-    batch = {"sizes": [n], "global_size": n, "texts": texts}
-    loss, _ = loss_from_embeddings(embs, batch, spec, DistState(), None)
+    loss_fn, _ = step_parts("mnrl", gather=False, mask_same_text=mode != "guided", guide=guide, guide_margin=margin)
+    batch = Batch(features=[], texts=texts, row_ids=list(range(n)), scores=None, real_tokens=0, padded_tokens=0,
+                  global_size=n, sizes=(n,), n_cols=3)
+    loss, _ = compute(loss_fn, embs, batch, DistState())
     cand_texts = texts[1] + texts[2]
     keep = [[True] * (2 * n) for _ in range(n)]
     if mode != "guided":

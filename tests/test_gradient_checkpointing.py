@@ -9,9 +9,9 @@ from dist_embed.distributed import DistState
 from dist_embed.model.fast_dropout import use_fast_dropout
 from dist_embed.model.encoder import Encoder
 from dist_embed.engine.setup import enable_checkpointing
-from dist_embed.engine.step import StepSpec, forward_backward
+from dist_embed.engine.step import forward_backward
 
-from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
+from conftest import quick_triplets, run_cli, step_parts, tiny_config, train_losses, write_jsonl
 
 
 def grads_of(model_dir, spec, rows, checkpointing: bool, fast: bool):
@@ -22,9 +22,8 @@ def grads_of(model_dir, spec, rows, checkpointing: bool, fast: bool):
         enable_checkpointing(enc.transformer)
     enc.train()
     batch = collate(rows, enc.tokenizer, enc.max_seq_length)
-    batch.update(global_size=len(rows), sizes=[len(rows)])
     torch.manual_seed(5)
-    loss, _ = forward_backward(enc, batch, spec, DistState())
+    loss, _ = forward_backward(enc, batch, *spec, DistState())
     return loss, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
 
 
@@ -32,7 +31,7 @@ def grads_of(model_dir, spec, rows, checkpointing: bool, fast: bool):
                                                  ("cached_mnrl", 0, True), ("cached_mnrl", "auto", False)])
 def test_same_loss_and_gradients_with_dropout_on(tiny_model, loss_name, pack, fast):
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(20))]
-    spec = StepSpec(loss_name, mini_batch_size=6, pack=pack, chunk=8)
+    spec = step_parts(loss_name, mini_batch_size=6, pack=pack, chunk=8)
     l0, g0 = grads_of(tiny_model, spec, rows, False, fast)
     l1, g1 = grads_of(tiny_model, spec, rows, True, fast)
     assert l0 == pytest.approx(l1, rel=1e-6)

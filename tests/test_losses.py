@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_embed import losses
+from dist_embed.engine import losses
 
 
 def rand(*shape, seed=0):
@@ -92,7 +92,7 @@ def test_matryoshka_equals_sentence_transformers(tiny_model, loss_name):
 
     from conftest import quick_triplets
     from dist_embed.data.rows import Row
-    from dist_embed.engine.step import StepSpec
+    from conftest import step_parts
     from test_speedups import loss_and_grads
 
     dims, weights = (32, 16, 8), (1.0, 0.5, 0.25)
@@ -104,7 +104,7 @@ def test_matryoshka_equals_sentence_transformers(tiny_model, loss_name):
         cols = [[r["anchor"] for r in trip], [r["positive"] for r in trip], [r["negative"] for r in trip]]
         scores = None
     rows = [Row(i, tuple(c[i] for c in cols), scores[i] if scores else None) for i in range(len(trip))]
-    ours, ours_grads = loss_and_grads(tiny_model, StepSpec(loss_name, mini_batch_size=5,
+    ours, ours_grads = loss_and_grads(tiny_model, step_parts(loss_name, mini_batch_size=5,
                                                            matryoshka=tuple(zip(dims, weights))), rows)
 
     st = SentenceTransformer(str(tiny_model), device="cpu")

@@ -107,7 +107,7 @@ def test_pretokenized_shards_give_the_tokenizers_batches(tmp_path):
     for start in range(0, 300, 37):
         a = collate(with_ids[start:start + 37], tok, length)
         b = collate(plain[start:start + 37], tok, length)
-        for fa, fb in zip(a["features"], b["features"]):
+        for fa, fb in zip(a.features, b.features):
             assert fa.keys() == fb.keys()
             for k in fa:
                 assert fa[k].equal(fb[k]), (start, k)

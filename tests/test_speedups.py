@@ -9,9 +9,9 @@ from dist_embed.data.loader import collate
 from dist_embed.data.rows import Row
 from dist_embed.distributed import DistState
 from dist_embed.model.encoder import Encoder
-from dist_embed.engine.step import StepSpec, forward_backward
+from dist_embed.engine.step import forward_backward
 
-from conftest import quick_triplets
+from conftest import quick_triplets, step_parts
 
 
 def loss_and_grads(model_dir, spec, rows):
@@ -19,8 +19,7 @@ def loss_and_grads(model_dir, spec, rows):
     enc = Encoder.from_pretrained(str(model_dir), dropout=0.0)
     enc.train()
     batch = collate(rows, enc.tokenizer, enc.max_seq_length)
-    batch.update(global_size=len(rows), sizes=[len(rows)])
-    loss, _ = forward_backward(enc, batch, spec, DistState())
+    loss, _ = forward_backward(enc, batch, *spec, DistState())
     grads = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
     return loss, grads
 
@@ -29,8 +28,8 @@ def loss_and_grads(model_dir, spec, rows):
 @pytest.mark.parametrize("chunk,pack", [(1, 0), (5, 0), (16, 0), (0, 32), (0, 128), (0, "auto")])
 def test_length_sorted_chunks_and_packing_change_nothing(tiny_model, loss_name, chunk, pack):
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(24))]
-    plain = StepSpec(loss_name, mini_batch_size=7)
-    fast = StepSpec(loss_name, mini_batch_size=7, chunk=chunk, pack=pack)
+    plain = step_parts(loss_name, mini_batch_size=7)
+    fast = step_parts(loss_name, mini_batch_size=7, chunk=chunk, pack=pack)
     l0, g0 = loss_and_grads(tiny_model, plain, rows)
     l1, g1 = loss_and_grads(tiny_model, fast, rows)
     assert abs(l0 - l1) <= 1e-5 * abs(l0)
@@ -46,9 +45,9 @@ def test_chunks_really_cut_padding(tiny_model):
     enc = Encoder.from_pretrained(str(tiny_model))
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(64))]
     batch = collate(rows, enc.tokenizer, enc.max_seq_length)
-    real = batch["real_tokens"]
-    per_column = batch["padded_tokens"]
-    lengths = sorted((int(m) for f in batch["features"] for m in f["attention_mask"].sum(1)), reverse=True)
+    real = batch.real_tokens
+    per_column = batch.padded_tokens
+    lengths = sorted((int(m) for f in batch.features for m in f["attention_mask"].sum(1)), reverse=True)
     chunked = sum(max(lengths[i:i + 16]) * len(lengths[i:i + 16]) for i in range(0, len(lengths), 16))
     assert real / chunked > 0.85 and real / per_column < 0.75
 
@@ -139,15 +138,14 @@ def test_fast_attention_is_sdpa_maths(tiny_model):
 
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(24))]
     for pack in (0, 128, "auto"):
-        spec = StepSpec("mnrl", pack=pack)
+        spec = step_parts("mnrl", pack=pack)
         l0, g0 = loss_and_grads(tiny_model, spec, rows)
         torch.manual_seed(0)
         enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0)
         assert use_fast_dropout(enc.transformer) > 0
         enc.train()
         batch = collate(rows, enc.tokenizer, enc.max_seq_length)
-        batch.update(global_size=len(rows), sizes=[len(rows)])
-        l1, _ = forward_backward(enc, batch, spec, DistState())
+        l1, _ = forward_backward(enc, batch, *spec, DistState())
         g1 = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
         assert l0 == l1 and all(torch.equal(g0[n], g1[n]) for n in g0)
 
@@ -196,7 +194,7 @@ def test_eager_attention_is_never_packed(tiny_model):
     enc.transformer.set_attn_implementation("eager")
     assert not can_pack(enc)
     rows = [Row(i, (r["anchor"], r["positive"]), None) for i, r in enumerate(quick_triplets(12))]
-    feats = collate(rows, enc.tokenizer, enc.max_seq_length)["features"]
+    feats = collate(rows, enc.tokenizer, enc.max_seq_length).features
     with torch.no_grad():
         packed = embed_columns(enc, feats, chunk=0, pack="auto")
         alone = [torch.cat([enc({k: v[i:i + 1, :int(f["attention_mask"][i].sum())] for k, v in f.items()})
@@ -243,9 +241,9 @@ def test_xlmr_packing_equals_unpacked_embeddings_and_gradients(roberta_family, l
         rows = [Row(i, (t, texts[(i + 5) % len(texts)]), None) for i, t in enumerate(texts)]
     else:
         rows = [Row(i, (t, texts[(i + 3) % len(texts)]), (i % 5) / 4) for i, t in enumerate(texts)]
-    l0, g0 = loss_and_grads(tiny_xlmr, StepSpec(loss_name, chunk=0, pack=0), rows)
+    l0, g0 = loss_and_grads(tiny_xlmr, step_parts(loss_name, chunk=0, pack=0), rows)
     for pack in ("auto", 64):
-        l1, g1 = loss_and_grads(tiny_xlmr, StepSpec(loss_name, chunk=0, pack=pack), rows)
+        l1, g1 = loss_and_grads(tiny_xlmr, step_parts(loss_name, chunk=0, pack=pack), rows)
         assert abs(l0 - l1) <= 1e-5 * max(abs(l0), 1e-6), (pack, l0, l1)
         assert g0.keys() == g1.keys()
         for name in g0:  # < 1e-5, relative to the gradient's size where it is larger than 1: the

@@ -1,4 +1,5 @@
-"""The package's shape: no import circles, launchers above the worker library, small modules."""
+"""The package's shape: folders by concern, no import circles, launchers above the worker library,
+one worker entry for every launcher, small modules and folders, a README a user reads."""
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,7 @@ ENTRY_POINTS = {"dist_embed.cli", "dist_embed.__main__"}  # the command line may
 
 def modules() -> dict[str, Path]:
     out = {}
-    for path in sorted(PKG.rglob("*.py")):  # dist_embed/launch is the top-level launch/ folder
+    for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG).with_suffix("")
         parts = ["dist_embed", *rel.parts]
         if parts[-1] == "__init__":
@@ -79,12 +80,42 @@ def test_the_worker_library_never_imports_a_launcher():
     assert not {m: t for m, t in offenders.items() if t}
 
 
-def test_launchers_live_in_the_top_level_launch_folder():
-    assert (REPO / "launch").is_dir() and (PKG / "launch").resolve() == (REPO / "launch").resolve()
-    assert {p.stem for p in (REPO / "launch").glob("*.py")} >= {"local", "slurm", "ray"}
-    assert (REPO / "launch" / "train.sbatch").is_file()
+def test_launchers_are_a_real_subpackage_without_links():
+    assert not any(p.is_symlink() for p in PKG.rglob("*")), "links inside the package"
+    assert {p.stem for p in (PKG / "launch").glob("*.py")} >= {"local", "slurm", "ray"}
+    assert (PKG / "launch" / "train.sbatch").is_file()
+    assert not (REPO / "launch").exists()
+
+
+def test_every_launcher_starts_the_one_worker_entry():
+    """--nproc and srun start ``dist-embed train`` (cli -> engine.worker.run_worker), Ray calls
+    run_worker in its workers; nothing outside the worker entry calls the training itself."""
+    g = graph()
+    assert "dist_embed.engine.worker" in g["dist_embed.cli"] and "dist_embed.engine.worker" in g["dist_embed.launch.ray"]
+    assert "dist_embed.cli" in (PKG / "launch" / "local.py").read_text()
+    assert "$DIST_EMBED train" in (PKG / "launch" / "train.sbatch").read_text()
+    callers = {m for m, ts in g.items() if "dist_embed.engine.loop" in ts}
+    assert callers <= {"dist_embed.engine.worker"}, callers
 
 
 def test_no_module_is_a_god_module():
     sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
-    assert max(sizes.values()) <= 420, {k: v for k, v in sizes.items() if v > 420}
+    assert max(sizes.values()) <= 400, {k: v for k, v in sizes.items() if v > 400}
+
+
+def test_folders_are_small_and_say_what_they_own():
+    for folder in [PKG, *(p for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__")]:
+        mods = [p for p in folder.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+        assert len(mods) <= 12, (folder, len(mods))
+        init = folder / "__init__.py"
+        assert init.is_file(), folder
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.splitlines()) <= 3, (folder, doc)
+
+
+def test_the_readme_is_a_users_guide():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, len(lines)
+    for heading in ("## The two commands", "## Using it", "## Run on a cluster", "## Monitoring",
+                    "## When things go wrong", "## Performance"):
+        assert heading in lines, heading

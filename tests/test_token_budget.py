@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dist_embed.data.rows import Row
-from dist_embed.engine.step import StepSpec, token_chunks
+from dist_embed.engine.step import token_chunks
 
-from conftest import quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
+from conftest import quick_triplets, run_cli, step_parts, tiny_config, train_losses, write_jsonl
 from test_speedups import loss_and_grads
 
 
@@ -33,8 +33,8 @@ def test_token_chunks_cover_every_row_once_within_the_budget():
 @pytest.mark.parametrize("budget", [1, 40, 150, 10_000])
 def test_token_budget_gives_the_fixed_mini_batch_loss_and_gradients(tiny_model, budget):
     rows = [Row(i, (r["anchor"], r["positive"], r["negative"]), None) for i, r in enumerate(quick_triplets(30))]
-    l0, g0 = loss_and_grads(tiny_model, StepSpec("cached_mnrl", mini_batch_size=7), rows)
-    l1, g1 = loss_and_grads(tiny_model, StepSpec("cached_mnrl", mini_batch_tokens=budget), rows)
+    l0, g0 = loss_and_grads(tiny_model, step_parts("cached_mnrl", mini_batch_size=7), rows)
+    l1, g1 = loss_and_grads(tiny_model, step_parts("cached_mnrl", mini_batch_tokens=budget), rows)
     assert abs(l0 - l1) <= 1e-5 * abs(l0)
     assert g0.keys() == g1.keys()
     scale = max(float(g.abs().max()) for g in g0.values())

@@ -1,24 +1,5 @@
-"""How a model is trained across processes, behind one small interface the loop uses.
-
-``ddp.DDPBackend``: our own path: autograd on every rank, one bucketed gradient all-reduce per
-optimizer step (sparse for the word embeddings), fused AdamW, the fp16 GradScaler on GPUs.
-``deepspeed.DeepSpeedBackend``: DeepSpeed ZeRO 1-3 (+ offload) through accelerate.
-
-The loop never asks which one it has. What it needs (``Backend``):
-
-- ``model``: what every training forward goes through (the encoder, or DeepSpeed's engine);
-- ``backward``/``backward_cached``/``backward_outputs``: the three kinds of backward pass of a step
-  (a loss of the parameters; cached MNRL's loss of cached embeddings; a replayed mini-batch);
-- ``note_batch``: sees each micro-batch before its forward (the DDP path marks the word-embedding
-  rows it touches); ``rescale_grads``: an epoch that ended mid-accumulation;
-- ``step(loss)``: reduce, clip, optimizer step (or skip), schedule; -> ``StepResult``;
-- ``save``/``load``: the training state in a checkpoint's ``training_state/``; ``weight_parts``:
-  the whole weights in pieces (gathered module by module under ZeRO-3); ``evaluating()``: the
-  encoder to evaluate with, as a context; ``collective_eval``: every rank must run the same
-  evaluation forwards (ZeRO-3); ``describe``: what a checkpoint may be resumed under.
-
-``start_backend`` runs before the model is built: under ZeRO-3 the model is then built partitioned.
-"""
+"""How a model is trained across processes: our DDP path (ddp.py) or DeepSpeed ZeRO 1-3 (deepspeed.py),
+behind the one small ``Backend`` interface the loop uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +17,26 @@ class StepResult:
 
 
 class Backend(Protocol):
+    """What the loop needs of a backend (it never asks which one it has).
+
+    ``ddp.DDPBackend``: autograd on every rank, one bucketed gradient all-reduce per optimizer step
+    (sparse for the word embeddings), fused AdamW, fp16's GradScaler on GPUs.
+    ``deepspeed.DeepSpeedBackend``: DeepSpeed ZeRO 1-3 (+ offload) through accelerate.
+
+    - ``model``: what every training forward goes through (the encoder, or DeepSpeed's engine);
+    - ``backward``/``backward_cached``/``backward_outputs``: the three kinds of backward pass of a step
+      (a loss of the parameters; cached MNRL's loss of cached embeddings; a replayed mini-batch);
+    - ``note_batch``: sees each micro-batch before its forward (the DDP path marks the word-embedding
+      rows it touches); ``rescale_grads``: an epoch that ended mid-accumulation;
+    - ``step(loss)``: reduce, clip, optimizer step (or skip), schedule; -> ``StepResult``;
+    - ``save``/``load``: the training state in a checkpoint's ``training_state/``; ``weight_parts``:
+      the whole weights in pieces (gathered module by module under ZeRO-3); ``evaluating()``: the
+      encoder to evaluate with, as a context; ``collective_eval``: every rank must run the same
+      evaluation forwards (ZeRO-3); ``describe``: what a checkpoint may be resumed under.
+
+    ``start_backend`` runs before the model is built: under ZeRO-3 the model is then built partitioned.
+    """
+
     model: torch.nn.Module
     collective_eval: bool
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -46,7 +47,7 @@ class Backend(Protocol):
 
     def backward_outputs(self, outputs: torch.Tensor, grad: torch.Tensor) -> None: ...
 
-    def note_batch(self, batch: dict) -> None: ...
+    def note_batch(self, batch) -> None: ...
 
     def rescale_grads(self, factor: float) -> bool: ...
 
@@ -73,9 +74,9 @@ def start_backend(cfg, state):
     return DeepSpeedSetup(cfg, state)
 
 
-def make_backend(cfg, state, encoder, make_scheduler, started=None) -> Backend:
-    """The backend ``distributed.backend`` names, wrapping ``encoder`` (``started``: what
-    ``start_backend`` returned)."""
+def make_backend(cfg, state, encoder, precision, make_scheduler, started=None) -> Backend:
+    """The backend ``distributed.backend`` names, wrapping ``encoder`` in ``precision`` (``started``:
+    what ``start_backend`` returned)."""
     from ..engine.optim import param_groups
 
     groups = param_groups(encoder, cfg.training.weight_decay)
@@ -85,4 +86,4 @@ def make_backend(cfg, state, encoder, make_scheduler, started=None) -> Backend:
         return DeepSpeedBackend(started or start_backend(cfg, state), cfg, state, encoder, groups, make_scheduler)
     from .ddp import DDPBackend
 
-    return DDPBackend(cfg, state, encoder, groups, make_scheduler)
+    return DDPBackend(cfg, state, encoder, precision, groups, make_scheduler)

@@ -29,6 +29,7 @@ import torch
 from ..outputs import checkpoint as ckpt
 from ..config import Config, ConfigError
 from ..distributed import DistState
+from ..engine.precision import Precision
 from ..engine.optim import make_adamw
 from . import StepResult
 
@@ -92,16 +93,7 @@ def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, de
         elif have != value:
             raise ConfigError(f"{origin}: {key}: {have!r} contradicts the training config, which implies {value!r}; "
                               f"set it to \"auto\"")
-    for name, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
-        section = ds.setdefault(name, {})
-        if section.get("enabled", "auto") == "auto":
-            section["enabled"] = on
-        elif bool(section["enabled"]) != on:
-            raise ConfigError(f"{origin}: {name}.enabled: {section['enabled']!r} contradicts "
-                              f"training.precision={t.precision}; set it to \"auto\"")
-    if t.precision == "fp16" and device_type != "cuda":
-        raise ConfigError("DeepSpeed supports fp16 only on GPUs (its loss scaling); on CPU use "
-                          "training.precision=bf16 or fp32")
+    Precision.for_device(t.precision, torch.device(device_type)).fill_deepspeed(ds, origin)
     if "optimizer" in ds:
         opt = ds["optimizer"]
         if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
@@ -242,7 +234,7 @@ class DeepSpeedBackend:
         """Backpropagate a known gradient w.r.t. ``outputs`` (cached-MNRL replay)."""
         self.backward((outputs * grad).sum())
 
-    def note_batch(self, batch: dict) -> None:
+    def note_batch(self, batch) -> None:
         pass
 
     def rescale_grads(self, factor: float) -> bool:

@@ -1,7 +1,7 @@
 """From global batch plans to tokenized per-rank batches, in a torch DataLoader.
 
 The plan is made once per rank, in the training process (``EpochPlanner``: reading, shuffling and
-de-duplicating cost ~10 us a row, tokenizing ~80); the DataLoader's sampler hands each batch's rows
+de-duplicating cost far less per row than tokenizing); the DataLoader's sampler hands each batch's rows
 for this rank to the ``num_workers`` worker processes, which only tokenize. Results come back in
 plan order, each with the planner state right after its batch, so a checkpoint at any step knows
 exactly where the data stands without replaying anything. Workers send numpy arrays (pickled as
@@ -12,18 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .tokenization import features_from_ids, tokenize_columns
+from .batch import Batch
 from .batching import EpochPlanner, balanced_order, rank_slice, split_sizes
 from .mixing import MixPlanner, round_robin_rows, sampler_shares
 from .readers import Source
 from .rows import Row, Schema, first_keys, resolve_columns, validate_rows
 from .shards import shard_blocks, shard_urls
+from .tokenization import features_from_ids, tokenize_columns
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class RowStream:
 def _prepared_rows(spec: PlanSpec, urls: list[str], man: dict, start: dict, at: dict) -> Iterator[Row]:
     """Rows of prepare-data shards, built from each block's lists: no per-row validation (done
     when the shards were written; the manifest's column types were checked at start), no per-row
-    dicts. ~2x the rows/s of the general record path, which the planner needs for pre-tokenized
+    dicts: faster than the general record path, which the planner needs for pre-tokenized
     shards (benchmarks/data_pipeline.py)."""
     src = spec.source
     text_cols, extra_cols, score_col = resolve_columns(spec.schema, spec.columns, man["columns"], src.path)
@@ -184,22 +185,23 @@ def _with_prompts(rows, schema: Schema, prompts: dict[str, str]):
         yield Row(row.row_id, tuple(prompts.get(c, "") + t for c, t in zip(cols, row.texts)), row.score)
 
 
-def collate(rows: Sequence[Row], tokenizer, max_length: int) -> dict[str, Any]:
-    n_cols = len(rows[0].texts) if rows else 0
+def collate(rows: Sequence[Row], tokenizer, max_length: int, **about) -> Batch:
+    """Rows -> a ``Batch`` (``about``: its place in the global batch, see ``Batch``)."""
+    n_cols = len(rows[0].texts) if rows else about.get("n_cols", 0)
     if rows and all(r.ids is not None for r in rows):  # pre-tokenized shards: only padding left
         feats = features_from_ids(tokenizer, [[r.ids[c] for r in rows] for c in range(n_cols)])
     else:
         columns = [[r.texts[c] for r in rows] for c in range(n_cols)]
         feats = tokenize_columns(tokenizer, columns, max_length) if rows else []
     scores = [r.score for r in rows]
-    return {
-        "features": feats,
-        "row_ids": torch.tensor([r.row_id for r in rows], dtype=torch.long),
-        "texts": [[r.texts[c] for r in rows] for c in range(n_cols)],  # for false-negative filters
-        "scores": torch.tensor(scores, dtype=torch.float32) if rows and rows[0].score is not None else None,
-        "real_tokens": int(sum(int(f["attention_mask"].sum()) for f in feats)),
-        "padded_tokens": int(sum(f["attention_mask"].numel() for f in feats)),
-    }
+    about.setdefault("global_size", len(rows))
+    about.setdefault("sizes", (len(rows),))
+    about.setdefault("n_cols", n_cols)
+    return Batch(features=feats, texts=[[r.texts[c] for r in rows] for c in range(n_cols)],
+                 row_ids=torch.tensor([r.row_id for r in rows], dtype=torch.long),
+                 scores=torch.tensor(scores, dtype=torch.float32) if rows and rows[0].score is not None else None,
+                 real_tokens=int(sum(int(f["attention_mask"].sum()) for f in feats)),
+                 padded_tokens=int(sum(f["attention_mask"].numel() for f in feats)), **about)
 
 
 class _Tokenize(Dataset):
@@ -208,10 +210,8 @@ class _Tokenize(Dataset):
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
 
-    def __getitem__(self, item: dict) -> dict[str, Any]:
-        out = collate(item["rows"], self.tokenizer, self.max_length)
-        out.update({k: v for k, v in item.items() if k != "rows"})
-        return out
+    def __getitem__(self, item: dict) -> Batch:
+        return collate(item["rows"], self.tokenizer, self.max_length, **{k: v for k, v in item.items() if k != "rows"})
 
 
 class _PlanSampler(Sampler):
@@ -231,13 +231,13 @@ class _PlanSampler(Sampler):
             n = self.planner.batches_done
             self.states[n] = self.planner.state_dict()
             yield {"rows": list(rank_slice(gbatch, self.rank, self.world)), "index": n, "global_size": len(gbatch),
-                   "sizes": split_sizes(len(gbatch), self.world), "n_cols": len(gbatch[0].texts),
+                   "sizes": tuple(split_sizes(len(gbatch), self.world)), "n_cols": len(gbatch[0].texts),
                    "dataset": getattr(self.planner, "last_dataset", 0)}
 
 
 def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer, max_length: int,
                  num_workers: int = 0, pin_memory: bool = False, balance: bool = False
-                 ) -> Iterator[tuple[dict[str, Any], dict]]:
+                 ) -> Iterator[tuple[Batch, dict]]:
     """(this rank's tokenized batch, planner state after it) for the rest of the planner's epoch.
 
     ``balance``: the rows of each global batch are dealt out to ranks by text length first
@@ -249,11 +249,11 @@ def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: in
         for plan in sampler:
             item = tokenize[plan]
             if pin_memory:
-                item = _map_leaves(item, torch.Tensor, torch.Tensor.pin_memory)
-            yield item, states.pop(item["index"])
+                item = item.map_arrays(torch.Tensor, torch.Tensor.pin_memory)
+            yield item, states.pop(item.index)
         return
     # the collate function runs where the batch was made (a worker): tensors -> numpy, zero-copy
-    to_arrays = partial(_map_leaves, kind=torch.Tensor, fn=torch.Tensor.numpy)
+    to_arrays = partial(Batch.map_arrays, kind=torch.Tensor, fn=torch.Tensor.numpy)
     # our own generator: creating the loader's iterator must not draw from the global torch RNG
     # (that would shift every dropout mask after a resume)
     kwargs = dict(batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=to_arrays,
@@ -262,15 +262,4 @@ def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: in
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     to_tensor = (lambda a: torch.from_numpy(a).pin_memory()) if pin_memory else torch.from_numpy
     for item in DataLoader(_Tokenize(tokenizer, max_length), **kwargs):
-        yield _map_leaves(item, np.ndarray, to_tensor), states.pop(item["index"])
-
-
-def _map_leaves(obj, kind: type, fn):
-    """``fn`` applied to every ``kind`` inside nested dicts and lists (a batch's structure)."""
-    if isinstance(obj, kind):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_leaves(v, kind, fn) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_map_leaves(v, kind, fn) for v in obj]
-    return obj
+        yield item.map_arrays(np.ndarray, to_tensor), states.pop(item.index)

@@ -1,8 +1,8 @@
 """webdataset tar shards: the layout ``prepare-data`` writes and the reader training streams.
 
 A shard is a plain tar that webdataset (and ``tar``) reads. One webdataset *sample* is a block of
-up to ``block_rows`` rows, not a single row: Python parses ~20k tar members a second here, so one
-member per row would cap reading at ~15k rows/s (measured, webdataset 1.0); blocks of 1,024 rows
+up to ``block_rows`` rows, not a single row: parsing a tar member costs far more than a row of JSON
+(docs/data.md), so one member per row would cap the reading rate; blocks of 1,024 rows
 put the cost in ``json.loads`` (C) and keep the format a standard webdataset. A sample holds::
 
     KEY.rows.json   {"columns": [...], "rows": [[value, ...], ...]}     always

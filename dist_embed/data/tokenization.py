@@ -1,6 +1,7 @@
 """The one tokenization path: training batches and evaluation both go through ``tokenize_columns``."""
 from __future__ import annotations
 
+import hashlib
 import json
 from itertools import chain
 
@@ -12,7 +13,7 @@ def tokenize_columns(tokenizer, columns: list[list[str]], max_length: int) -> li
     """One encoding per text column, each padded to its own longest text (dynamic padding).
 
     Fast tokenizers: all columns go through the Rust backend in ONE call and are padded here
-    (2-3x faster than the Python-side padding of ``tokenizer(...)``, same ids; a test pins that).
+    (faster than the Python-side padding of ``tokenizer(...)``, same ids; a test pins that).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None or tokenizer.padding_side != "right":
@@ -85,3 +86,10 @@ def features_from_ids(tokenizer, columns: list[list[bytes]]) -> list[dict[str, t
         feat["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
         out.append(feat)
     return out
+
+
+def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
+    """What pre-tokenized ids are valid for: the tokenizer's full definition and the length cap."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{spec}\n{max_length}".encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""The training loop, readable top to bottom (setup is in run.py, checkpoints in resume.py).
+"""The training loop, readable top to bottom (setup.py builds the run, resume.py checkpoints it).
 
 ``train`` builds the run and calls ``fit``; ``loop`` is the whole story of a run: batches ->
 forward/backward (step.py) -> optimizer step (the backend) -> logs, evals, checkpoints, stop
@@ -6,24 +6,20 @@ signals -> final evaluation and model.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-from . import resume
-from ..data.loader import rank_batches
 from ..distributed import DistState, all_reduce_sum, barrier
-from ..evaluation.sts import PRIMARY, sts_metrics
-from ..evaluation.retrieval import PRIMARY_RETRIEVAL, embed_sharded, evaluate_retrieval
+from ..evaluation.evaluator import PRIMARY_KEYS
+from ..outputs.tracking import Progress, Timer, Window, peak_memory
+from . import resume
 from .health import sts_events
 from .setup import Run, build_run
 from .step import forward_backward
 from .stops import STOPS, Preempted
-from ..outputs.tracking import Progress, Timer, Window, peak_memory
 
 log = logging.getLogger("dist_embed.train")
-
 
 
 def train(cfg, state: DistState, resume_from: str | None = None, **kwargs) -> Path:
@@ -34,35 +30,34 @@ def train(cfg, state: DistState, resume_from: str | None = None, **kwargs) -> Pa
 def fit(run: Run) -> Path:
     """``loop`` with stop signals recorded (a checkpoint, then exit 75) and W&B closed either way."""
     owned = not STOPS.installed and STOPS.install()  # a worker installed them at its start
+    wandb = run.outputs.wandb
     code = 1
     try:
         if STOPS.requested(run.state):  # signalled during set-up: nothing trained, nothing to save
             raise Preempted(STOPS.signum)
         final = loop(run)
         code = 0
-        if run.wandb is not None:
-            run.wandb.log_model(final)
+        if wandb is not None:
+            wandb.log_model(final)
         return final
     except Preempted:
         code = 75
         raise
     finally:
-        if run.wandb is not None:
-            run.wandb.finish(code)
+        if wandb is not None:
+            wandb.finish(code)
         if owned:
             STOPS.uninstall()
 
 
 def loop(run: Run) -> Path:
-    cfg, t, pos, backend = run.cfg, run.cfg.training, run.pos, run.backend
-    if run.state.is_main:
-        run.dataset_info = dataset_info(run)
+    cfg, t, pos, backend, data = run.cfg, run.cfg.training, run.pos, run.backend, run.data
     if pos.step == 0 and cfg.eval.before_training:
         evaluate(run)
     t_start, start_step, rows_trained = time.perf_counter(), pos.step, 0
     progress = Progress(run.total_steps, pos.step, run.state.is_main, t.log_steps)
     timer, window = Timer(), Window()
-    batches = epochs_of_batches(run)
+    batches = data.batches(pos, run.state, run.encoder.tokenizer, run.encoder.max_seq_length)
     done = finished(run)
     while not done:
         # -- one optimizer step: grad_accum micro-batches (fewer if the epoch ends first) -----------
@@ -76,17 +71,16 @@ def loop(run: Run) -> Path:
                 break
             t0, comm_before = time.perf_counter(), timer.totals.get("comm", 0.0)
             backend.note_batch(batch)
-            micro_loss, info = forward_backward(backend.model, batch, run.specs[batch["dataset"]], run.state,
-                                                loss_scale=1.0 / t.grad_accum, grads=backend, timer=timer)
+            micro_loss, info = forward_backward(backend.model, batch, run.losses[batch.dataset], run.embedder,
+                                                run.state, loss_scale=1.0 / t.grad_accum, grads=backend, timer=timer)
             timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
             pos.planner_state = planner_state
             step_loss += micro_loss
             micro += 1
-            step_rows += batch["global_size"]
-            pos.dataset_rows[batch["dataset"]] += batch["global_size"]
+            step_rows += batch.global_size
+            pos.dataset_rows[batch.dataset] += batch.global_size
             window.add_batch(batch, micro_loss)
-            if run.row_log:
-                row_ids.extend((batch["dataset"], i) for i in batch["row_ids"].tolist())
+            row_ids.extend((batch.dataset, i) for i in batch.row_ids.tolist())
             if epoch_complete(run):  # every row of the epoch is in: close the step here
                 epoch_ended = True
                 break
@@ -98,7 +92,7 @@ def loop(run: Run) -> Path:
                                 "backend cannot re-weight the gradient (%.2f of a full step)", pos.step + 1,
                                 micro, t.grad_accum, micro / t.grad_accum)
             # the schedule's position moves before the backend sets the lr for the next step
-            pos.samples += step_rows if t.max_steps <= 0 else run.global_batch * t.grad_accum
+            pos.samples += step_rows if t.max_steps <= 0 else data.global_batch * t.grad_accum
             loss, grad_norm, ok = optimizer_step(run, step_loss / t.grad_accum, timer)
             pos.step += 1
             rows_trained += step_rows
@@ -108,13 +102,11 @@ def loop(run: Run) -> Path:
         done = finished(run)
         if not micro:
             continue
-        # -- after the step: health, logs, evals, checkpoints, stop signals ---------------------------
+        # -- after the step: health, hooks, logs, evals, checkpoints, stop signals ----------------------
         if ok:
             report_events(run, run.health.good_step(pos.step, loss, info["candidates"], info["emb_std"]))
-        if run.row_log:
-            run.row_log.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "rows": [i for _, i in row_ids],
-                                          "datasets": [d for d, _ in row_ids]}) + "\n")
-            run.row_log.flush()
+        for hook in run.outputs.hooks:
+            hook.after_step(pos.step, pos.epoch, row_ids)
         window.add_step(loss, step_rows)
         lr, rate = backend.scheduler.get_last_lr()[0], window.rate()  # the rate before the window resets
         if pos.step % t.log_steps == 0 or done:
@@ -133,9 +125,10 @@ def loop(run: Run) -> Path:
     evaluate(run)
     final = resume.save(run, final=True)
     # the whole run's peak memory, the final evaluation and save included (a collective)
-    run.metrics.write({"step": pos.step, "epoch": run.epoch_progress(), "final": True,
-                       **peak_memory(run.state, run.rss_before_model)})
-    run.metrics.close()
+    metrics = run.outputs.metrics
+    metrics.write({"step": pos.step, "epoch": data.epoch_progress(pos), "final": True,
+                   **peak_memory(run.state, run.outputs.rss_before_model)})
+    metrics.close()
     if run.state.is_main:
         log.info("%s", summary(run, final, time.perf_counter() - t_start, start_step, rows_trained))
     return final
@@ -143,20 +136,6 @@ def loop(run: Run) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # the loop's helpers
-
-
-def epochs_of_batches(run: Run):
-    """(this rank's micro-batch, planner state after it), epoch after epoch, from the current
-    data position; (None, None) when a stream of unknown length ends an epoch."""
-    pos, cfg = run.pos, run.cfg
-    while True:
-        epoch = pos.epoch
-        planner = run.plan.planner(epoch, pos.planner_state, sizes=run.sizes)
-        yield from rank_batches(planner, run.global_batch, run.state.rank, run.state.world_size,
-                                run.encoder.tokenizer, run.encoder.max_seq_length, run.num_workers,
-                                pin_memory=run.state.device.type == "cuda", balance=cfg.distributed.balance_ranks)
-        if pos.epoch == epoch:  # the loop did not see the epoch's last row (rows unknown)
-            yield None, None
 
 
 def epoch_complete(run: Run) -> bool:
@@ -184,36 +163,19 @@ def optimizer_step(run: Run, local_loss: float, timer: Timer) -> tuple[float, fl
     return loss, res.grad_norm, res.applied
 
 
-def matryoshka_eval_dims(run: Run) -> list[int]:
-    """Every Matryoshka dimension of the run's losses narrower than the model: evaluated apart."""
-    cfg = run.cfg
-    losses = [cfg.loss] + [ds.loss for ds in cfg.data.datasets() if ds.loss]
-    return sorted({d for loss in losses for d, _ in loss.matryoshka() if d < run.encoder.dim}, reverse=True)
-
-
 def evaluate(run: Run) -> dict[str, float]:
     """Every rank embeds a share of the eval texts (under ZeRO-3 in lockstep: each forward gathers
     the weights layer by layer); rank 0 scores, logs and keeps the record."""
-    results: dict[str, float] = {}
-    evaluating = run.eval_sets or run.retrieval_sets
-    lockstep, bs = run.backend.collective_eval, run.cfg.eval.batch_size
-    dims = matryoshka_eval_dims(run)
     with run.backend.evaluating() as encoder:
-        for data in run.retrieval_sets:
-            m = evaluate_retrieval(encoder, data, run.state, bs, lockstep=lockstep)
-            results.update({f"eval/{data.name}/{k}": v for k, v in (m or {}).items()})
-        for data in run.eval_sets:
-            emb = embed_sharded(encoder, data.sentences1 + data.sentences2, run.state, bs, lockstep=lockstep)
-            for name, m in (sts_metrics(emb, data, dims) if emb is not None else {}).items():
-                results.update({f"eval/{name}/{k}": v for k, v in m.items()})
+        results = run.evaluator.evaluate(encoder, run.state, lockstep=run.backend.collective_eval)
     run.encoder.train()
-    if run.state.is_main and evaluating:
-        rec = {"step": run.pos.step, "epoch": run.epoch_progress(), **results}
-        run.metrics.write(rec)
+    if run.state.is_main and run.evaluator:
+        rec = {"step": run.pos.step, "epoch": run.data.epoch_progress(run.pos), **results}
+        run.outputs.metrics.write(rec)
         run.pos.history.append(rec)
         report_events(run, sts_events(run.pos.step, results))
         log.info("eval at step %d: %s", run.pos.step, ", ".join(
-            f"{k.split('/', 1)[1]}={v:.4f}" for k, v in results.items() if k.endswith((PRIMARY, PRIMARY_RETRIEVAL))))
+            f"{k.split('/', 1)[1]}={v:.4f}" for k, v in results.items() if k.endswith(PRIMARY_KEYS)))
     barrier(run.state)
     return results
 
@@ -222,8 +184,8 @@ def report_events(run: Run, events: list[dict]) -> None:
     for ev in events:
         log.warning("%s", ev["message"])
         if run.state.is_main:
-            run.metrics.write({**ev, "epoch": run.pos.epoch,
-                               **{f"health/{k}": v for k, v in run.health.counters.items()}})
+            run.outputs.metrics.write({**ev, "epoch": run.pos.epoch,
+                                       **{f"health/{k}": v for k, v in run.health.counters.items()}})
 
 
 def warn_short_batches(run: Run) -> None:
@@ -232,50 +194,17 @@ def warn_short_batches(run: Run) -> None:
         log.warning("no-duplicates batching, epoch %d: %d global batches closed short of %d rows because their "
                     "rows repeat texts; %d rows could not be batched with any other row (trained alone). "
                     "De-duplicate the data, raise data.dedup_buffer, or set data.no_duplicates=false",
-                    run.pos.epoch, short, run.global_batch, lonely)
+                    run.pos.epoch, short, run.data.global_batch, lonely)
 
 
 def log_window(run: Run, window: Window, timer: Timer, lr: float, grad_norm: float | None) -> None:
-    rec = window.record(run.state, timer, run.plan.names)
+    names = run.data.names
+    rec = window.record(run.state, timer, names)
     if rec is not None:
-        if len(run.plan.names) > 1:
-            rec.update({f"data/{n}/rows": r for n, r in zip(run.plan.names, run.pos.dataset_rows)})
-        run.metrics.write({"step": run.pos.step, "epoch": run.epoch_progress(), "lr": lr, "grad_norm": grad_norm,
-                           **rec})
-
-
-def dataset_info(run: Run) -> list:
-    """Per dataset: name, size, columns, loss, share and token-length statistics of its first 1000
-    rows, for the model card."""
-    from itertools import islice
-
-    from ..outputs.model_card import dataset_info as describe
-
-    infos = []
-    shares = run.plan.shares(run.sizes)
-    for i, (name, plan) in enumerate(zip(run.plan.names, run.plan.specs)):
-        schema = plan.schema
-        first = list(islice(plan.rows(), 1000))
-        cols = list(schema.texts)
-        width = len(first[0].texts) if first else len(cols)
-        if schema.optional_prefix:
-            p = schema.optional_prefix
-            cols += [p if i == 0 else f"{p}_{i + 1}" for i in range(width - len(cols))]
-        texts = [r.texts + ((r.score,) if r.score is not None else ()) for r in first]
-        info = describe(plan.source.path if len(run.plan.names) == 1 else f"{name} ({plan.source.path})",
-                        run.sizes[i], cols, [x[:len(cols)] for x in texts], run.encoder.tokenizer)
-        info.loss = run.cfg.data.datasets()[i].loss or run.cfg.loss
-        info.share = shares[i] if shares else None
-        for col, s in info.token_stats.items():
-            if s["unknown"] > 0.05:  # e.g. Chinese through an English WordPiece vocabulary
-                log.warning("%s: column %s: %.0f%% of the tokens are unknown to %s's tokenizer (its vocabulary does "
-                            "not cover this text; they all look alike to the model). Consider a multilingual model",
-                            info.name, col, 100 * s["unknown"], run.cfg.model.name_or_path)
-        if schema.score:
-            info.columns.append("score")
-            info.sample = [x for x in texts[:3]]
-        infos.append(info)
-    return infos
+        if len(names) > 1:
+            rec.update({f"data/{n}/rows": r for n, r in zip(names, run.pos.dataset_rows)})
+        run.outputs.metrics.write({"step": run.pos.step, "epoch": run.data.epoch_progress(run.pos), "lr": lr,
+                                   "grad_norm": grad_norm, **rec})
 
 
 def summary(run: Run, final: Path, seconds: float, start_step: int, rows_trained: int) -> str:
@@ -289,7 +218,7 @@ def summary(run: Run, final: Path, seconds: float, start_step: int, rows_trained
     history = run.pos.history
     if history:
         first, last = history[0], history[-1]
-        for key in (k for k in last if k.endswith(("/" + PRIMARY, "/" + PRIMARY_RETRIEVAL))):
+        for key in (k for k in last if k.endswith(tuple("/" + k for k in PRIMARY_KEYS))):
             best = max((h for h in history if h.get(key) is not None), key=lambda h: h[key], default=last)
             lines.append(f"  {key:<40} step {first['step']}: {first.get(key, float('nan')):.4f} -> "
                          f"step {last['step']}: {last[key]:.4f} (best {best[key]:.4f} at step {best['step']})")

@@ -94,14 +94,14 @@ def check_resumable(path: Path, saved: dict, saved_world: int, ours: dict, world
         f"run from its weights (model.name_or_path={path}; optimizer state and data position start afresh).")
 
 
-def restore(run, saved: Saved) -> None:
-    """Weights, optimizer and schedule state, position, RNG (same world size) and one metrics history."""
-    meta, state = saved.meta, run.state
+def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> None:
+    """Weights, optimizer and schedule state (``backend``), the position ``pos``, RNG (same world
+    size) and one metrics history in ``out``."""
+    meta = saved.meta
     sd = saved.path / ckpt.STATE_DIR
-    check_resumable(saved.path, meta.get("backend", {"backend": "ddp"}), meta["world_size"], run.backend.describe(),
+    check_resumable(saved.path, meta.get("backend", {"backend": "ddp"}), meta["world_size"], backend.describe(),
                     state.world_size)
-    run.backend.load(saved.path, sd)
-    pos = run.pos
+    backend.load(saved.path, sd)
     pos.step, pos.samples = meta["step"], meta["schedule"]["samples"]
     pos.epoch, pos.planner_state = saved.data["epoch"], saved.data["planner"]
     pos.history = meta.get("history", [])
@@ -115,9 +115,9 @@ def restore(run, saved: Saved) -> None:
         log.warning("resuming a %d-process run with %d processes: global batch %d -> %d; the rest of epoch %d "
                     "is cut into batches of the new size from the saved data position (no row repeated or "
                     "lost); the lr schedule continues by samples trained", meta["world_size"],
-                    state.world_size, meta["global_batch"], run.global_batch, pos.epoch)
+                    state.world_size, meta["global_batch"], global_batch, pos.epoch)
     if state.is_main:
-        pos.logged_until = truncate_metrics(run.out / "metrics.jsonl", pos.step)
+        pos.logged_until = truncate_metrics(out / "metrics.jsonl", pos.step)
     log.info("resumed from %s at step %d (epoch %d, %d rows into it)", saved.path, pos.step, pos.epoch,
              (pos.planner_state or {}).get("rows_done", 0))
 
@@ -153,8 +153,8 @@ def truncate_metrics(path: Path, step: int) -> int:
 def save(run, final: bool = False) -> Path:
     """All ranks call this; rank 0 writes the model, each rank its RNG (and backend) state, rank 0
     commits: written to a staging directory, fsynced, a manifest last, renamed into place."""
-    state, pos = run.state, run.pos
-    target = run.out / "final" if final else run.ckpt_root / f"step-{pos.step}"
+    state, pos, ckpt_root = run.state, run.pos, run.outputs.ckpt_root
+    target = run.outputs.out / "final" if final else ckpt_root / f"step-{pos.step}"
     tmp = ckpt.staging_dir(target)
     if state.is_main:
         ckpt.begin(target)
@@ -195,14 +195,15 @@ def save(run, final: bool = False) -> Path:
             at_step = next((h for h in reversed(pos.history) if h["step"] == pos.step), {})
             (sd / "trainer.json").write_text(json.dumps({
                 "step": pos.step, "epoch": pos.epoch, "world_size": state.world_size,
-                "global_batch": run.global_batch, "backend": run.backend.describe(),
+                "global_batch": run.data.global_batch, "backend": run.backend.describe(),
                 "schedule": {"samples": pos.samples, "samples_per_step": pos.samples_per_step,
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
                 "history": pos.history, "dataset_rows": pos.dataset_rows}, indent=1))
             # the data position: the planner's state after the last batch trained (same on every rank)
             (sd / "data_state.json").write_text(json.dumps({
-                "fingerprint": run.plan.fingerprint(), "rows": run.rows, "sizes": run.sizes, "epoch": pos.epoch,
+                "fingerprint": run.data.plan.fingerprint(), "rows": run.data.rows, "sizes": list(run.data.sizes),
+                "epoch": pos.epoch,
                 "planner": pos.planner_state}, default=json_without_ids))
     barrier(state)
     if state.is_main:
@@ -210,12 +211,12 @@ def save(run, final: bool = False) -> Path:
         if not final:
             protect = set()
             metric = run.cfg.checkpoint.keep_best
-            best = ckpt.best_checkpoint(run.ckpt_root, metric) if metric else None
+            best = ckpt.best_checkpoint(ckpt_root, metric) if metric else None
             if best:
                 protect.add(best[0])
-                (run.ckpt_root / "best.json").write_text(json.dumps(
+                (ckpt_root / "best.json").write_text(json.dumps(
                     {"path": str(best[0]), "metric": metric, "value": best[1]}) + "\n")
-            ckpt.prune(run.ckpt_root, run.cfg.checkpoint.keep_last, protect)
+            ckpt.prune(ckpt_root, run.cfg.checkpoint.keep_last, protect)
         log.info("saved %s", target)
     barrier(state)
     return target
@@ -226,7 +227,7 @@ def write_card(run, directory: Path) -> None:
 
     history = run.pos.history
     final_metrics = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("eval/")}
-    card = render(encoder=run.encoder, base_model=run.cfg.model.name_or_path, cfg=run.cfg, data=run.dataset_info,
-                  metrics_path=run.out / "metrics.jsonl", step=run.pos.step, final_metrics=final_metrics,
-                  world_size=run.state.world_size)
+    card = render(encoder=run.encoder, base_model=run.cfg.model.name_or_path, cfg=run.cfg, losses=list(run.losses),
+                  data=list(run.outputs.dataset_info), metrics_path=run.outputs.out / "metrics.jsonl",
+                  step=run.pos.step, final_metrics=final_metrics, world_size=run.state.world_size)
     (directory / "README.md").write_text(card, encoding="utf-8")

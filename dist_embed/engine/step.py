@@ -1,7 +1,8 @@
 """One micro-batch: embed this rank's columns, gather candidates, compute the loss, backward.
 
-Kept apart from the loop so the maths of a step (plain, length-sorted chunks, cached MNRL) can be
-tested on its own against a single big batch.
+Kept apart from the loop so the maths of a step (plain, length-sorted chunks, packed rows, cached
+MNRL) can be tested on its own against a single big batch. The loss is an object (losses.py); how
+texts are laid out for the encoder is the ``Embedder``'s; the backward is the backend's.
 """
 from __future__ import annotations
 
@@ -10,42 +11,35 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from . import losses
-from ..distributed import DistState, gather_with_grad
+from ..data.batch import Batch
+from ..distributed import DistState
 from ..model.packing import can_pack, embed_packed
 from ..outputs.tracking import Timer
+from .losses import Loss, compute
 
 
 @dataclass(frozen=True)
-class StepSpec:
-    loss: str  # mnrl | cached_mnrl | cosine | triplet
-    scale: float = 20.0
-    margin: float = 5.0
-    distance: str = "euclidean"
-    score_max: float = 1.0  # cosine: label = score / score_max
-    # Matryoshka: (dimension, weight) pairs; the loss is the weighted sum over the truncated embeddings
-    matryoshka: tuple = ()
-    # false negatives: mask candidates with the positive's text; a guide Encoder (frozen) and its margin
-    mask_same_text: bool = False
-    guide: object = None
-    guide_margin: float = 0.0
-    guide_margin_strategy: str = "absolute"
-    gather: bool = True
-    mini_batch_size: int = 32  # cached_mnrl
-    mini_batch_tokens: int = 0  # cached_mnrl: >0: mini-batches of at most this many padded tokens instead
-    chunk: int = 0  # >0: encode in length-sorted chunks of this many rows
-    # pack texts side by side into rows (BERT-type encoders; wins over chunk): "auto" = rows as wide
-    # as the longest text, N > 0 = rows of N tokens, 0 = off
+class Embedder:
+    """How a micro-batch's texts meet the encoder: packed side by side into rows (``pack``: "auto"
+    = rows as wide as the longest text, N = rows of N tokens, 0 = off; BERT-type encoders), else
+    all columns' texts sorted by length in chunks of ``chunk`` (0: one padded forward per column,
+    as sentence-transformers does); under the precision's ``autocast``. Same maths either way."""
+
     pack: int | str = 0
-    autocast_dtype: torch.dtype | None = None
+    chunk: int = 0
+    autocast: object = contextlib.nullcontext  # a context factory (Precision.autocast)
 
+    def forwards(self, encoder, n_cols: int, sizes) -> int:
+        """How many encoder forwards the rank with the largest slice runs for one micro-batch."""
+        if self.pack and can_pack(encoder):
+            return 1
+        if self.chunk:
+            return math.ceil(n_cols * max(sizes) / self.chunk)
+        return n_cols
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    def embed(self, encoder, feats: list[dict[str, torch.Tensor]], min_forwards: int = 0) -> list[torch.Tensor]:
+        return embed_columns(encoder, feats, self.chunk, self.pack, min_forwards)
 
 
 def _slice(features: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,96 +127,6 @@ def placeholder_features(encoder, device) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
-def forwards_needed(spec: "StepSpec", n_cols: int, sizes: list[int], packable: bool) -> int:
-    """How many encoder forwards the rank with the largest slice runs for one micro-batch."""
-    if spec.pack and packable:
-        return 1
-    if spec.chunk:
-        return math.ceil(n_cols * max(sizes) / spec.chunk)
-    return n_cols
-
-
-def embedding_std(emb: torch.Tensor) -> float | None:
-    """Mean over dimensions of the std across the batch: ~0 means every text gets the same vector."""
-    return float(emb.detach().float().std(0).mean()) if emb.shape[0] > 1 else None
-
-
-def loss_from_embeddings(embs: list[torch.Tensor], batch: dict, spec: StepSpec, state: DistState,
-                         timer: Timer | None) -> tuple[torch.Tensor, dict]:
-    """The step's loss from this rank's embeddings (one tensor per column). MNRL candidates are
-    gathered once at full width; Matryoshka then takes the loss on each truncation of the same
-    tensors (sentence-transformers' MatryoshkaLoss: sum of weight x loss on the first d dims,
-    L2-normalised)."""
-    sizes, n_global = batch["sizes"], batch["global_size"]
-    info = {"emb_std": embedding_std(embs[0]), "candidates": None}
-    if spec.loss in ("mnrl", "cached_mnrl"):
-        anchors, docs = embs[0], embs[1:]
-        if spec.gather and state.enabled:
-            docs = [gather_with_grad(d, sizes, state, timer) for d in docs]
-            offset, count = sum(sizes[: state.rank]), n_global
-        else:
-            offset, count = 0, (anchors.shape[0] * state.world_size if state.enabled else n_global)
-        info["candidates"] = sum(d.shape[0] for d in docs)
-        mask = false_negative_mask(batch, spec, state, sizes, offset, timer, 1 + len(docs)) \
-            if spec.mask_same_text or spec.guide is not None else None
-        embs = [anchors, *docs]
-
-        def loss_at(e):
-            return losses.mnrl(e[0], e[1], e[2:], scale=spec.scale, label_offset=offset, global_count=max(count, 1),
-                               mask=mask)
-    elif spec.loss == "cosine":
-        scores = batch["scores"].to(embs[0].device) if batch["scores"] is not None else embs[0].new_zeros(0)
-
-        def loss_at(e):
-            return losses.cosine_similarity_loss(e[0], e[1], scores / spec.score_max, global_count=n_global)
-    elif spec.loss == "triplet":
-        def loss_at(e):
-            return losses.triplet_loss(e[0], e[1], e[2], margin=spec.margin, distance=spec.distance,
-                                       global_count=n_global)
-    else:
-        raise ValueError(f"unknown loss {spec.loss!r}")
-    if not spec.matryoshka:
-        return loss_at(embs), info
-    # as sentence-transformers' MatryoshkaLoss: each truncation is L2-normalised (matters for triplet distances)
-    return sum(w * loss_at([F.normalize(e[:, :d], p=2, dim=-1) for e in embs]) for d, w in spec.matryoshka), info
-
-
-def text_keys(texts: list[str]) -> torch.Tensor:
-    """A 52-bit hash of each text as float64 (exact), so it travels through the float gather."""
-    import hashlib
-
-    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 12
-                         for t in texts], dtype=torch.float64)
-
-
-def false_negative_mask(batch: dict, spec: StepSpec, state: DistState, sizes: list[int], offset: int,
-                        timer, n_cols: int) -> torch.Tensor:
-    """[local anchors x all candidates] True where a candidate is likely a positive of the anchor
-    and must leave the softmax (never the anchor's own positive). Candidates are the positives,
-    then each negative column, of every rank in rank order: the layout ``losses.mnrl`` scores."""
-    texts = batch.get("texts") or [[] for _ in range(n_cols)]  # an empty slice still joins every gather
-    device = state.device
-    n = len(texts[0])
-    gather = (lambda x: gather_with_grad(x, sizes, state, timer)) if spec.gather and state.enabled else (lambda x: x)
-    labels = torch.arange(n, device=device) + offset
-    mask = None
-    if spec.mask_same_text:
-        keys = [text_keys(col).to(device) for col in texts]
-        cands = torch.cat([gather(k) for k in keys[1:]])
-        mask = keys[1][:, None] == cands[None, :]
-    if spec.guide is not None:
-        with torch.no_grad():
-            g = [torch.from_numpy(spec.guide.encode(col)).to(device) for col in texts]
-            cands = torch.nn.functional.normalize(torch.cat([gather(x) for x in g[1:]]), dim=-1)
-            sims = torch.nn.functional.normalize(g[0], dim=-1) @ cands.T
-            pos = sims.gather(1, labels[:, None]) if n else sims[:, :1]
-            limit = pos - spec.guide_margin if spec.guide_margin_strategy == "absolute" else pos * (1 - spec.guide_margin)
-            guided = sims > limit
-        mask = guided if mask is None else mask | guided
-    mask[torch.arange(n, device=device), labels] = False
-    return mask
-
-
 class AutogradBackward:
     """How gradients reach the parameters on the DDP path: autograd, with the fp16 GradScaler if
     any; our bucketed all-reduce sums them afterwards. (DeepSpeedBackend has the same three methods.)"""
@@ -241,8 +145,8 @@ class AutogradBackward:
         outputs.backward(grad)
 
 
-def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, loss_scale: float = 1.0,
-                     grads=None, timer: Timer | None = None) -> tuple[float, dict]:
+def forward_backward(encoder, batch: Batch, loss: Loss, embedder: Embedder, state: DistState, *,
+                     loss_scale: float = 1.0, grads=None, timer: Timer | None = None) -> tuple[float, dict]:
     """Loss of one micro-batch (this rank's share of the global mean), gradients accumulated into
     the encoder's ``.grad`` (or DeepSpeed's partitions). ``loss_scale`` divides by the number of
     accumulation steps. ``encoder`` may be a DeepSpeed engine wrapping our Encoder (it passes
@@ -253,19 +157,19 @@ def forward_backward(encoder, batch: dict, spec: StepSpec, state: DistState, *, 
     or smaller slice runs placeholder forwards whose output is multiplied by zero)."""
     grads = grads or AutogradBackward()
     device = state.device
-    feats = [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch["features"]]
-    n_cols = batch.get("n_cols") or len(feats)
-    if spec.loss == "cached_mnrl":
-        return _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, timer)
-    forwards = forwards_needed(spec, n_cols, batch["sizes"], can_pack(encoder))
-    with autocast(device, spec.autocast_dtype):
+    feats = [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch.features]
+    n_cols = batch.n_cols or len(feats)
+    if loss.cache is not None:
+        return _cached(encoder, feats, n_cols, batch, loss, embedder, state, loss_scale, grads, timer)
+    forwards = embedder.forwards(encoder, n_cols, batch.sizes)
+    with embedder.autocast():
         if feats:
-            embs = embed_columns(encoder, feats, spec.chunk, spec.pack, min_forwards=forwards)
+            embs = embedder.embed(encoder, feats, min_forwards=forwards)
         else:
             embs = _empty_slice_embeddings(encoder, n_cols, forwards, device)
-        loss, info = loss_from_embeddings(embs, batch, spec, state, timer)
-    grads.backward(loss * loss_scale)
-    return float(loss.detach()), info
+        value, info = compute(loss, embs, batch, state, timer)
+    grads.backward(value * loss_scale)
+    return float(value.detach()), info
 
 
 def _empty_slice_embeddings(encoder, n_cols: int, forwards: int, device) -> list[torch.Tensor]:
@@ -298,24 +202,25 @@ class _RngReplay:
                 torch.cuda.set_rng_state(cuda_now, self.device)
 
 
-def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, timer) -> float:
+def _cached(encoder, feats, n_cols, batch: Batch, loss: Loss, embedder: Embedder, state, loss_scale, grads,
+            timer) -> tuple[float, dict]:
     """Gradient caching (Gao et al. 2021): the loss sees the whole global batch, activations only
     ever exist for one mini-batch. 1) embed mini-batches without grad, 2) loss + gradient w.r.t. the
     embeddings, 3) re-embed each mini-batch with grad (same RNG) and backpropagate its slice.
 
-    Every rank runs ceil(largest slice / mini_batch_size) mini-batches per column, a smaller or
-    empty slice topping up with placeholder ones, so forwards and backwards pair up across ranks."""
-    device = state.device
-    if spec.mini_batch_tokens:
-        columns = [token_chunks(f, spec.mini_batch_tokens) for f in feats] if feats else [[] for _ in range(n_cols)]
+    Every rank runs as many mini-batches per column as the rank that needs most, a smaller or empty
+    slice topping up with placeholder ones, so forwards and backwards pair up across ranks."""
+    device, cache = state.device, loss.cache
+    if cache.tokens:
+        columns = [token_chunks(f, cache.tokens) for f in feats] if feats else [[] for _ in range(n_cols)]
         per_column = max([len(g) for g in columns] + [0])
         if state.enabled:  # ranks hold other texts: every rank runs the largest count of mini-batches
             count = torch.tensor([per_column], dtype=torch.long, device=device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
             per_column = int(count)
     else:
-        per_column = math.ceil(max(batch["sizes"]) / spec.mini_batch_size)
-        columns = [chunks(f, spec.mini_batch_size, by_length=bool(spec.chunk)) for f in feats] if feats else None
+        per_column = math.ceil(max(batch.sizes) / cache.rows)
+        columns = [chunks(f, cache.rows, by_length=bool(embedder.chunk)) for f in feats] if feats else None
     reps, plans = [], []
     for c in range(n_cols):
         f = feats[c] if feats else None
@@ -324,7 +229,7 @@ def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, 
         for idx in groups + [None] * (per_column - len(groups)):
             rng = _RngReplay(device)
             sub = _slice(f, idx) if idx is not None else placeholder_features(encoder, device)
-            with torch.no_grad(), autocast(device, spec.autocast_dtype):
+            with torch.no_grad(), embedder.autocast():
                 out = encoder(sub).float()
             if idx is not None:
                 col_parts.append(out)
@@ -336,16 +241,16 @@ def _cached_mnrl(encoder, feats, n_cols, batch, spec, state, loss_scale, grads, 
             rep = torch.zeros((0, encoder.dim), device=device)
         reps.append(rep.detach().requires_grad_())
         plans.append(col_plan)
-    loss, info = loss_from_embeddings(reps, batch, spec, state, timer)
+    value, info = compute(loss, reps, batch, state, timer)
     # gradients of the (scaled) loss w.r.t. the cached embeddings; with gathering this backward runs
     # the all-reduce that hands each rank the gradients other ranks computed for its candidates
-    grads.backward_cached(loss * loss_scale)
+    grads.backward_cached(value * loss_scale)
     for rep, col_plan in zip(reps, plans):
         for idx, sub, rng in col_plan:
-            with rng.replay(), autocast(device, spec.autocast_dtype):
+            with rng.replay(), embedder.autocast():
                 emb = encoder(sub).float()
             if idx is None:
                 grads.backward_outputs(emb, torch.zeros_like(emb))
             else:
                 grads.backward_outputs(emb, rep.grad[idx])
-    return float(loss.detach()), info
+    return float(value.detach()), info

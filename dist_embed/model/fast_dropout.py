@@ -1,8 +1,9 @@
 """Dropout with cheaper masks on CPU: same distribution, same maths, other random draws.
 
 torch's CPU dropout draws its mask with ``bernoulli_``, which runs element by element; in a MiniLM
-training step it was 17% of the time. A uniform draw compared with p (vectorised) gives the same
-distribution, keep with probability 1 - p, scaled by 1 / (1 - p), about 3.5x faster. This replaces
+training step it was a large share of the time (docs/performance.md). A uniform draw compared with
+p (vectorised) gives the same distribution, keep with probability 1 - p, scaled by 1 / (1 - p),
+faster. This replaces
 the encoder's ``nn.Dropout`` modules and, for BERT-style attention, the dropout on the attention
 probabilities (an attention function that is SDPA's maths with this dropout; without dropout, in
 eval, or off CPU it simply calls SDPA). GPUs keep their fused kernels. Dropout off: bit-identical.

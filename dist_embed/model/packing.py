@@ -22,7 +22,7 @@ def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
     """Best-fit decreasing: text indices per row, each row holding at most ``row_len`` tokens.
 
     Longest texts first, each into the row it leaves the least room in (rows are kept in buckets
-    by free room, so a text scans at most ``row_len`` buckets, not every row: 6k texts in ~10 ms).
+    by free room, so a text scans at most ``row_len`` buckets, not every row).
     """
     rows: list[list[int]] = []
     by_room: list[list[int]] = [[] for _ in range(row_len + 1)]  # free room -> row numbers
@@ -48,8 +48,8 @@ def embed_packed(encoder, feats: list[dict[str, torch.Tensor]], row_len: int | s
     Each text keeps its own position ids (0..n-1, shifted as the model numbers them) and attends only to itself (a block-diagonal 4D
     mask), so its embedding is the one it gets alone; but the linear layers, most of the compute,
     see almost no padding. Attention still spans the whole row, so narrow rows are cheaper: on
-    SNLI batches rows as wide as the longest text (~40 tokens) fill 96% of their slots, like
-    128-token rows, and make a MiniLM step ~15% faster. Pooling is per text over its own tokens.
+    short-text batches rows as wide as the longest text fill nearly every slot, as fixed wide rows
+    do, with less attention work (docs/performance.md). Pooling is per text over its own tokens.
     """
     device = feats[0]["input_ids"].device
     masks = [f["attention_mask"].bool() for f in feats]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 from dataclasses import dataclass, field
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-LOSS_NAMES = {"mnrl": "MultipleNegativesRankingLoss", "cached_mnrl": "CachedMultipleNegativesRankingLoss",
-              "cosine": "CosineSimilarityLoss", "triplet": "TripletLoss", "matryoshka": "MatryoshkaLoss"}
+from ..engine.losses import LOSS_CLASSES, keys_of
+
+log = logging.getLogger("dist_embed.train")
+
 
 SBERT_BIB = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
@@ -64,7 +67,7 @@ class DatasetInfo:
     columns: list[str]
     token_stats: dict[str, dict] = field(default_factory=dict)  # column -> min/mean/max tokens
     sample: list[tuple] = field(default_factory=list)
-    loss: object = None  # its LossConfig (None: the run's loss section)
+    loss: object = None  # its loss object (engine.losses)
     share: float | None = None  # expected share of the training rows (batches for round_robin)
 
 
@@ -83,6 +86,38 @@ def dataset_info(name: str, rows: int | None, columns: list[str], texts: list[tu
         stats[col] = {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max()),
                       "unknown": unknown}
     return DatasetInfo(name, rows, columns, stats, texts[:sample])
+
+
+def describe_datasets(cfg, plan, sizes, losses, tokenizer) -> list[DatasetInfo]:
+    """Per training dataset: name, size, columns, loss, share and token-length statistics of its
+    first 1000 rows (a warning when the tokenizer does not know the language)."""
+    from itertools import islice
+
+    infos = []
+    shares = plan.shares(sizes)
+    for i, (name, spec) in enumerate(zip(plan.names, plan.specs)):
+        schema = spec.schema
+        first = list(islice(spec.rows(), 1000))
+        cols = list(schema.texts)
+        width = len(first[0].texts) if first else len(cols)
+        if schema.optional_prefix:
+            p = schema.optional_prefix
+            cols += [p if k == 0 else f"{p}_{k + 1}" for k in range(width - len(cols))]
+        texts = [r.texts + ((r.score,) if r.score is not None else ()) for r in first]
+        info = dataset_info(spec.source.path if len(plan.names) == 1 else f"{name} ({spec.source.path})",
+                            sizes[i], cols, [x[:len(cols)] for x in texts], tokenizer)
+        info.loss = losses[i]
+        info.share = shares[i] if shares else None
+        for col, stats in info.token_stats.items():
+            if stats["unknown"] > 0.05:  # e.g. Chinese through an English WordPiece vocabulary
+                log.warning("%s: column %s: %.0f%% of the tokens are unknown to %s's tokenizer (its vocabulary does "
+                            "not cover this text; they all look alike to the model). Consider a multilingual model",
+                            info.name, col, 100 * stats["unknown"], cfg.model.name_or_path)
+        if schema.score:
+            info.columns.append("score")
+            info.sample = [x for x in texts[:3]]
+        infos.append(info)
+    return infos
 
 
 def architecture(encoder) -> str:
@@ -178,7 +213,7 @@ def front_matter(base_model: str, data: list[DatasetInfo], loss_keys: list[str],
     rows = sum((d.rows or 0) for d in data)
     front: dict = {"tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense",
                             "dist-embed", *([f"dataset_size:{rows}"] if rows else []),
-                            *(f"loss:{LOSS_NAMES[k]}" for k in loss_keys)]}
+                            *(f"loss:{LOSS_CLASSES[k]}" for k in loss_keys)]}
     if _is_hub_id(base_model):
         front["base_model"] = base_model
     widget = widget_examples(data)
@@ -224,35 +259,7 @@ def widget_examples(data: list[DatasetInfo], n: int = 5) -> list[dict]:
 
 
 def loss_title(loss) -> str:
-    return LOSS_NAMES["matryoshka" if loss.matryoshka_dims else loss.name]
-
-
-def loss_parameters(loss, world_size: int) -> dict:
-    """A loss section as sentence-transformers' cards print the loss's parameters (a Matryoshka
-    loss as MatryoshkaLoss around the inner loss, whose parameters follow)."""
-    if loss.matryoshka_dims:
-        dims, weights = zip(*loss.matryoshka())
-        inner = loss.model_copy(update={"matryoshka_dims": None, "matryoshka_weights": None})
-        return {"loss": LOSS_NAMES[loss.name], "matryoshka_dims": list(dims), "matryoshka_weights": list(weights),
-                "n_dims_per_step": -1, "loss_parameters": loss_parameters(inner, world_size)}
-    masks = {}
-    if loss.mask_same_text:
-        masks["mask_same_text"] = True
-    if loss.guide_model:
-        masks.update(guide_model=loss.guide_model, guide_margin=loss.guide_margin,
-                     guide_margin_strategy=loss.guide_margin_strategy)
-    return {**_plain_loss_parameters(loss, world_size), **masks}
-
-
-def _plain_loss_parameters(loss, world_size: int) -> dict:
-    return {"mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim",
-                     "gather_across_devices": loss.gather_across_devices if loss.gather_across_devices
-                     is not None else world_size > 1},
-            "cached_mnrl": {"scale": loss.scale, "similarity_fct": "cos_sim", "mini_batch_size": loss.mini_batch_size,
-                            **({"mini_batch_tokens": loss.mini_batch_tokens} if loss.mini_batch_tokens else {})},
-            "triplet": {"distance_metric": f"TripletDistanceMetric.{loss.distance.upper()}",
-                        "triplet_margin": loss.margin},
-            "cosine": {"loss_fct": "torch.nn.modules.loss.MSELoss"}}[loss.name]
+    return LOSS_CLASSES[loss.key]
 
 
 def _dataset_section(data: DatasetInfo, loss, world_size: int, heading: str) -> list[str]:
@@ -268,22 +275,21 @@ def _dataset_section(data: DatasetInfo, loss, world_size: int, heading: str) -> 
         parts += ["* Samples:", "", _table(data.columns, [[str(v).replace("|", "\\|") for v in row]
                                                         for row in data.sample]), ""]
     parts += [f"* Loss: `{loss_title(loss)}` with these parameters:", "", "```json",
-              json.dumps(loss_parameters(loss, world_size), indent=2), "```", ""]
+              json.dumps(loss.card(world_size), indent=2), "```", ""]
     return parts
 
 
-def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, metrics_path: Path, step: int,
-           final_metrics: dict, world_size: int) -> str:
+def render(*, encoder, base_model: str, cfg, losses: list, data: list[DatasetInfo] | None, metrics_path: Path,
+           step: int, final_metrics: dict, world_size: int) -> str:
+    """The card; ``losses``: each training dataset's loss object (engine.losses), in order."""
     import torch
     import transformers
 
     from .. import __version__
 
     data = data or []
-    losses = [d.loss or cfg.loss for d in data] or [cfg.loss]
-    loss_keys = list(dict.fromkeys(k for loss in losses for k in (("matryoshka",) if loss.matryoshka_dims else ())
-                                   + (loss.name,)))
-    dims = sorted({d for loss in losses for d in loss.matryoshka_dims or []}, reverse=True)
+    loss_keys = list(dict.fromkeys(k for loss in losses for k in keys_of(loss)))
+    dims = sorted({d for loss in losses for d, _ in getattr(loss, "dims", ())}, reverse=True)
     keys, log_rows = training_log_rows(metrics_path, step)
     eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("/spearman_cosine")]
     ir_names = [k.split("/")[1] for k in final_metrics if k.endswith("/ndcg@10")]
@@ -357,8 +363,8 @@ def render(*, encoder, base_model: str, cfg, data: list[DatasetInfo] | None, met
         for d, loss in zip(data, losses):
             parts += _dataset_section(d, loss, world_size, f"#### {d.name}")
     else:
-        parts += [f"* Loss: `{loss_title(cfg.loss)}` with these parameters:", "", "```json",
-                  json.dumps(loss_parameters(cfg.loss, world_size), indent=2), "```", ""]
+        parts += [f"* Loss: `{loss_title(losses[0])}` with these parameters:", "", "```json",
+                  json.dumps(losses[0].card(world_size), indent=2), "```", ""]
     parts += ["### Training Hyperparameters", "", "#### Non-Default Hyperparameters", ""]
     parts += [f"- `{k}`: {v}" for k, v in non_default.items()] or ["- (none)"]
     parts += ["", "#### All Hyperparameters", "<details><summary>Click to expand</summary>", ""]

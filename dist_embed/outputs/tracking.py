@@ -121,10 +121,10 @@ class Window:
         self.t0 = time.perf_counter()
 
     def add_batch(self, batch: dict, local_loss: float = float("nan")) -> None:
-        self.real += batch["real_tokens"]
-        self.padded += batch["padded_tokens"]
+        self.real += batch.real_tokens
+        self.padded += batch.padded_tokens
         if math.isfinite(local_loss):
-            acc = self.by_dataset.setdefault(batch.get("dataset", 0), [0.0, 0])
+            acc = self.by_dataset.setdefault(batch.dataset, [0.0, 0])
             acc[0] += local_loss
             acc[1] += 1
 

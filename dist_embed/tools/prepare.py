@@ -23,16 +23,10 @@ import numpy as np
 from ..data.readers import DataError, Source, detect_format
 from ..data.rows import SkipCounter, _reason
 from ..data.shards import FORMAT, MANIFEST, VERSION, file_sha256, write_shard
+from ..data.tokenization import tokenizer_fingerprint
 
 log = logging.getLogger("dist_embed.prepare")
 STATE = ".prepare-state.json"
-
-
-def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
-    """What pre-tokenized ids are valid for: the tokenizer's full definition and the length cap."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{spec}\n{max_length}".encode()).hexdigest()[:16]
 
 
 def _value_type(value) -> str | None:

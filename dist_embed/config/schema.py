@@ -1,39 +1,18 @@
-"""Typed training configuration: a YAML file plus ``key.sub=value`` overrides.
-
-Everything is validated once, at load, into frozen pydantic models, so a typo in a cluster job
-fails in the first second with the file, line and key, not an hour later on rank 7.
-"""
+"""The typed configuration: every key with its default, validated once at load into frozen
+pydantic models (a typo in a cluster job fails in the first second, not an hour later on rank 7)."""
 from __future__ import annotations
 
-import copy
-import re
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the CLI prints it as one line and exits with code 2."""
+from .paths import LocalPath, OutputPath, absolute_paths
 
 
 class _Section(BaseModel):
     # inf and nan are never a useful setting (nan already fails every bound; inf passes ``gt=0``)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class _PathMarker:
-    """Marks a field that may hold a local path (a file or directory the run reads): launchers
-    whose workers start elsewhere (Ray) make these absolute from the schema, not from a list."""
-
-    def __init__(self, always: bool = False):
-        self.always = always  # output_dir: absolute even before it exists
-
-
-LocalPath = Annotated[str, _PathMarker()]
-OutputPath = Annotated[str, _PathMarker(always=True)]
 
 
 class LoraSpec(_Section):
@@ -193,10 +172,10 @@ class TrainingConfig(_Section):
     # batch's longest text (least attention work); N > 0: rows of N tokens (wider if a text is); 0: off.
     pack_length: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     # CPU only: dropout masks from a vectorised uniform draw instead of torch's element-wise
-    # bernoulli_ (same distribution; ~9% faster MiniLM steps). GPUs keep their fused kernels.
+    # bernoulli_ (same distribution, faster steps). GPUs keep their fused kernels.
     fast_dropout: bool = True
     # recompute each layer's activations in the backward pass instead of keeping them (less memory,
-    # ~30% more compute); dropout masks are replayed, so loss and gradients are unchanged
+    # more compute); dropout masks are replayed, so loss and gradients are unchanged
     gradient_checkpointing: bool = False
 
     @field_validator("max_steps")
@@ -250,7 +229,7 @@ class CheckpointConfig(_Section):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        from .model.weights import parse_size
+        from ..model.weights import parse_size
         return v if parse_size(v) else v  # ValueError unless a positive size
 
 
@@ -295,12 +274,21 @@ class Config(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    _datasets: list[DatasetConfig] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
         if self.distributed.backend == "deepspeed" and not self.distributed.deepspeed_config:
             raise ValueError("distributed.deepspeed_config is required when distributed.backend is deepspeed")
+        # each dataset's loss, resolved here once: its own section, else the top-level one
+        self._datasets = [ds if ds.loss is not None else ds.model_copy(update={"loss": self.loss})
+                          for ds in self.data.datasets()]
         return self
+
+    @property
+    def datasets(self) -> list[DatasetConfig]:
+        """Every training dataset, each with its effective ``loss`` (never None)."""
+        return list(self._datasets)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -309,181 +297,6 @@ class Config(_Section):
         """This config with every local path (the fields typed ``LocalPath``) that exists under
         ``base`` made absolute, and ``output_dir`` absolute: for workers whose working directory is
         not the submitter's (Ray). Hub ids, URLs and ``package:`` paths stay as written."""
-        return _absolute(self, Path(base))
+        return absolute_paths(self, Path(base))
 
 
-def _marker(field) -> _PathMarker | None:
-    """The path marker of a pydantic field, looking through ``X | None`` and ``X | list[...]``."""
-    for meta in field.metadata:
-        if isinstance(meta, _PathMarker):
-            return meta
-    pending = [field.annotation]
-    while pending:
-        tp = pending.pop()
-        if get_origin(tp) is Annotated:
-            found = next((m for m in get_args(tp)[1:] if isinstance(m, _PathMarker)), None)
-            if found:
-                return found
-        elif get_origin(tp) in (Union, UnionType):
-            pending.extend(get_args(tp))
-    return None
-
-
-def _absolute_path(value: str, base: Path, always: bool) -> str:
-    if value.startswith(("package:", "pipe:")) or "://" in value or Path(value).is_absolute():
-        return value
-    local = base / value
-    # a brace pattern of shards exists through its directory
-    probe = local.parent if "{" in local.name else local
-    return str(local.resolve()) if always or probe.exists() else value
-
-
-def _absolute(model: BaseModel, base: Path):
-    updates = {}
-    for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        marker = _marker(field)
-        if isinstance(value, str) and marker is not None:
-            updates[name] = _absolute_path(value, base, marker.always)
-        elif isinstance(value, BaseModel):
-            updates[name] = _absolute(value, base)
-        elif isinstance(value, list):
-            updates[name] = [_absolute(v, base) if isinstance(v, BaseModel) else v for v in value]
-    return model.model_copy(update=updates)
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``training.lr=1e-4`` -> (["training", "lr"], "1e-4"); values are parsed as YAML, except that
-    a number stays the text it was written as: the typed config turns it into a number where the
-    key is numeric and keeps it as written where the key is text (``model.revision=2.0``)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: invalid YAML value: {getattr(e, 'problem', e)}") from None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = raw.strip()
-    return key.split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any, origin: str) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def _key_lines(text: str) -> dict[tuple, int]:
-    """Map each key path in a YAML document to its 1-based line, for error messages."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                path = prefix + (str(k.value),)
-                lines[path] = k.start_mark.line + 1
-                walk(v, path)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                lines[prefix + (i,)] = v.start_mark.line + 1
-                walk(v, prefix + (i,))
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Read ``path`` (YAML), apply ``overrides`` and validate. Raises ConfigError with file/line/key."""
-    tree: dict = copy.deepcopy(base) if base else {}
-    lines: dict[tuple, int] = {}
-    origin = "config"
-    if path is not None:
-        path = Path(path)
-        origin = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree.update(loaded)
-        lines = _key_lines(text)
-    overridden: set[tuple] = set()
-    for item in overrides:
-        keys, value = parse_override(item)
-        _set_path(tree, keys, value, f"override {item!r}")
-        overridden.add(tuple(keys))
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_describe(e, origin, lines, overridden)) from None
-
-
-_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z]+\[.*\])$")
-
-
-def _union_errors(errors: list[dict]) -> list[dict]:
-    """pydantic reports a ``str | list[...]`` field's errors for every branch, each under a tag in
-    the location (``data.train.str``, ``data.train.list[DatasetConfig].0.name``). Keep the errors
-    of the branch the value matched (those deeper than a plain type mismatch), without the tag."""
-    def tag_at(loc):
-        return next((i for i, p in enumerate(loc) if isinstance(p, str) and _UNION_TAG.match(p)), None)
-
-    deep = {tuple(e["loc"][:i]) for e in errors if (i := tag_at(e["loc"])) is not None and len(e["loc"]) > i + 1}
-    out = []
-    for e in errors:
-        i = tag_at(e["loc"])
-        if i is None:
-            out.append(e)
-        elif len(e["loc"]) > i + 1 or tuple(e["loc"][:i]) not in deep:
-            out.append({**e, "loc": tuple(e["loc"][:i]) + tuple(e["loc"][i + 1:])})
-    return out
-
-
-def _describe(err: ValidationError, origin: str, lines: dict, overridden: set) -> str:
-    msgs = []
-    for item in _union_errors(err.errors()):
-        loc = tuple(item["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            what = "unknown key"
-        elif item["type"] == "missing":
-            what = "missing required key"
-        else:
-            what = f"{item['msg']} (got {item.get('input')!r})"
-        if any(loc[:len(o)] == o or o[:len(loc)] == loc for o in overridden) and loc not in lines:
-            where = "command line"
-        elif loc in overridden:
-            where = "command line"
-        elif loc in lines:
-            where = f"{origin}:{lines[loc]}"
-        else:
-            where = origin
-        msgs.append(f"{where}: {key}: {what}")
-    return "; ".join(msgs)
-
-
-def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

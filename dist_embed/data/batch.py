@@ -1,0 +1,42 @@
+"""The batch a step consumes: one rank's share of a global batch, tokenized, with what the step
+and the loss need to know about the whole global batch (how many rows each rank holds)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+
+@dataclass
+class Batch:
+    # per text column (anchor, positive, negatives...): input_ids, attention_mask[, token_type_ids],
+    # each padded to the column's longest text; empty on a rank whose slice of a ragged batch is
+    features: list[dict[str, Any]]
+    texts: list[list[str]]  # per text column, for the false-negative filters
+    row_ids: Any  # [rows] int64: each row's id in its dataset (the exactly-once audits)
+    scores: Any | None  # [rows] float32 gold scores (cosine loss), else None
+    real_tokens: int  # tokens of text, this rank
+    padded_tokens: int  # tokens including padding, this rank
+    global_size: int = 0  # rows of the whole global batch
+    sizes: tuple[int, ...] = ()  # rows each rank holds, in rank order
+    n_cols: int = 0  # text columns (an empty slice has no features, but every rank runs this many)
+    dataset: int = 0  # which dataset of a mix the global batch came from
+    index: int = 0  # the batch's number in its planner's epoch (the planner state after it is kept by it)
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_ids)
+
+    def map_arrays(self, kind: type, fn: Callable) -> "Batch":
+        """This batch with ``fn`` applied to every array of type ``kind`` it holds (numpy <-> torch
+        between loader processes, pinning, device moves)."""
+        return replace(self, **{f.name: _map(getattr(self, f.name), kind, fn) for f in fields(self)})
+
+
+def _map(obj, kind: type, fn: Callable):
+    if isinstance(obj, kind):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, kind, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map(v, kind, fn) for v in obj]
+    return obj
