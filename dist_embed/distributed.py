@@ -28,6 +28,9 @@ class DistState:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    # a gloo group beside NCCL for host values (stop flags, log records): agreeing on them never
+    # waits for the GPU's queue; None: the default group carries them (gloo runs)
+    control: object = None
 
     @property
     def is_main(self) -> bool:
@@ -68,8 +71,9 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False, group_of_on
     if use_cuda:
         torch.cuda.set_device(device)
     if dist.is_initialized():  # a launcher (e.g. Ray Train) already made the process group
+        backend = dist.get_backend()
         return DistState(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                         device=device, backend=dist.get_backend())
+                         device=device, backend=backend, control=_control_group(backend))
     backend = "nccl" if use_cuda else "gloo"
     if world == 1:
         if not group_of_one:
@@ -82,7 +86,13 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False, group_of_on
                            "train --nproc N, torchrun, srun (our sbatch template) or Ray")
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    return DistState(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+    return DistState(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
+                     control=_control_group(backend))
+
+
+def _control_group(backend: str):
+    """A CPU (gloo) group for host values when the main group is NCCL (every rank makes it)."""
+    return dist.new_group(backend="gloo") if backend == "nccl" and dist.get_world_size() > 1 else None
 
 
 class _GatherVarlen(torch.autograd.Function):
@@ -141,10 +151,10 @@ def all_reduce_grads(params: list[torch.nn.Parameter], state: DistState, bucket_
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     if sparse_rows is not None:
-        weight, used = sparse_rows
+        weight, used = sparse_rows  # ``used`` on the host: the union is found without a device read
         mask = used.to(torch.uint8)
-        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
-        idx = mask.nonzero().squeeze(1).to(weight.grad.device)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=state.control)
+        idx = mask.nonzero().squeeze(1).to(weight.grad.device, non_blocking=True)
         rows = weight.grad.index_select(0, idx)
         dist.all_reduce(rows, op=dist.ReduceOp.SUM)
         weight.grad.index_copy_(0, idx, rows)
@@ -179,12 +189,21 @@ def _reduce_bucket(grads: list[torch.Tensor]) -> None:
 
 
 def all_reduce_sum(values: list[float], state: DistState, op=dist.ReduceOp.SUM) -> list[float]:
-    """A few floats combined over ranks (SUM, or e.g. ``op=dist.ReduceOp.MAX``)."""
+    """A few host numbers combined over ranks (SUM, or e.g. ``op=dist.ReduceOp.MAX``), on the CPU
+    (the control group beside NCCL): never a wait for the GPU."""
     if not state.enabled:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=state.device if state.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=op)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op, group=state.control)
     return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor, state: DistState) -> torch.Tensor:
+    """A device tensor summed over ranks, in place and without reading it back (NCCL runs it on the
+    GPU's stream)."""
+    if state.enabled:
+        dist.all_reduce(t)
+    return t
 
 
 def broadcast_object(obj, state: DistState):

@@ -190,11 +190,38 @@ def tiny_roberta(tmp_path_factory) -> Path:
     return _tiny_roberta_type(tmp_path_factory, "tiny-roberta", RobertaConfig, RobertaModel, fast)
 
 
-def step_parts(loss_name: str = "mnrl", *, pack=0, chunk: int = 0, mini_batch_size: int = 32,
+class StepCase:
+    """A loss, how the texts meet the encoder (layout: padded / packed / unpadded, length-sorted
+    chunks) and the precision: what a run's set-up builds, for tests of one step."""
+
+    def __init__(self, loss, embedder, layout: str, row_len, bucket: int = 0):
+        self.loss, self.embedder, self.layout, self.row_len, self.bucket = loss, embedder, layout, row_len, bucket
+
+    def batch(self, encoder, rows, device_type: str = "cpu", precision: str = "fp32"):
+        """``rows`` collated as a run would for this encoder (switching its attention for "unpadded")."""
+        from types import SimpleNamespace
+
+        from dist_embed.data.loader import collate
+        from dist_embed.model.packing import choose_layout
+
+        spec = None
+        if self.layout != "padded":
+            spec = choose_layout(encoder, device_type, precision, SimpleNamespace(
+                layout=self.layout, pack_length=self.row_len, layout_bucket=self.bucket))
+        return collate(rows, encoder.tokenizer, encoder.max_seq_length, spec)
+
+    def step(self, encoder, batch, state=None):
+        from dist_embed.distributed import DistState
+        from dist_embed.engine.step import forward_backward
+
+        return forward_backward(encoder, batch, self.loss, self.embedder, state or DistState())
+
+
+def step_parts(loss_name: str = "mnrl", *, pack=0, layout: str | None = None, chunk: int = 0, mini_batch_size: int = 32,
                mini_batch_tokens: int | None = None, matryoshka=(), gather: bool = False, mask_same_text: bool = False,
-               guide=None, guide_margin: float = 0.0, scale: float = 20.0):
-    """(loss, embedder) as a run builds them from its loss section and training.pack_length /
-    training.length_sorted_chunks: what ``forward_backward`` takes after the batch."""
+               guide=None, guide_margin: float = 0.0, scale: float = 20.0, bucket: int = 0) -> StepCase:
+    """The step a run builds from its loss section and training.layout / pack_length /
+    length_sorted_chunks (``pack``: packed rows of that width, 0: padded, unless ``layout`` says)."""
     from dist_embed.config.schema import LossConfig
     from dist_embed.engine.losses import GuideFilter, build_loss
     from dist_embed.engine.step import Embedder
@@ -205,4 +232,5 @@ def step_parts(loss_name: str = "mnrl", *, pack=0, chunk: int = 0, mini_batch_si
                      matryoshka_dims=dims, matryoshka_weights=[w for _, w in matryoshka] or None,
                      mask_same_text=mask_same_text)
     filt = GuideFilter(guide, "guide", guide_margin) if guide is not None else None
-    return build_loss(cfg, gather, filt), Embedder(pack, chunk)
+    kind = layout or ("packed" if pack else "padded")
+    return StepCase(build_loss(cfg, gather, filt), Embedder(kind, chunk), kind, pack or "auto", bucket)

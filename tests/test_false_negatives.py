@@ -40,7 +40,7 @@ def test_masks_by_hand(tiny_model, mode):
     embs = [torch.randn(n, 16, generator=g, dtype=torch.float64) for _ in range(3)]
     guide = Encoder.from_pretrained(str(tiny_model)).eval() if mode != "same_text" else None
     margin = rng.choice([0.0, 0.05, 0.2])
-    loss_fn, _ = step_parts("mnrl", gather=False, mask_same_text=mode != "guided", guide=guide, guide_margin=margin)
+    loss_fn = step_parts("mnrl", gather=False, mask_same_text=mode != "guided", guide=guide, guide_margin=margin).loss
     batch = Batch(features=[], texts=texts, row_ids=list(range(n)), scores=None, real_tokens=0, padded_tokens=0,
                   global_size=n, sizes=(n,), n_cols=3)
     loss, _ = compute(loss_fn, embs, batch, DistState())

@@ -3,13 +3,10 @@
 import pytest
 import torch
 
-from dist_embed.data.loader import collate
 from dist_embed.data.rows import Row
-from dist_embed.distributed import DistState
 from dist_embed.model.fast_dropout import use_fast_dropout
 from dist_embed.model.encoder import Encoder
 from dist_embed.engine.setup import enable_checkpointing
-from dist_embed.engine.step import forward_backward
 
 from conftest import quick_triplets, run_cli, step_parts, tiny_config, train_losses, write_jsonl
 
@@ -21,10 +18,10 @@ def grads_of(model_dir, spec, rows, checkpointing: bool, fast: bool):
     if checkpointing:
         enable_checkpointing(enc.transformer)
     enc.train()
-    batch = collate(rows, enc.tokenizer, enc.max_seq_length)
+    batch = spec.batch(enc, rows)
     torch.manual_seed(5)
-    loss, _ = forward_backward(enc, batch, *spec, DistState())
-    return loss, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    loss, _ = spec.step(enc, batch)
+    return float(loss), {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("loss_name,pack,fast", [("mnrl", "auto", True), ("mnrl", 0, False),

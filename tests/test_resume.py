@@ -26,18 +26,20 @@ def train(cfg, out, *args, env=None, expect=0):
     return r
 
 
-RESUME_CASES = [  # (nproc, fast_dropout, data workers, grad_accum, loss): dropout ON in every case
-    (1, True, 0, 1, "mnrl"), (1, False, 2, 2, "cached_mnrl"), (2, True, 2, 1, "cached_mnrl"),
-    (2, False, 0, 2, "mnrl"), (2, True, 0, 2, "triplet"),
+RESUME_CASES = [  # (nproc, fast_dropout, data workers, grad_accum, loss, layout): dropout ON in every case
+    (1, True, 0, 1, "mnrl", "auto"), (1, False, 2, 2, "cached_mnrl", "auto"), (2, True, 2, 1, "cached_mnrl", "auto"),
+    (2, False, 0, 2, "mnrl", "padded"), (2, True, 0, 2, "triplet", "auto"), (2, True, 2, 1, "mnrl", "unpadded"),
+    (1, True, 0, 1, "cached_mnrl", "unpadded"),
 ]
 
 
-@pytest.mark.parametrize("nproc,fast,workers,accum,loss", RESUME_CASES)
+@pytest.mark.parametrize("nproc,fast,workers,accum,loss,layout", RESUME_CASES)
 def test_resume_gives_the_same_losses_and_weights_with_dropout_on(tmp_path, tiny_model, triplets, nproc, fast,
-                                                                   workers, accum, loss):
+                                                                   workers, accum, loss, layout):
     cfg = tiny_config(tmp_path, tiny_model, triplets, model={"dropout": None}, data={"no_duplicates": True,
                       "num_workers": workers}, loss={"name": loss, "mini_batch_size": 3},
-                      training={"max_steps": 8, "batch_size": 8, "lr": 1e-4, "fast_dropout": fast, "grad_accum": accum},
+                      training={"max_steps": 8, "batch_size": 8, "lr": 1e-4, "fast_dropout": fast, "grad_accum": accum,
+                                "layout": layout},
                       checkpoint={"steps": 4, "keep_last": 5})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(cfg, straight, "--nproc", nproc)

@@ -7,21 +7,20 @@ import torch
 
 from dist_embed.data.loader import collate
 from dist_embed.data.rows import Row
-from dist_embed.distributed import DistState
 from dist_embed.model.encoder import Encoder
-from dist_embed.engine.step import forward_backward
 
 from conftest import quick_triplets, step_parts
 
 
-def loss_and_grads(model_dir, spec, rows):
-    torch.manual_seed(0)
-    enc = Encoder.from_pretrained(str(model_dir), dropout=0.0)
+def loss_and_grads(model_dir, case, rows, dropout: float = 0.0, seed: int = 0):
+    """A step's loss (a float) and gradients, from a fresh model and the same seed."""
+    torch.manual_seed(seed)
+    enc = Encoder.from_pretrained(str(model_dir), dropout=dropout)
     enc.train()
-    batch = collate(rows, enc.tokenizer, enc.max_seq_length)
-    loss, _ = forward_backward(enc, batch, *spec, DistState())
+    batch = case.batch(enc, rows)
+    loss, _ = case.step(enc, batch)
     grads = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
-    return loss, grads
+    return float(loss), grads
 
 
 @pytest.mark.parametrize("loss_name", ["mnrl", "triplet", "cached_mnrl"])
@@ -55,7 +54,7 @@ def test_chunks_really_cut_padding(tiny_model):
 def test_pack_rows_places_every_text_once_within_the_row_length():
     import random
 
-    from dist_embed.model.packing import pack_rows
+    from dist_embed.data.layout import pack_rows
 
     rng = random.Random(0)
     for n, row_len in ((1, 5), (96, 52), (2000, 60), (300, 128)):
@@ -97,18 +96,28 @@ def test_fast_tokenization_equals_the_tokenizer_call(minilm, single_type_id):
 
 
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", False)])
-def test_packed_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normalize):
-    from dist_embed.model.packing import embed_packed
+@pytest.mark.parametrize("kind,row_len,bucket", [("packed", 64, 0), ("packed", "auto", 0), ("unpadded", "auto", 0),
+                                                 ("unpadded", "auto", 48)])
+def test_laid_out_embeddings_equal_one_text_at_a_time(tiny_model, pooling, normalize, kind, row_len, bucket):
+    """Packed rows and unpadded tokens (the reference varlen attention on CPU, with filler texts
+    rounding the token count up to a bucket): each text's embedding is the one it gets alone."""
+    from dist_embed.data.layout import LayoutSpec, build
+    from dist_embed.data.batch import map_arrays
+    from dist_embed.model.packing import choose_layout
+    import numpy as np
+    from types import SimpleNamespace
 
     enc = Encoder.from_pretrained(str(tiny_model), pooling=pooling, normalize=normalize, dropout=0.0).eval()
     rows = quick_triplets(20)
     cols = [[r["anchor"] for r in rows], [r["positive"] for r in rows]]
-    feats = [enc.tokenize(c) for c in cols]
     with torch.no_grad():
         alone = [torch.cat([enc(enc.tokenize([t])) for t in col]) for col in cols]
-        for row_len in (64, "auto"):
-            for emb, ref in zip(embed_packed(enc, feats, row_len), alone):
-                assert (emb - ref).abs().max() < 1e-5
+        spec = choose_layout(enc, "cpu", "fp32", SimpleNamespace(layout=kind, pack_length=row_len, layout_bucket=bucket))
+        assert isinstance(spec, LayoutSpec) and spec.kind == kind
+        layout = map_arrays(build([enc.tokenize(c) for c in cols], spec), np.ndarray, torch.from_numpy)
+        emb = enc(layout)
+        for part, ref in zip(torch.split(emb, list(layout.column_sizes)), alone):
+            assert (part - ref).abs().max() < 1e-5
 
 
 # -- fast dropout (CPU): same distribution and maths as torch's dropout, cheaper masks ------------
@@ -144,10 +153,9 @@ def test_fast_attention_is_sdpa_maths(tiny_model):
         enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0)
         assert use_fast_dropout(enc.transformer) > 0
         enc.train()
-        batch = collate(rows, enc.tokenizer, enc.max_seq_length)
-        l1, _ = forward_backward(enc, batch, *spec, DistState())
+        l1, _ = spec.step(enc, spec.batch(enc, rows))
         g1 = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
-        assert l0 == l1 and all(torch.equal(g0[n], g1[n]) for n in g0)
+        assert l0 == float(l1) and all(torch.equal(g0[n], g1[n]) for n in g0)
 
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
@@ -166,41 +174,50 @@ def test_fast_attention_is_sdpa_maths(tiny_model):
     assert torch.allclose(out, ((probs * keep) @ v).transpose(1, 2), atol=1e-6)
 
 
-def test_gpu_benchmark_script_runs_and_computes_mfu(tmp_path):
-    """benchmarks/gpu.py on CPU (what a lent GPU would run, smaller): MFU = 6 x params x tokens/s / peak."""
+@pytest.mark.slow
+def test_gpu_benchmark_runs_every_row_on_cpu(tmp_path):
+    """benchmarks/gpu.py --device cpu --quick: every framework, model and precision row of what a
+    GPU runs, smaller; MFU = 6 x params x real tokens/s / peak, and our row names its layout."""
+    import json
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu.py"), "--device", "cpu", "--precisions", "fp32",
-                        "--models", "minilm", "--batch", "4", "--warmup", "1", "--steps", "2", "--peak-tflops", "0.5"],
-                       capture_output=True, text=True, cwd=repo, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick", "--profile",
+                        "--out", str(out)], capture_output=True, text=True, cwd=repo,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    row = [line for line in r.stdout.splitlines() if line.startswith("| minilm")]
-    assert len(row) == 1, r.stdout
-    cells = [c.strip() for c in row[0].strip("|").split("|")]
-    params_m, tokens_s, mfu = float(cells[1]), float(cells[4].replace(",", "")), float(cells[7].rstrip("%")) / 100
-    assert 22 < params_m < 23.5  # all-MiniLM-L6-v2 without its pooler
-    assert tokens_s > 0 and abs(mfu - 6 * params_m * 1e6 * tokens_s / 0.5e12) < 0.002
+    res = json.loads(out.read_text())
+    rows = {(x["model"], x["precision"], x["framework"]) for x in res["results"]}
+    assert rows == {(m, p, f) for m in ("minilm", "bert-base") for p in ("bf16", "fp16")
+                    for f in ("ours", "sentence-transformers", "plain")}
+    for x in res["results"]:
+        assert x["triplets_s"] > 0 and abs(x["mfu"] - 6 * x["params"] * x["tokens_s"] / (res["peak_tflops"] * 1e12)) < 1e-9
+        assert 0 < x["mfu_non_embedding"] < x["mfu"]
+        if x["framework"] == "ours":
+            assert x["layout"] == "packed" and set(x["time"]) >= {"data", "compute", "optimizer"}
+    assert 22e6 < next(x["params"] for x in res["results"] if x["model"] == "minilm") < 23.5e6  # no pooler
+    assert res["profile"]["step_s"] > 0 and "| ours/theirs |" in r.stdout
 
 
 def test_eager_attention_is_never_packed(tiny_model):
     """Eager attention adds a mask to the scores instead of applying a boolean one: packed texts
     would attend to each other. Such a model falls back to per-text padding: same embeddings."""
-    from dist_embed.model.packing import can_pack
-    from dist_embed.engine.step import embed_columns
+    from types import SimpleNamespace
+
+    from dist_embed.config import ConfigError
+    from dist_embed.model.packing import can_pack, can_unpad, choose_layout
 
     enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0).eval()
     enc.transformer.set_attn_implementation("eager")
-    assert not can_pack(enc)
-    rows = [Row(i, (r["anchor"], r["positive"]), None) for i, r in enumerate(quick_triplets(12))]
-    feats = collate(rows, enc.tokenizer, enc.max_seq_length).features
-    with torch.no_grad():
-        packed = embed_columns(enc, feats, chunk=0, pack="auto")
-        alone = [torch.cat([enc({k: v[i:i + 1, :int(f["attention_mask"][i].sum())] for k, v in f.items()})
-                            for i in range(len(rows))]) for f in feats]
-    for a, b in zip(packed, alone):
-        assert torch.allclose(a, b, atol=1e-5)
+    assert not can_pack(enc) and not can_unpad(enc)
+    for device in ("cpu", "cuda"):  # "auto" falls back to padding wherever it runs
+        assert choose_layout(enc, device, "bf16", SimpleNamespace(layout="auto", pack_length="auto",
+                                                                  layout_bucket=0)).kind == "padded"
+    for kind in ("packed", "unpadded"):
+        with pytest.raises(ConfigError, match=f"training.layout={kind}"):
+            choose_layout(enc, "cpu", "fp32", SimpleNamespace(layout=kind, pack_length="auto", layout_bucket=0))
 
 
 # -- XLM-R / RoBERTa: SentencePiece tokenizer through the fast path, packing with their position offset

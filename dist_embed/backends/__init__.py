@@ -11,9 +11,12 @@ import torch
 
 @dataclass(frozen=True)
 class StepResult:
-    grad_norm: float
-    applied: bool  # False: the update was skipped (non-finite loss or gradients, fp16 overflow)
-    scale_drop: tuple[float, float] | None = None  # fp16: (loss scale before, after) when it overflowed
+    """An optimizer step's outcome, as tensors where the backend keeps them on the device (the loop
+    reads them all at once on a log step) or plain numbers."""
+
+    grad_norm: object  # the total gradient norm before clipping
+    applied: object  # False: the update was skipped (non-finite loss or gradients, fp16 overflow)
+    scale: tuple | None = None  # fp16: the loss scale (before, after) the step
 
 
 class Backend(Protocol):
@@ -51,7 +54,7 @@ class Backend(Protocol):
 
     def rescale_grads(self, factor: float) -> bool: ...
 
-    def step(self, loss: float, timer=None) -> StepResult: ...
+    def step(self, loss, timer=None) -> StepResult: ...
 
     def save(self, directory: Path, is_main: bool) -> None: ...
 

@@ -7,7 +7,6 @@ touched (a small share of the vocabulary per step).
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from ..outputs import checkpoint as ckpt
 from ..distributed import DistState, all_reduce_grads
 from ..model.lora import ADAPTER_FILE, adapter_state, is_lora, load_adapter_state
-from ..engine.optim import make_adamw
+from ..engine.optim import make_adamw, step_unless
 from ..engine.step import AutogradBackward
 from . import StepResult
 
@@ -54,35 +53,35 @@ class DDPBackend:
 
     # -- the optimizer step -----------------------------------------------------------------------
 
-    def step(self, loss: float, timer=None) -> StepResult:
-        sparse = (self.word_embeddings, self.used_rows.to(self.state.device)) if self.used_rows is not None else None
+    def step(self, loss: torch.Tensor, timer=None) -> StepResult:
+        """Sum the gradients over ranks, clip, and step unless the loss or the gradients are not
+        finite: decided on the device (fused AdamW's found-inf flag), never read back here; fp16's
+        scaler lowers its scale after an overflow, as always."""
+        sparse = (self.word_embeddings, self.used_rows) if self.used_rows is not None else None
         all_reduce_grads(self.params, self.state, self.cfg.distributed.bucket_mb, timer, sparse)
         if self.used_rows is not None:
             self.used_rows.zero_()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.training.max_grad_norm
+        grads = [p.grad for p in self.params if p.grad is not None]
         if max_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
-        result = StepResult(grad_norm, True)
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(torch.as_tensor(loss, device=grad_norm.device))
+        scale = None
         if self.scaler is not None:
-            # fp16: the scaler skips steps whose gradients overflowed and lowers the scale
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.scaler.get_scale() < scale:
-                result = StepResult(grad_norm, False, (scale, self.scaler.get_scale()))
-            elif not math.isfinite(loss):
-                result = StepResult(grad_norm, False)
-        elif math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
+            # GradScaler keeps its scale on the device (``_scale``): before and after, read at the log step
+            before = self.scaler._scale.detach().clone()
+            step_unless(self.optimizer, bad)
+            self.scaler.update()  # from the overflow it found while unscaling
+            scale = (before, self.scaler._scale.detach().clone())
         else:
-            result = StepResult(grad_norm, False)
+            step_unless(self.optimizer, bad)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return result
+        return StepResult(grad_norm.detach(), ~bad, scale)
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -240,9 +240,10 @@ class DeepSpeedBackend:
     def rescale_grads(self, factor: float) -> bool:
         return False  # the gradients already sit in DeepSpeed's partitions
 
-    def step(self, loss: float, timer=None) -> StepResult:
+    def step(self, loss, timer=None) -> StepResult:
         """DeepSpeed reduces, clips and steps; it skips a step whose gradients are not finite (and
-        lowers the fp16 loss scale)."""
+        lowers the fp16 loss scale). DeepSpeed reads its overflow flag on the host itself, so the
+        values here are plain numbers."""
         import math
 
         scale = self.loss_scale()
@@ -253,7 +254,7 @@ class DeepSpeedBackend:
         norm = float(norm) if norm is not None else float("nan")
         if not self.engine.was_step_applied():
             return StepResult(norm, False, (scale, self.loss_scale()) if scale is not None else None)
-        return StepResult(norm, math.isfinite(loss))
+        return StepResult(norm, math.isfinite(float(loss)))
 
     def loss_scale(self) -> float | None:
         return getattr(self.engine.optimizer, "loss_scale", None) if self.config["fp16"]["enabled"] else None

@@ -123,7 +123,9 @@ class DataConfig(_Section):
     on_error: Literal["raise", "skip"] = "raise"
     max_skip_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
     max_rows: int | None = Field(default=None, gt=0)
-    num_workers: int = Field(default=0, ge=0)
+    # dataloader processes that tokenize and lay out the batches; "auto": none on CPU (the cores
+    # train), on a GPU a few per rank (docs/performance.md)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _check_mix(self) -> "DataConfig":
@@ -167,10 +169,19 @@ class TrainingConfig(_Section):
     # >0: encode the texts of all columns pooled, sorted by length, in chunks of this many (less padding,
     # same maths); 0: one padded forward per column, as sentence-transformers does
     length_sorted_chunks: int = Field(default=16, ge=0)
-    # Pack the batch's texts side by side into rows with a block-diagonal attention mask (BERT-type
-    # encoders; others fall back to length_sorted_chunks). Same maths. "auto": rows as wide as the
-    # batch's longest text (least attention work); N > 0: rows of N tokens (wider if a text is); 0: off.
+    # How a batch's texts meet the encoder (same maths in every layout): "unpadded": every real token
+    # of every text through one variable-length attention (CUDA, bf16/fp16; BERT, RoBERTa, XLM-R and
+    # the decoder embedders); "packed": side by side in rows with a block-diagonal mask (BERT-type
+    # encoders; the fastest on CPU); "padded": each column padded, encoded in length_sorted_chunks.
+    # "auto": unpadded where the device and model can, else packed (with pack_length), else padded.
+    layout: Literal["auto", "unpadded", "packed", "padded"] = "auto"
+    # packed rows: "auto": as wide as the batch's longest text (least attention work); N > 0: rows
+    # of N tokens (wider if a text is); 0: no packing (auto then means padded off CUDA)
     pack_length: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # torch.compile the encoder (unpadded: the token count is rounded up to a multiple of
+    # layout_bucket with filler texts, so few shapes recompile)
+    compile: bool = False
+    layout_bucket: int = Field(default=0, ge=0)
     # CPU only: dropout masks from a vectorised uniform draw instead of torch's element-wise
     # bernoulli_ (same distribution, faster steps). GPUs keep their fused kernels.
     fast_dropout: bool = True

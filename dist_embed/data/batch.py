@@ -2,7 +2,7 @@
 and the loss need to know about the whole global batch (how many rows each rank holds)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable
 
 
@@ -21,6 +21,7 @@ class Batch:
     n_cols: int = 0  # text columns (an empty slice has no features, but every rank runs this many)
     dataset: int = 0  # which dataset of a mix the global batch came from
     index: int = 0  # the batch's number in its planner's epoch (the planner state after it is kept by it)
+    layout: Any = None  # the texts laid out for the encoder (data/layout.py: Unpadded, Packed), or None
 
     @property
     def rows(self) -> int:
@@ -29,14 +30,17 @@ class Batch:
     def map_arrays(self, kind: type, fn: Callable) -> "Batch":
         """This batch with ``fn`` applied to every array of type ``kind`` it holds (numpy <-> torch
         between loader processes, pinning, device moves)."""
-        return replace(self, **{f.name: _map(getattr(self, f.name), kind, fn) for f in fields(self)})
+        return map_arrays(self, kind, fn)
 
 
-def _map(obj, kind: type, fn: Callable):
+def map_arrays(obj, kind: type, fn: Callable):
+    """``fn`` applied to every ``kind`` inside ``obj`` (nested dicts, lists and dataclasses)."""
     if isinstance(obj, kind):
         return fn(obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: map_arrays(getattr(obj, f.name), kind, fn) for f in fields(obj)})
     if isinstance(obj, dict):
-        return {k: _map(v, kind, fn) for k, v in obj.items()}
+        return {k: map_arrays(v, kind, fn) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_map(v, kind, fn) for v in obj]
+        return [map_arrays(v, kind, fn) for v in obj]
     return obj

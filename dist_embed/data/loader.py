@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .batch import Batch
+from .batch import Batch, map_arrays
+from .layout import LayoutSpec
+from .layout import build as build_layout
 from .batching import EpochPlanner, balanced_order, rank_slice, split_sizes
 from .mixing import MixPlanner, round_robin_rows, sampler_shares
 from .readers import Source
@@ -185,8 +187,9 @@ def _with_prompts(rows, schema: Schema, prompts: dict[str, str]):
         yield Row(row.row_id, tuple(prompts.get(c, "") + t for c, t in zip(cols, row.texts)), row.score)
 
 
-def collate(rows: Sequence[Row], tokenizer, max_length: int, **about) -> Batch:
-    """Rows -> a ``Batch`` (``about``: its place in the global batch, see ``Batch``)."""
+def collate(rows: Sequence[Row], tokenizer, max_length: int, layout: LayoutSpec | None = None, **about) -> Batch:
+    """Rows -> a ``Batch``: each column padded, and laid out for the encoder as ``layout`` asks
+    (``about``: its place in the global batch, see ``Batch``)."""
     n_cols = len(rows[0].texts) if rows else about.get("n_cols", 0)
     if rows and all(r.ids is not None for r in rows):  # pre-tokenized shards: only padding left
         feats = features_from_ids(tokenizer, [[r.ids[c] for r in rows] for c in range(n_cols)])
@@ -194,6 +197,11 @@ def collate(rows: Sequence[Row], tokenizer, max_length: int, **about) -> Batch:
         columns = [[r.texts[c] for r in rows] for c in range(n_cols)]
         feats = tokenize_columns(tokenizer, columns, max_length) if rows else []
     scores = [r.score for r in rows]
+    padded = int(sum(f["attention_mask"].numel() for f in feats))
+    if layout is not None and feats:
+        built = build_layout(feats, layout)
+        about["layout"] = map_arrays(built, np.ndarray, torch.from_numpy)
+        padded = int(built.input_ids.size) if built is not None else padded  # the cells the encoder runs
     about.setdefault("global_size", len(rows))
     about.setdefault("sizes", (len(rows),))
     about.setdefault("n_cols", n_cols)
@@ -201,17 +209,19 @@ def collate(rows: Sequence[Row], tokenizer, max_length: int, **about) -> Batch:
                  row_ids=torch.tensor([r.row_id for r in rows], dtype=torch.long),
                  scores=torch.tensor(scores, dtype=torch.float32) if rows and rows[0].score is not None else None,
                  real_tokens=int(sum(int(f["attention_mask"].sum()) for f in feats)),
-                 padded_tokens=int(sum(f["attention_mask"].numel() for f in feats)), **about)
+                 padded_tokens=padded, **about)
 
 
 class _Tokenize(Dataset):
-    """Map-style dataset whose "index" is a planned batch: tokenizing runs where it is fetched."""
+    """Map-style dataset whose "index" is a planned batch: tokenizing and laying out run where it
+    is fetched (a dataloader worker, or the training process without workers)."""
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer, max_length: int, layout: LayoutSpec | None):
+        self.tokenizer, self.max_length, self.layout = tokenizer, max_length, layout
 
     def __getitem__(self, item: dict) -> Batch:
-        return collate(item["rows"], self.tokenizer, self.max_length, **{k: v for k, v in item.items() if k != "rows"})
+        return collate(item["rows"], self.tokenizer, self.max_length, self.layout,
+                       **{k: v for k, v in item.items() if k != "rows"})
 
 
 class _PlanSampler(Sampler):
@@ -236,8 +246,8 @@ class _PlanSampler(Sampler):
 
 
 def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer, max_length: int,
-                 num_workers: int = 0, pin_memory: bool = False, balance: bool = False
-                 ) -> Iterator[tuple[Batch, dict]]:
+                 num_workers: int = 0, pin_memory: bool = False, balance: bool = False,
+                 layout: LayoutSpec | None = None) -> Iterator[tuple[Batch, dict]]:
     """(this rank's tokenized batch, planner state after it) for the rest of the planner's epoch.
 
     ``balance``: the rows of each global batch are dealt out to ranks by text length first
@@ -245,7 +255,7 @@ def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: in
     states: dict[int, dict] = {}
     sampler = _PlanSampler(planner, global_batch, rank, world, balance, states)
     if not num_workers:  # made in this process: no DataLoader and no tensor <-> numpy round trip
-        tokenize = _Tokenize(tokenizer, max_length)
+        tokenize = _Tokenize(tokenizer, max_length, layout)
         for plan in sampler:
             item = tokenize[plan]
             if pin_memory:
@@ -261,5 +271,5 @@ def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: in
     if num_workers:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     to_tensor = (lambda a: torch.from_numpy(a).pin_memory()) if pin_memory else torch.from_numpy
-    for item in DataLoader(_Tokenize(tokenizer, max_length), **kwargs):
+    for item in DataLoader(_Tokenize(tokenizer, max_length, layout), **kwargs):
         yield item.map_arrays(np.ndarray, to_tensor), states.pop(item.index)

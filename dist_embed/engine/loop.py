@@ -10,9 +10,9 @@ import logging
 import time
 from pathlib import Path
 
-from ..distributed import DistState, all_reduce_sum, barrier
+from ..distributed import DistState, all_reduce_sum, all_reduce_tensor, barrier
 from ..evaluation.evaluator import PRIMARY_KEYS
-from ..outputs.tracking import Progress, Timer, Window, peak_memory
+from ..outputs.tracking import Progress, Timer, Window, peak_flops, peak_memory, read_all
 from . import resume
 from .health import sts_events
 from .setup import Run, build_run
@@ -56,12 +56,13 @@ def loop(run: Run) -> Path:
         evaluate(run)
     t_start, start_step, rows_trained = time.perf_counter(), pos.step, 0
     progress = Progress(run.total_steps, pos.step, run.state.is_main, t.log_steps)
-    timer, window = Timer(), Window()
+    timer, window = Timer(), Window(run.flops_per_token, peak_flops(run.state.device))
+    pending: list[dict] = []  # steps whose loss, grad norm, ... are still on the device
     batches = data.batches(pos, run.state, run.encoder.tokenizer, run.encoder.max_seq_length)
     done = finished(run)
     while not done:
         # -- one optimizer step: grad_accum micro-batches (fewer if the epoch ends first) -----------
-        micro, step_loss, step_rows, row_ids, epoch_ended = 0, 0.0, 0, [], False
+        micro, step_loss, step_rows, row_ids, epoch_ended, info = 0, 0.0, 0, [], False, {}
         for _ in range(t.grad_accum):
             t0 = time.perf_counter()
             batch, planner_state = next(batches)
@@ -75,7 +76,7 @@ def loop(run: Run) -> Path:
                                                 run.state, loss_scale=1.0 / t.grad_accum, grads=backend, timer=timer)
             timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
             pos.planner_state = planner_state
-            step_loss += micro_loss
+            step_loss = step_loss + micro_loss
             micro += 1
             step_rows += batch.global_size
             pos.dataset_rows[batch.dataset] += batch.global_size
@@ -86,14 +87,15 @@ def loop(run: Run) -> Path:
                 break
         if micro:
             if micro < t.grad_accum:  # the epoch ended mid-accumulation: average over what we had
-                step_loss *= t.grad_accum / micro
+                step_loss = step_loss * (t.grad_accum / micro)
                 if not backend.rescale_grads(t.grad_accum / micro):
                     log.warning("step %d: the epoch ended after %d of %d accumulation micro-batches; this "
                                 "backend cannot re-weight the gradient (%.2f of a full step)", pos.step + 1,
                                 micro, t.grad_accum, micro / t.grad_accum)
             # the schedule's position moves before the backend sets the lr for the next step
             pos.samples += step_rows if t.max_steps <= 0 else data.global_batch * t.grad_accum
-            loss, grad_norm, ok = optimizer_step(run, step_loss / t.grad_accum, timer)
+            pending.append(optimizer_step(run, step_loss / t.grad_accum, timer) | {
+                "step": pos.step + 1, "rows": step_rows, "lr": backend.scheduler.get_last_lr()[0], **info})
             pos.step += 1
             rows_trained += step_rows
         if epoch_ended:
@@ -102,26 +104,23 @@ def loop(run: Run) -> Path:
         done = finished(run)
         if not micro:
             continue
-        # -- after the step: health, hooks, logs, evals, checkpoints, stop signals ----------------------
-        if ok:
-            report_events(run, run.health.good_step(pos.step, loss, info["candidates"], info["emb_std"]))
+        # -- after the step: hooks, then on log steps the step's readings (health, logs, progress) ----
         for hook in run.outputs.hooks:
             hook.after_step(pos.step, pos.epoch, row_ids)
-        window.add_step(loss, step_rows)
-        lr, rate = backend.scheduler.get_last_lr()[0], window.rate()  # the rate before the window resets
-        if pos.step % t.log_steps == 0 or done:
-            log_window(run, window, timer, lr, grad_norm)
-        progress.update(pos.step, {"loss": loss, "lr": lr, "samples/s": rate})
-        if cfg.eval.steps and pos.step % cfg.eval.steps == 0 and not done:
+        evaluating = cfg.eval.steps and pos.step % cfg.eval.steps == 0 and not done
+        saving = cfg.checkpoint.steps and pos.step % cfg.checkpoint.steps == 0 and not done
+        stopping = not done and STOPS.requested(run.state)
+        if pos.step % t.log_steps == 0 or done or evaluating or saving or stopping:
+            read_steps(run, pending, window, timer, progress, log_now=pos.step % t.log_steps == 0 or done or stopping)
+        if evaluating:
             evaluate(run)
-        if cfg.checkpoint.steps and pos.step % cfg.checkpoint.steps == 0 and not done:
+        if saving:
             resume.save(run)
-        if not done and STOPS.requested(run.state):
+        if stopping:
             progress.close()
-            log_window(run, window, timer, lr, grad_norm)
             raise Preempted(STOPS.signum, resume.save(run))
     progress.close()
-    log_window(run, window, timer, backend.scheduler.get_last_lr()[0], None)
+    read_steps(run, pending, window, timer, progress, log_now=True)
     evaluate(run)
     final = resume.save(run, final=True)
     # the whole run's peak memory, the final evaluation and save included (a collective)
@@ -150,17 +149,42 @@ def finished(run: Run) -> bool:
     return run.pos.epoch >= run.cfg.training.epochs
 
 
-def optimizer_step(run: Run, local_loss: float, timer: Timer) -> tuple[float, float, bool]:
-    """The backend's step, with the global loss, and the health events it calls for."""
+def optimizer_step(run: Run, local_loss, timer: Timer) -> dict:
+    """The backend's step with the global loss; what it leaves to read: device tensors (or numbers)."""
     t0 = time.perf_counter()
-    (loss,) = all_reduce_sum([local_loss], run.state)
+    loss = all_reduce_tensor(local_loss.detach().clone(), run.state) if hasattr(local_loss, "detach") else \
+        all_reduce_sum([local_loss], run.state)[0]
     res = run.backend.step(loss, timer)
-    if res.scale_drop is not None:
-        report_events(run, [run.health.fp16_skipped(run.pos.step + 1, *res.scale_drop)])
-    elif not res.applied:
-        report_events(run, [run.health.bad_step(run.pos.step + 1, loss, res.grad_norm)])
     timer.add("optimizer", time.perf_counter() - t0)
-    return loss, res.grad_norm, res.applied
+    before, after = res.scale if res.scale is not None else (None, None)
+    return {"loss": loss, "grad_norm": res.grad_norm, "applied": res.applied, "scale_before": before,
+            "scale_after": after}
+
+
+KEYS = ("loss", "grad_norm", "applied", "scale_before", "scale_after", "emb_std")
+
+
+def read_steps(run: Run, pending: list[dict], window: Window, timer: Timer, progress: Progress,
+               log_now: bool) -> None:
+    """Read every pending step's values at once (the step's one wait for the device), then in step
+    order: health events, the window's loss, the progress line; a metrics record if ``log_now``."""
+    t0 = time.perf_counter()
+    values = read_all([rec.get(k) for rec in pending for k in KEYS])
+    timer.add("sync", time.perf_counter() - t0)
+    for i, rec in enumerate(pending):
+        got = dict(zip(KEYS, values[i * len(KEYS):(i + 1) * len(KEYS)]))
+        step, loss = rec["step"], got["loss"]
+        if got["scale_before"] is not None and got["scale_after"] < got["scale_before"]:
+            report_events(run, [run.health.fp16_skipped(step, got["scale_before"], got["scale_after"])])
+        elif not got["applied"]:
+            report_events(run, [run.health.bad_step(step, loss, got["grad_norm"])])
+        else:
+            report_events(run, run.health.good_step(step, loss, rec.get("candidates"), got["emb_std"]))
+        window.add_step(loss, rec["rows"])
+        progress.update(step, {"loss": loss, "lr": rec["lr"], "samples/s": window.rate()})
+    if pending and log_now:
+        log_window(run, window, timer, pending[-1]["lr"], values[-len(KEYS) + 1])
+    pending.clear()
 
 
 def evaluate(run: Run) -> dict[str, float]:

@@ -72,9 +72,10 @@ def triplet_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, *, margin: f
 # loss objects: what a step calls (``loss(embeddings, batch, state)``) and the card describes
 
 
-def embedding_std(emb: torch.Tensor) -> float | None:
-    """Mean over dimensions of the std across the batch: ~0 means every text gets the same vector."""
-    return float(emb.detach().float().std(0).mean()) if emb.shape[0] > 1 else None
+def embedding_std(emb: torch.Tensor) -> torch.Tensor | None:
+    """Mean over dimensions of the std across the batch (a device scalar, read on log steps): ~0
+    means every text gets the same vector."""
+    return emb.detach().float().std(0).mean() if emb.shape[0] > 1 else None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,20 @@ def make_adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr)
 
 
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip`` (a device bool): fused AdamW reads the flag inside its
+    kernel (the found-inf path torch's GradScaler uses), so the host never waits for the value.
+    Other optimizers read it back first."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.to(torch.float32).reshape(())
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(skip):
+        optimizer.step()
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Linear warm-up from 0 to the peak lr, then linear decay to 0, as a function of the run's

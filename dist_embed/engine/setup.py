@@ -22,6 +22,7 @@ from ..config import Config, ConfigError, dump_config
 from ..distributed import DistState, broadcast_object
 from ..evaluation.evaluator import Evaluator
 from ..model.encoder import Encoder, ModelError
+from ..model.packing import choose_layout
 from ..outputs.run_dir import CLAIMED_ENV, claim, start_afresh
 from ..outputs.run_outputs import RowLog, RunOutputs
 from ..outputs.tracking import MetricsWriter, rss_mib
@@ -63,6 +64,14 @@ class Run:
     evaluator: Evaluator
     outputs: RunOutputs
     pos: Position
+
+    @property
+    def flops_per_token(self) -> tuple[float, float]:
+        """Training FLOPs per token, 6 x parameters (forward 2, backward 4): all of them, and all
+        but the embedding tables (whose "matmul" is a lookup): the two MFU figures' numerators."""
+        total = sum(p.numel() for p in self.encoder.parameters())
+        tables = sum(m.weight.numel() for m in self.encoder.modules() if isinstance(m, torch.nn.Embedding))
+        return 6.0 * total, 6.0 * (total - tables)
 
     @property
     def total_steps(self) -> int:
@@ -108,6 +117,17 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
                               "support it")
         enable_checkpointing(encoder.transformer)
     return encoder
+
+
+def loader_workers(setting, state: DistState) -> int:
+    """``data.num_workers``: as set, or "auto": 0 on CPU (its cores compute the step), on a GPU up
+    to 4 per rank from this node's CPUs (tokenizing and laying out batches off the training thread)."""
+    if setting != "auto":
+        return int(setting)
+    if state.device.type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return max(1, min(4, per_rank - 1))
 
 
 def build_losses(cfg: Config, state: DistState) -> tuple[Loss, ...]:
@@ -189,13 +209,18 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                            warmup_steps=warmup_steps)
     dims = sorted({dim for loss in losses for dim, _ in getattr(loss, "dims", ()) if dim < encoder.dim}, reverse=True)
     evaluator = Evaluator.from_config(cfg.eval, dims)  # on every rank: each embeds a share of the texts
-    num_workers = d.num_workers
+    num_workers = loader_workers(d.num_workers, state)
     if num_workers and all(s.source.token_ids for s in plan.specs):
         # padding ids in the training process costs less than shipping the rows to a worker and back
         log.info("data.num_workers=%d not used: every dataset is pre-tokenized, batches are padded in-process",
                  num_workers)
         num_workers = 0
-    data = TrainData(plan, tuple(sizes), rows, global_batch, num_workers, cfg.distributed.balance_ranks)
+    layout = choose_layout(encoder, state.device.type, t.precision, t)
+    if t.compile:
+        if cfg.distributed.backend == "deepspeed":
+            raise ConfigError("training.compile: not with distributed.backend=deepspeed (its hooks wrap the modules)")
+        encoder.transformer.compile(dynamic=True)  # in place: the weights keep their names
+    data = TrainData(plan, tuple(sizes), rows, global_batch, num_workers, cfg.distributed.balance_ranks, layout)
     if saved:
         resuming.restore(saved, backend, pos, state, out, global_batch)
     wandb = None
@@ -216,7 +241,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     outputs = RunOutputs(out, MetricsWriter(out / "metrics.jsonl" if state.is_main else None, wandb), wandb,
                          tuple(h for h in (RowLog.from_env(out, state.rank),) if h is not None), infos,
                          rss_before_model)
-    run = Run(cfg, state, encoder, backend, data, losses, Embedder(t.pack_length, t.length_sorted_chunks,
+    run = Run(cfg, state, encoder, backend, data, losses, Embedder(layout.kind, t.length_sorted_chunks,
               precision.autocast), schedule, health, evaluator, outputs, pos)
     # the model, the modules and the config live as long as the run: move them out of the garbage
     # collector's generations, so its full collections (triggered by the data pipeline's churn of
@@ -224,7 +249,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     gc.freeze()
     gathered = any(getattr(getattr(loss, "inner", loss), "gather", False) for loss in losses) and state.enabled
     log.info("world size %d, device %s, %s rows, global batch %d, about %d optimizer steps (warm-up %d), "
-             "precision %s, loss %s%s", state.world_size, state.device, rows, global_batch, run.total_steps,
-             warmup_steps, t.precision, ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
+             "precision %s, %s layout, loss %s%s", state.world_size, state.device, rows, global_batch,
+             run.total_steps, warmup_steps, t.precision, layout.kind, ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
              " with negatives gathered across ranks" if gathered else "")
     return run

@@ -8,38 +8,46 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from ..data.batch import Batch
-from ..distributed import DistState
-from ..model.packing import can_pack, embed_packed
+from ..distributed import DistState, all_reduce_sum
+from ..data.layout import Unpadded, sub_unpadded
 from ..outputs.tracking import Timer
 from .losses import Loss, compute
 
 
 @dataclass(frozen=True)
 class Embedder:
-    """How a micro-batch's texts meet the encoder: packed side by side into rows (``pack``: "auto"
-    = rows as wide as the longest text, N = rows of N tokens, 0 = off; BERT-type encoders), else
-    all columns' texts sorted by length in chunks of ``chunk`` (0: one padded forward per column,
-    as sentence-transformers does); under the precision's ``autocast``. Same maths either way."""
+    """How a micro-batch's texts meet the encoder. ``layout``: the kind the collate laid them out in
+    (``data/layout.py``: "unpadded", "packed"), one forward for all columns; "padded": all
+    columns' texts sorted by length in chunks of ``chunk`` (0: one padded forward per column, as
+    sentence-transformers does). Under the precision's ``autocast``. Same maths either way."""
 
-    pack: int | str = 0
+    layout: str = "padded"
     chunk: int = 0
     autocast: object = contextlib.nullcontext  # a context factory (Precision.autocast)
 
-    def forwards(self, encoder, n_cols: int, sizes) -> int:
+    def forwards(self, n_cols: int, sizes) -> int:
         """How many encoder forwards the rank with the largest slice runs for one micro-batch."""
-        if self.pack and can_pack(encoder):
+        if self.layout != "padded":
             return 1
         if self.chunk:
             return math.ceil(n_cols * max(sizes) / self.chunk)
         return n_cols
 
-    def embed(self, encoder, feats: list[dict[str, torch.Tensor]], min_forwards: int = 0) -> list[torch.Tensor]:
-        return embed_columns(encoder, feats, self.chunk, self.pack, min_forwards)
+    def embed(self, encoder, batch: Batch, feats, layout, min_forwards: int = 0) -> list[torch.Tensor]:
+        if layout is not None:
+            return list(torch.split(encoder(layout), list(layout.column_sizes)))
+        return embed_columns(encoder, feats, self.chunk, min_forwards)
+
+
+def to_device(layout, device):
+    """A layout's arrays on ``device`` (pinned host memory: the copies do not wait)."""
+    return replace(layout, **{f.name: getattr(layout, f.name).to(device, non_blocking=True)
+                              for f in fields(layout) if isinstance(getattr(layout, f.name), torch.Tensor)})
 
 
 def _slice(features: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,9 +86,8 @@ def token_chunks(features: dict[str, torch.Tensor], budget: int) -> list[torch.T
     return groups
 
 
-def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pack: int = 0,
-                  min_forwards: int = 0) -> list[torch.Tensor]:
-    """Embeddings (with grad) of every text column, each in its row order.
+def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, min_forwards: int = 0) -> list[torch.Tensor]:
+    """Embeddings (with grad) of every padded text column, each in its row order.
 
     ``chunk == 0``: one forward per column, padded to the column's longest text (what
     sentence-transformers does). ``chunk > 0``: the texts of ALL columns are pooled, sorted by length
@@ -89,8 +96,6 @@ def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, pac
     ``min_forwards``: run placeholder forwards until at least that many ran (every rank must run
     as many forwards as the others where forwards communicate, e.g. ZeRO-3's weight gathering).
     """
-    if pack and can_pack(encoder):
-        return embed_packed(encoder, feats, pack)
     if not chunk:
         return [encoder(f) for f in feats]
     lengths = torch.cat([f["attention_mask"].sum(1) for f in feats])
@@ -146,30 +151,36 @@ class AutogradBackward:
 
 
 def forward_backward(encoder, batch: Batch, loss: Loss, embedder: Embedder, state: DistState, *,
-                     loss_scale: float = 1.0, grads=None, timer: Timer | None = None) -> tuple[float, dict]:
-    """Loss of one micro-batch (this rank's share of the global mean), gradients accumulated into
-    the encoder's ``.grad`` (or DeepSpeed's partitions). ``loss_scale`` divides by the number of
-    accumulation steps. ``encoder`` may be a DeepSpeed engine wrapping our Encoder (it passes
-    attribute lookups through), so that every forward is one the engine sees.
+                     loss_scale: float = 1.0, grads=None, timer: Timer | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch (this rank's share of the global mean, a detached tensor: nothing is
+    read back from the device here), gradients accumulated into the encoder's ``.grad`` (or
+    DeepSpeed's partitions). ``loss_scale`` divides by the number of accumulation steps. ``encoder``
+    may be a DeepSpeed engine wrapping our Encoder (it passes attribute lookups through), so that
+    every forward is one the engine sees.
 
     Every rank issues the same collectives whatever its slice holds, an empty one included: the
     same gathers (one per candidate column), the same number of forwards and backwards (an empty
     or smaller slice runs placeholder forwards whose output is multiplied by zero)."""
     grads = grads or AutogradBackward()
     device = state.device
-    feats = [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch.features]
-    n_cols = batch.n_cols or len(feats)
+    layout = batch.layout
+    if loss.cache is not None and not isinstance(layout, Unpadded):
+        layout = None  # cached mini-batches of packed rows would need a packing each: padded columns
+    layout = to_device(layout, device) if layout is not None else None
+    feats = [] if layout is not None else \
+        [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch.features]
+    n_cols = batch.n_cols or len(batch.features)
     if loss.cache is not None:
-        return _cached(encoder, feats, n_cols, batch, loss, embedder, state, loss_scale, grads, timer)
-    forwards = embedder.forwards(encoder, n_cols, batch.sizes)
+        return _cached(encoder, feats, layout, n_cols, batch, loss, embedder, state, loss_scale, grads, timer)
+    forwards = embedder.forwards(n_cols, batch.sizes)
     with embedder.autocast():
-        if feats:
-            embs = embedder.embed(encoder, feats, min_forwards=forwards)
+        if batch.rows:
+            embs = embedder.embed(encoder, batch, feats, layout, min_forwards=forwards)
         else:
             embs = _empty_slice_embeddings(encoder, n_cols, forwards, device)
         value, info = compute(loss, embs, batch, state, timer)
     grads.backward(value * loss_scale)
-    return float(value.detach()), info
+    return value.detach(), info
 
 
 def _empty_slice_embeddings(encoder, n_cols: int, forwards: int, device) -> list[torch.Tensor]:
@@ -202,39 +213,39 @@ class _RngReplay:
                 torch.cuda.set_rng_state(cuda_now, self.device)
 
 
-def _cached(encoder, feats, n_cols, batch: Batch, loss: Loss, embedder: Embedder, state, loss_scale, grads,
-            timer) -> tuple[float, dict]:
+def _cached(encoder, feats, layout, n_cols, batch: Batch, loss: Loss, embedder: Embedder, state, loss_scale,
+            grads, timer) -> tuple[torch.Tensor, dict]:
     """Gradient caching (Gao et al. 2021): the loss sees the whole global batch, activations only
     ever exist for one mini-batch. 1) embed mini-batches without grad, 2) loss + gradient w.r.t. the
     embeddings, 3) re-embed each mini-batch with grad (same RNG) and backpropagate its slice.
 
-    Every rank runs as many mini-batches per column as the rank that needs most, a smaller or empty
-    slice topping up with placeholder ones, so forwards and backwards pair up across ranks."""
-    device, cache = state.device, loss.cache
-    if cache.tokens:
-        columns = [token_chunks(f, cache.tokens) for f in feats] if feats else [[] for _ in range(n_cols)]
-        per_column = max([len(g) for g in columns] + [0])
-        if state.enabled:  # ranks hold other texts: every rank runs the largest count of mini-batches
-            count = torch.tensor([per_column], dtype=torch.long, device=device)
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-            per_column = int(count)
-    else:
-        per_column = math.ceil(max(batch.sizes) / cache.rows)
-        columns = [chunks(f, cache.rows, by_length=bool(embedder.chunk)) for f in feats] if feats else None
+    Mini-batches are row groups of each padded column, or with an unpadded layout consecutive texts
+    of a column (one token range each, no padding to sort away). Every rank runs as many
+    mini-batches per column as the rank that needs most, a smaller or empty slice topping up with
+    placeholder ones, so forwards and backwards pair up across ranks."""
+    device = state.device
+    columns, per_column = _mini_batches(feats, layout, n_cols, batch, loss.cache, embedder, state)
+    starts = [sum(layout.column_sizes[:c]) for c in range(n_cols)] if isinstance(layout, Unpadded) else None
     reps, plans = [], []
     for c in range(n_cols):
-        f = feats[c] if feats else None
         col_parts, col_plan = [], []
-        groups = columns[c] if f is not None else []
+        groups = columns[c] if batch.rows else []
         for idx in groups + [None] * (per_column - len(groups)):
             rng = _RngReplay(device)
-            sub = _slice(f, idx) if idx is not None else placeholder_features(encoder, device)
+            if idx is None:
+                sub = placeholder_features(encoder, device)
+            elif starts is not None:
+                sub = sub_unpadded(layout, starts[c] + idx[0], starts[c] + idx[1])
+            else:
+                sub = _slice(feats[c], idx)
             with torch.no_grad(), embedder.autocast():
                 out = encoder(sub).float()
             if idx is not None:
                 col_parts.append(out)
             col_plan.append((idx, sub, rng))
-        if col_parts:
+        if col_parts and starts is not None:
+            rep = torch.cat(col_parts)  # consecutive ranges: already in row order
+        elif col_parts:
             order = torch.cat([p[0] for p in col_plan if p[0] is not None])
             rep = torch.cat(col_parts)[torch.argsort(order)]
         else:
@@ -251,6 +262,46 @@ def _cached(encoder, feats, n_cols, batch: Batch, loss: Loss, embedder: Embedder
                 emb = encoder(sub).float()
             if idx is None:
                 grads.backward_outputs(emb, torch.zeros_like(emb))
+            elif starts is not None:
+                grads.backward_outputs(emb, rep.grad[idx[0]:idx[1]])
             else:
                 grads.backward_outputs(emb, rep.grad[idx])
-    return float(value.detach()), info
+    return value.detach(), info
+
+
+def _mini_batches(feats, layout, n_cols: int, batch: Batch, cache, embedder: Embedder, state) -> tuple[list, int]:
+    """Each column's mini-batches (row index groups; ``(first, last)`` text ranges for an unpadded
+    layout) and how many every rank runs per column."""
+    if isinstance(layout, Unpadded):
+        ends, columns = 0, []
+        for size in layout.column_sizes:
+            lengths = layout.lengths[ends:ends + size]
+            ends += size
+            columns.append(token_ranges(lengths, cache.tokens) if cache.tokens else
+                           [(a, min(a + cache.rows, size)) for a in range(0, size, cache.rows)])
+    elif cache.tokens:
+        columns = [token_chunks(f, cache.tokens) for f in feats] if feats else [[] for _ in range(n_cols)]
+    else:
+        columns = [chunks(f, cache.rows, by_length=bool(embedder.chunk)) for f in feats] if feats else \
+            [[] for _ in range(n_cols)]
+    if cache.tokens:
+        per_column = max([len(g) for g in columns] + [0])
+        if state.enabled:  # ranks hold other texts: every rank runs the largest count of mini-batches
+            per_column = int(all_reduce_sum([per_column], state, op=torch.distributed.ReduceOp.MAX)[0])
+    else:
+        per_column = math.ceil(max(batch.sizes) / cache.rows)
+    return columns, per_column
+
+
+def token_ranges(lengths, budget: int) -> list[tuple[int, int]]:
+    """Consecutive texts whose tokens sum to at most ``budget`` (a longer text goes alone): the
+    unpadded counterpart of ``token_chunks`` (memory follows real tokens, there is no padding)."""
+    out, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and total + n > budget:
+            out.append((start, i))
+            start, total = i, 0
+        total += n
+    if len(lengths):
+        out.append((start, len(lengths)))
+    return out

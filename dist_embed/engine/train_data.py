@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
+from ..data.layout import LayoutSpec
 from ..data.loader import MixSpec, PlanSpec, rank_batches
+from ..data.prefetch import prefetch
 from ..data.readers import DataError, Source
 from ..data.rows import Schema, manifest_rows, scan
 from ..data.shards import shard_urls
@@ -24,6 +26,7 @@ class TrainData:
     global_batch: int
     num_workers: int  # dataloader workers that tokenize (0: in the training process)
     balance: bool  # deal each global batch's rows out to ranks by length (distributed.balance_ranks)
+    layout: LayoutSpec | None = None  # how the collate lays the texts out for the encoder
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -36,8 +39,10 @@ class TrainData:
         while True:
             epoch = pos.epoch
             planner = self.plan.planner(epoch, pos.planner_state, sizes=self.sizes)
-            yield from rank_batches(planner, self.global_batch, state.rank, state.world_size, tokenizer, max_length,
-                                    self.num_workers, pin_memory=state.device.type == "cuda", balance=self.balance)
+            cuda = state.device.type == "cuda"
+            batches = rank_batches(planner, self.global_batch, state.rank, state.world_size, tokenizer, max_length,
+                                   self.num_workers, pin_memory=cuda, balance=self.balance, layout=self.layout)
+            yield from prefetch(batches) if cuda else batches  # one epoch at a time: ``pos`` is the loop's
             if pos.epoch == epoch:  # the loop did not see the epoch's last row (rows unknown)
                 yield None, None
 

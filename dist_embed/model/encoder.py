@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.layout import Packed, Unpadded
 from .st_modules import POOLING_KEYS, Dense, ModelError, check_model_dir, read_st_settings  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -150,18 +151,30 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def forward(self, features: dict[str, torch.Tensor], packed: tuple | None = None) -> torch.Tensor:
-        """Sentence embeddings: transformer, pooling, Dense modules, normalisation. ``packed``
-        ``(slot, owner, counts)``: texts packed side by side (packing.py: position ids and a 4D mask
-        in ``features``); pooled here too, so a wrapping engine (ZeRO-3) sees every parameter used."""
-        if packed is not None:
-            slot, owner, counts = packed
-            states = self.transformer(**features, return_dict=True).last_hidden_state
-            emb = pool_tokens(states.reshape(-1, states.shape[-1])[slot], owner, counts, self.pooling)
+    def forward(self, inputs) -> torch.Tensor:
+        """Sentence embeddings: transformer, pooling, Dense modules, normalisation. ``inputs``: padded
+        features (a dict of [texts, length] tensors), or a layout of the texts (``data/layout.py``:
+        ``Unpadded`` through the variable-length attention, ``Packed`` rows with a block-diagonal
+        mask), pooled here too so a wrapping engine (ZeRO-3) sees every parameter used."""
+        if isinstance(inputs, Unpadded):
+            states = self.transformer(input_ids=inputs.input_ids[None], position_ids=inputs.position_ids[None],
+                                      attention_mask=None, cu_seq_lens_q=inputs.cu_seqlens,
+                                      cu_seq_lens_k=inputs.cu_seqlens, max_length_q=inputs.max_seqlen,
+                                      max_length_k=inputs.max_seqlen, return_dict=True).last_hidden_state[0]
+            emb = pool_tokens(states[:inputs.owner.shape[0]], inputs.owner, inputs.counts, self.pooling)
+        elif isinstance(inputs, Packed):
+            segment = inputs.segment
+            # padding cells attend among themselves (a fully masked query row would give NaN)
+            mask = (segment[:, :, None] == segment[:, None, :])[:, None]
+            states = self.transformer(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+                                      token_type_ids=torch.zeros_like(segment), attention_mask=mask,
+                                      return_dict=True).last_hidden_state
+            emb = pool_tokens(states.reshape(-1, states.shape[-1])[inputs.slot], inputs.owner, inputs.counts,
+                              self.pooling)
         else:
-            inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            out = self.transformer(**inputs, return_dict=True)
-            emb = pool(out.last_hidden_state, features["attention_mask"], self.pooling)
+            names = ("input_ids", "attention_mask", "token_type_ids")
+            out = self.transformer(**{k: v for k, v in inputs.items() if k in names}, return_dict=True)
+            emb = pool(out.last_hidden_state, inputs["attention_mask"], self.pooling)
         for dense in self.st_dense:
             emb = dense(emb)
         if self.normalize:

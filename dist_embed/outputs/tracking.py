@@ -109,22 +109,60 @@ class Timer:
         return out
 
 
-class Window:
-    """What happened since the last log line: loss, rows, tokens, time; one metrics record."""
+def read_all(values: list) -> list:
+    """Plain numbers for ``values`` (device tensors, numbers or None): every tensor is read back in
+    one transfer, the one wait for the device a training step has, on log steps only."""
+    import torch
 
-    def __init__(self):
+    idx = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    out = list(values)
+    if idx:
+        device = values[idx[0]].device
+        got = torch.stack([values[i].detach().reshape(()).to(device, torch.float64) for i in idx]).tolist()
+        for i, v in zip(idx, got):
+            out[i] = v
+    return out
+
+
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_flops(device) -> float | None:
+    """The GPU's dense bf16/fp16 tensor-core peak (vendor datasheets), None where unknown (CPU)."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)  # "H100 PCIe" first
+
+
+class Window:
+    """What happened since the last log line: loss, rows, tokens, time; one metrics record.
+    ``flops_per_token``: 6 x parameters (all, and without the embedding tables) for MFU against the
+    device's ``peak`` FLOP/s."""
+
+    def __init__(self, flops_per_token: tuple[float, float] | None = None, peak: float | None = None):
+        self.flops, self.peak = flops_per_token, peak
         self.reset()
 
     def reset(self) -> None:
         self.loss, self.n, self.samples, self.real, self.padded = 0.0, 0, 0, 0, 0
-        self.by_dataset: dict[int, list] = {}  # dataset -> [local loss sum, micro-batches]
+        self.by_dataset: dict[int, list] = {}  # dataset -> [local loss sum, micro-batches with a finite loss]
         self.t0 = time.perf_counter()
 
-    def add_batch(self, batch: dict, local_loss: float = float("nan")) -> None:
+    def add_batch(self, batch, local_loss=float("nan")) -> None:
+        """A micro-batch's tokens and its local loss (a device tensor is summed on the device)."""
+        import torch
+
         self.real += batch.real_tokens
         self.padded += batch.padded_tokens
-        if math.isfinite(local_loss):
-            acc = self.by_dataset.setdefault(batch.dataset, [0.0, 0])
+        acc = self.by_dataset.setdefault(batch.dataset, [0.0, 0])
+        if isinstance(local_loss, torch.Tensor):
+            finite = torch.isfinite(local_loss)
+            acc[0] = acc[0] + torch.where(finite, local_loss, 0.0)
+            acc[1] = acc[1] + finite.to(torch.int64)
+        elif math.isfinite(local_loss):
             acc[0] += local_loss
             acc[1] += 1
 
@@ -148,14 +186,19 @@ class Window:
             return None
         elapsed = time.perf_counter() - self.t0
         per = [self.by_dataset.get(i, [0.0, 0]) for i in range(len(datasets))] if len(datasets) > 1 else []
-        real, padded, *losses = all_reduce_sum([self.real, self.padded, *(p[0] for p in per)], state)
+        local = read_all([x for p in per for x in p])  # [sum, count] per dataset, this rank
+        real, padded, *sums = all_reduce_sum([self.real, self.padded, *local[0::2]], state)
+        counts = local[1::2]  # every rank draws the same datasets: its own count is the count
         phases = timer.pop()
         gather = phases.pop("gather", 0.0)
         total = sum(phases.values()) or 1.0
         rec = {"loss": self.loss / self.n, "samples_per_second": self.samples / elapsed,
                "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1),
                "seconds_per_step": elapsed / self.n, "gather_seconds_per_step": gather / self.n}
-        rec.update({f"loss/{name}": loss / p[1] for name, loss, p in zip(datasets, losses, per) if p[1]})
+        if self.flops and self.peak:
+            rec["mfu"] = rec["tokens_per_second"] * self.flops[0] / (self.peak * state.world_size)
+            rec["mfu_non_embedding"] = rec["tokens_per_second"] * self.flops[1] / (self.peak * state.world_size)
+        rec.update({f"loss/{name}": total_loss / n for name, total_loss, n in zip(datasets, sums, counts) if n})
         rec.update({f"time/{k}": v / total for k, v in phases.items()})
         rec.update(peak_memory(state))
         self.reset()
