@@ -75,17 +75,25 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _decoded_lines(path: Path, offset: int = 0, lineno: int = 0) -> Iterator[tuple[int, str | None, int]]:
+def _decoded_lines(path: Path, offset: int = 0, lineno: int = 0, stop: int | None = None,
+                   align: bool = False) -> Iterator[tuple[int, str | None, int]]:
     """(line number, text or None when the bytes are not UTF-8, offset after the line), from a
-    byte ``offset`` (of the uncompressed stream) that starts line ``lineno + 1``.
+    byte ``offset`` (of the uncompressed stream) that starts line ``lineno + 1``. A piece of a file
+    (data/pieces.py): ``align`` moves an arbitrary ``offset`` to the next line's start (the line it
+    falls in belongs to the piece before), and lines that start at ``stop`` or after are left.
 
     A gzip stream that ends early (a truncated copy) is bad input, not a crash; it cannot be skipped
     row by row, since nothing after the break is readable."""
     try:
         with _open_binary(path) as f:
-            if offset:
+            if offset and align:
+                f.seek(offset - 1)
+                offset += len(f.readline()) - 1
+            elif offset:
                 f.seek(offset)  # gzip: decompresses up to there (O(1) memory)
             for raw in f:
+                if stop is not None and offset >= stop:
+                    return
                 lineno += 1
                 offset += len(raw)
                 try:
@@ -123,7 +131,8 @@ def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) ->
     at = {} if at is None else at
     row_id = start.get("row", 0)
     name = str(path)
-    for lineno, text, offset in _decoded_lines(path, start.get("offset", 0), start.get("line", 0)):
+    for lineno, text, offset in _decoded_lines(path, start.get("offset", 0), start.get("line", 0), start.get("stop"),
+                                               start.get("align", False)):
         where = f"{name}:{lineno}"
         if text is None:
             obj = DataError(f"{where}: not valid UTF-8")
@@ -155,8 +164,8 @@ def read_delimited(path: Path, delimiter: str, start: dict | None = None, at: di
     bad_lines: dict[int, str] = {}
     where_now = {"line": 0, "offset": 0}
 
-    def lines(offset: int = 0, lineno: int = 0):
-        for n, text, end in _decoded_lines(path, offset, lineno):
+    def lines(offset: int = 0, lineno: int = 0, stop: int | None = None, align: bool = False):
+        for n, text, end in _decoded_lines(path, offset, lineno, stop, align):
             where_now.update(line=n, offset=end)
             if text is None:
                 bad_lines[n] = "not valid UTF-8"
@@ -175,10 +184,10 @@ def read_delimited(path: Path, delimiter: str, start: dict | None = None, at: di
     header_lines.close()
     if not any(header):
         raise DataError(f"{path}:{where_now['line']}: empty header line (expected the column names)")
-    if "offset" in start:
-        body = lines(start["offset"], start["line"])
+    if start.get("offset"):  # a position (or a piece) past the header
+        body = lines(start["offset"], start["line"], start.get("stop"), start.get("align", False))
     else:
-        body = lines(where_now["offset"], where_now["line"])
+        body = lines(where_now["offset"], where_now["line"], start.get("stop"))
     reader = csv.reader(body, delimiter=delimiter, quoting=quoting)
     row_id = start.get("row", 0)
     while True:
@@ -215,6 +224,7 @@ def read_parquet(path: Path, start: dict | None = None, at: dict | None = None) 
     start = start or {}
     at = {} if at is None else at
     first = start.get("index", 0)  # rows of this file already read
+    stop = start.get("stop")  # a piece: rows of this file before this index
     row_id = start.get("row", 0)
     try:
         pf = pq.ParquetFile(path)
@@ -228,6 +238,8 @@ def read_parquet(path: Path, start: dict | None = None, at: dict | None = None) 
         index = first
         for batch in (pf.iter_batches(batch_size=4096, row_groups=groups) if groups else ()):
             for obj in batch.to_pylist()[skip:]:
+                if stop is not None and index >= stop:
+                    return
                 index += 1
                 at.update(index=index, row=row_id + 1)
                 yield Record(row_id, f"{path}:row {index - 1}", obj)

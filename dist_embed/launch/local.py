@@ -100,6 +100,8 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
     env.update(WORLD_SIZE=str(nnodes * nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK=str(node_rank),
                MASTER_ADDR=master_addr or "127.0.0.1", MASTER_PORT=str(master_port or free_port()))
     if signals.got:  # stopped before any worker existed
+        if output_dir:
+            (Path(output_dir) / PREEMPTED_MARKER).write_text("\n")  # as a worker would: nothing saved
         print(f"dist-embed: stopped by {signal.Signals(signals.got[0]).name} before the workers started (nothing to "
               "save); run again with --resume latest to start", file=sys.stderr)
         signals.restore()

@@ -1,0 +1,208 @@
+"""The sharded plane: each rank reads and plans only its share of an epoch.
+
+Per epoch the data set's pieces (data/pieces.py) are put in a seeded order and dealt to the ranks
+in turn (rank r takes every world-th piece), so a rank never opens another rank's pieces. A rank
+streams its pieces through its own shuffle buffer; each global batch is the union of the ranks'
+slices, cut in lockstep: every rank proposes its next candidates, the ranks exchange hashes of
+their texts (data/exchange.py: no text twice in the global batch, decided by a rule that depends
+only on what was proposed), and each rank keeps its first ``slice`` candidates that lost no text.
+A candidate that lost waits (deferred) for a later batch; nothing is dropped.
+
+A rank's state between two batches (its queue of pieces and the position in the current one, its
+shuffle buffer and RNG, its deferred rows) is saved per rank: at the same world size a resume
+continues the very same batches; at another world size every rank reads all saved states and the
+remaining pieces and rows are dealt again, so the epoch still trains every row exactly once.
+
+Slices hold ``split_sizes(global batch, world)[rank]`` rows while every rank has rows; at the end of
+an epoch (ranks run out at different batches) a slice can be short or empty, as in the global plane.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .batching import ShuffleBuffer, rng_from_json, split_sizes
+from .exchange import text_hashes
+from .pieces import Piece
+
+
+class Slice(list):
+    """This rank's rows of a global batch (a list), with the global batch's slice ``sizes``:
+    ``len()`` is the rank's rows; ``global_size`` the whole batch's."""
+
+    def __init__(self, rows, sizes: list[int]):
+        super().__init__(rows)
+        self.sizes = list(sizes)
+
+    @property
+    def global_size(self) -> int:
+        return sum(self.sizes)
+
+
+def deal(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def piece_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch * 7919 + 1).shuffle(order)
+    return order
+
+
+@dataclass
+class _Current:
+    piece: int
+    position: dict | None
+    records: Iterator | None = None
+    at: dict | None = None
+
+
+class ShardedPlanner:
+    """The global batches of one epoch as this rank takes part in them (``EpochPlanner``'s
+    interface: ``next_batch``, ``state_dict``, ``rows_done``, ``batches_done``; a batch is a
+    ``Slice``). ``rows_of(piece, position, at)`` yields validated rows of a piece (from a position
+    inside it, keeping ``at`` right after the last row), ``exchange`` talks to the other ranks."""
+
+    SPARE = 1.25  # candidates proposed per slice row: room for rows deferred by a clash
+
+    def __init__(self, pieces: list[Piece], rows_of: Callable, exchange, *, epoch: int, seed: int, shuffle: bool,
+                 shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None, global_batch: int, width: int,
+                 total_rows: int | None, make_row: Callable = tuple, state: dict | None = None,
+                 states: list[dict] | None = None):
+        self.pieces, self.rows_of, self.ex = pieces, rows_of, exchange
+        self.rank, self.world = exchange.rank, exchange.world
+        self.epoch, self.no_duplicates, self.width, self.total = epoch, no_duplicates, width, total_rows
+        self.max_deferred = dedup_buffer or 16 * global_batch
+        rank, world = self.rank, self.world
+        if state is None and states:  # another world size: deal the remaining work again
+            state = _redeal(states, rank, world, seed, epoch)
+        state = state or {}
+        self.rows_done = state.get("rows_done", 0)
+        self.batches_done = state.get("batches_done", 0)
+        self.short = tuple(state.get("short", (0, 0)))
+        self.complete = state.get("complete", False)
+        if "queue" in state:  # [piece, position inside it or None] each
+            self.queue = deque(tuple(item) for item in state["queue"])
+            cur = state.get("current")
+            self.current = _Current(cur[0], cur[1]) if cur else None
+        else:
+            self.queue = deque((p, None) for p in deal(piece_order(len(pieces), seed, epoch), rank, world))
+            self.current = None
+        sh = state.get("shuffle")
+        rng = rng_from_json(sh["rng"]) if sh else random.Random(seed * 1_000_003 + epoch * 104_729 + rank)
+        self.shuffle = ShuffleBuffer(shuffle_buffer if shuffle else 0, rng,
+                                     [make_row(r) for r in sh["buffer"]] if sh else None, sh["draining"] if sh else False)
+        self.deferred = deque(make_row(r) for r in state.get("deferred", []))
+        self.local_done = state.get("local_done", False)
+
+    # -- this rank's stream of rows ----------------------------------------------------------------
+
+    def _next_row(self):
+        while True:
+            if self.current is None:
+                if not self.queue:
+                    return None
+                self.current = _Current(*self.queue.popleft())
+            cur = self.current
+            if cur.records is None:
+                cur.at = dict(cur.position or {})
+                cur.records = iter(self.rows_of(self.pieces[cur.piece], cur.position, cur.at))
+            row = next(cur.records, None)
+            if row is not None:
+                cur.position = dict(cur.at)
+                return row
+            self.current = None
+
+    def _pull(self):
+        return self.shuffle.pull(self._next_row) if self.shuffle.size else self._next_row()
+
+    def _candidates(self, n: int) -> list:
+        out = []
+        while self.deferred and len(out) < n:
+            out.append(self.deferred.popleft())
+        while len(out) < n and len(self.deferred) <= self.max_deferred:  # a full queue: only the waiting rows
+            row = self._pull()
+            if row is None:
+                break
+            out.append(row)
+        return out
+
+    # -- one global batch, in lockstep with the other ranks -----------------------------------------
+
+    def next_batch(self, global_batch: int) -> Slice | None:
+        if self.complete:
+            return None
+        want = split_sizes(global_batch, self.world)[self.rank]
+        cands = self._candidates(int(want * self.SPARE) + 1 if self.no_duplicates else want)
+        keep = list(range(len(cands)))
+        if self.no_duplicates:
+            keep = self._clean(cands, want)
+        take = keep[:want]
+        clean = set(keep)
+        # what is not taken waits, in order: the unused clean candidates, then those that lost a text
+        back = [cands[i] for i in keep[want:]] + [cands[i] for i in range(len(cands)) if i not in clean]
+        self.deferred.extendleft(reversed(back))
+        left = bool(self.deferred or self.shuffle.buffer or self.current or self.queue)
+        sizes, anyone_left = [], False
+        for n, more in self.ex.gather((len(take), int(left))):
+            sizes.append(n)
+            anyone_left |= bool(more)
+        if not sum(sizes):
+            if anyone_left:  # cannot happen: the first candidate of the lowest-priority rank always wins
+                raise RuntimeError("no-duplicates planning made no progress")
+            self.complete = True
+            return None
+        rows = [cands[i] for i in take]
+        self.rows_done += sum(sizes)
+        self.batches_done += 1
+        if len(take) < want and left:
+            self.short = (self.short[0] + 1, self.short[1] + (len(take) == 1))
+        self.complete = (self.total is not None and self.rows_done >= self.total) or not anyone_left
+        return Slice(rows, sizes)
+
+    def _clean(self, cands: list, want: int) -> list[int]:
+        """Indices of this rank's candidates that lost no text to a candidate of lower priority:
+        (round, rank, index), where round 0 is each rank's first ``want`` candidates."""
+        if not cands:
+            self.ex.lost(np.zeros(0, np.uint64), np.zeros(0, np.int64))
+            return []
+        hashes = text_hashes(cands, self.width)
+        span = max(int(want * self.SPARE) + 1, 1)
+        idx = np.arange(len(cands), dtype=np.int64)
+        prio = (idx >= want).astype(np.int64) * (self.world * span) + self.rank * span + idx
+        lost = self.ex.lost(hashes.reshape(-1), np.repeat(prio, hashes.shape[1]))
+        lost = lost.reshape(hashes.shape).any(axis=1)
+        return [i for i in range(len(cands)) if not lost[i]]
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "rank": self.rank, "world": self.world, "rows_done": self.rows_done,
+                "batches_done": self.batches_done, "complete": self.complete, "short": list(self.short),
+                "queue": [list(item) for item in self.queue],
+                "current": [self.current.piece, self.current.position] if self.current else None,
+                "shuffle": {"rng": self.shuffle.rng.getstate(), "buffer": list(self.shuffle.buffer),
+                            "draining": self.shuffle.draining},
+                "deferred": list(self.deferred), "batcher": {"short": list(self.short)}}
+
+
+def _redeal(states: list[dict], rank: int, world: int, seed: int, epoch: int) -> dict:
+    """This rank's share of what ``states`` (every rank of a run at another world size, in rank
+    order) had left: the pieces not finished (each continues from its position) and the rows
+    waiting in buffers, each dealt round robin. Every new rank computes the same deal."""
+    work = []
+    for s in states:
+        if s.get("current"):
+            work.append(list(s["current"]))
+        work += [list(item) for item in s.get("queue", [])]
+    rows = [r for s in states for r in s.get("deferred", []) + s.get("shuffle", {}).get("buffer", [])]
+    first = states[0]
+    return {"rows_done": first.get("rows_done", 0), "batches_done": first.get("batches_done", 0),
+            "short": first.get("short", [0, 0]), "complete": first.get("complete", False),
+            "queue": deal(work, rank, world), "current": None, "deferred": deal(rows, rank, world),
+            "shuffle": {"rng": random.Random(seed * 1_000_003 + epoch * 104_729 + 31 * world + rank).getstate(),
+                        "buffer": [], "draining": False}}
