@@ -31,6 +31,9 @@ class DistState:
     # a gloo group beside NCCL for host values (stop flags, log records): agreeing on them never
     # waits for the GPU's queue; None: the default group carries them (gloo runs)
     control: object = None
+    # a gloo group of the data planner's own (the sharded plane's exchanges): it may run in a
+    # loader thread while the training thread talks on the other groups
+    data: object = None
 
     @property
     def is_main(self) -> bool:
@@ -73,7 +76,7 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False, group_of_on
     if dist.is_initialized():  # a launcher (e.g. Ray Train) already made the process group
         backend = dist.get_backend()
         return DistState(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                         device=device, backend=backend, control=_control_group(backend))
+                         device=device, backend=backend, control=_control_group(backend), data=_data_group())
     backend = "nccl" if use_cuda else "gloo"
     if world == 1:
         if not group_of_one:
@@ -87,7 +90,20 @@ def init_distributed(timeout_s: int = 1800, force_cpu: bool = False, group_of_on
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return DistState(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
-                     control=_control_group(backend))
+                     control=_control_group(backend), data=_data_group())
+
+
+def _data_group():
+    return dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
+
+
+def gather_objects(obj, state: DistState) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, over the data group."""
+    if not state.enabled:
+        return [obj]
+    out = [None] * state.world_size
+    dist.all_gather_object(out, obj, group=state.data)
+    return out
 
 
 def _control_group(backend: str):

@@ -2,13 +2,17 @@
 
 Each case draws (from a seed printed on failure; set DIST_EMBED_DRILL_SEED to replay one) a world
 size 1-3, a per-rank batch, a row count (fewer rows than ranks and a tail of one row included),
-2-4 columns, a loss, dropout on/off, grad_accum, no-duplicates on/off and a stop step, then checks:
+2-4 columns, a loss, dropout on/off, grad_accum, no-duplicates on/off, one data set or a mix of
+two (the rows cut in two files, proportional sampler), the data plane (global, or
+sharded: each rank reads its pieces, often all on one rank here, the hardest tail) and a stop
+step, then checks:
 
 - no hang: every run ends well inside a hard timeout (the process group gives up after 20 s);
 - every row exactly once (per epoch) in the chain of steps that made the final weights;
+- with no-duplicates, no text twice in any global batch (across ranks);
 - resuming at the stop step gives the uninterrupted run's losses and weights (dropout on too);
 - resuming at another world size continues the lr curve by samples and ends at zero;
-- for DDP with dropout off, the run equals one process with the whole global batch.
+- for DDP with dropout off on the global plane, the run equals one process with the whole global batch.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def draw(case: int) -> dict:
             "no_duplicates": rng.random() < 0.6, "workers": rng.choice([0, 0, 2]),
             "epochs": rng.choice([1, 1, 2]), "max_steps": rng.choice([-1, -1, rng.randint(2, 6)]),
             "mini_batch": rng.randint(1, 4), "resume_world": rng.choice([world, world, world, rng.randint(1, 3)]),
-            "stop_draw": rng.random(), "rows_seed": rng.randrange(10**6)}
+            "stop_draw": rng.random(), "rows_seed": rng.randrange(10**6),
+            "plane": rng.choice(["auto", "sharded"]), "mix": rng.random() < 0.3}
 
 
 def make_rows(n: int, cols: int, loss: str, seed: int) -> list[dict]:
@@ -71,12 +76,22 @@ def make_rows(n: int, cols: int, loss: str, seed: int) -> list[dict]:
     return out
 
 
-def config(tmp: Path, model: Path, train: Path, c: dict) -> Path:
+def write_data(tmp: Path, rows: list[dict], c: dict):
+    """The training data as ``data.train`` names it, and a function from a logged (dataset, row id)
+    to the row's index in ``rows``."""
+    if not c["mix"] or len(rows) < 2:
+        return str(write_jsonl(tmp / "train.jsonl", rows)), lambda d, i: i
+    cut = 1 + random.Random(c["rows_seed"]).randrange(len(rows) - 1)
+    files = [write_jsonl(tmp / "a.jsonl", rows[:cut]), write_jsonl(tmp / "b.jsonl", rows[cut:])]
+    return [{"name": n, "path": str(f)} for n, f in zip("ab", files)], lambda d, i: i + cut * d
+
+
+def config(tmp: Path, model: Path, train, c: dict) -> Path:
     cfg = {
         "output_dir": str(tmp / "unused"),
         "model": {"name_or_path": str(model), "max_seq_length": 32, **({} if c["dropout"] else {"dropout": 0.0})},
-        "data": {"train": str(train), "shuffle_buffer": 16, "no_duplicates": c["no_duplicates"],
-                 "dedup_buffer": 4, "num_workers": c["workers"]},
+        "data": {"train": train, "shuffle_buffer": 16, "no_duplicates": c["no_duplicates"],
+                 "dedup_buffer": 4, "num_workers": c["workers"], "plane": c["plane"]},
         "loss": {"name": c["loss"], "mini_batch_size": c["mini_batch"]},
         "training": {"batch_size": c["batch"], "max_steps": c["max_steps"], "epochs": c["epochs"], "lr": 1e-3,
                      "warmup_ratio": 0.3, "log_steps": 1, "seed": 11, "grad_accum": c["grad_accum"],
@@ -97,13 +112,22 @@ def run(cfg: Path, out: Path, world: int, *args) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def chain_rows(logs: dict, upto: int | None = None, after: int | None = None) -> list[int]:
+def chain_rows(logs: dict, upto: int | None = None, after: int | None = None, index=lambda d, i: i) -> list[int]:
     out = []
     for recs in logs.values():
         for rec in recs:
             if (upto is None or rec["step"] <= upto) and (after is None or rec["step"] > after):
-                out.extend(rec["rows"])
+                out.extend(index(d, i) for d, i in zip(rec["datasets"], rec["rows"]))
     return out
+
+
+def assert_no_text_twice(logs: dict, rows: list[dict], index, note: str) -> None:
+    """Every global batch (one optimizer step of one micro-batch: the union of the ranks' rows)
+    holds each text once."""
+    for s in range(len(logs[0])):
+        texts = [t for r in logs for d, i in zip(logs[r][s]["datasets"], logs[r][s]["rows"])
+                 for t in {v for k, v in rows[index(d, i)].items() if k != "score"}]
+        assert len(texts) == len(set(texts)), (s, note)
 
 
 def lrs(out: Path) -> dict[int, float]:
@@ -115,7 +139,8 @@ def test_drill(tmp_path, tiny_model, case):
     c = draw(case)
     print(f"drill seed {BASE_SEED} case {case}: {json.dumps(c)}")  # shown by pytest on failure
     note = f"(replay: DIST_EMBED_DRILL_SEED={BASE_SEED}, case {case}: {c})"
-    data = write_jsonl(tmp_path / "train.jsonl", make_rows(c["rows"], c["cols"], c["loss"], c["rows_seed"]))
+    rows = make_rows(c["rows"], c["cols"], c["loss"], c["rows_seed"])
+    data, index = write_data(tmp_path, rows, c)
     cfg = config(tmp_path, tiny_model, data, c)
     straight = tmp_path / "straight"
     run(cfg, straight, c["world"])
@@ -124,9 +149,11 @@ def test_drill(tmp_path, tiny_model, case):
     epochs = c["epochs"] if c["max_steps"] <= 0 else None
 
     # every row exactly once per epoch (epoch runs), and never twice within an epoch (step-budget runs)
-    ids = Counter(chain_rows(read_row_log(straight)))
+    ids = Counter(chain_rows(read_row_log(straight), index=index))
     if epochs:
         assert ids == Counter({i: epochs for i in range(c["rows"])}), note
+    if c["no_duplicates"] and c["grad_accum"] == 1:
+        assert_no_text_twice(read_row_log(straight), rows, index, note)
     final_lr = lrs(straight)[steps]
     assert final_lr == pytest.approx(0.0, abs=1e-12), note
 
@@ -136,9 +163,12 @@ def test_drill(tmp_path, tiny_model, case):
         resumed = tmp_path / "resumed"
         run(cfg, resumed, c["resume_world"], "--resume", ckpt)
         rest = train_losses(resumed)
-        chain = chain_rows(read_row_log(straight), upto=stop) + chain_rows(read_row_log(resumed), after=stop)
+        chain = chain_rows(read_row_log(straight), upto=stop, index=index) + \
+            chain_rows(read_row_log(resumed), after=stop, index=index)
         if epochs:
             assert Counter(chain) == Counter({i: epochs for i in range(c["rows"])}), note
+        if c["no_duplicates"] and c["grad_accum"] == 1:
+            assert_no_text_twice(read_row_log(resumed), rows, index, note)
         if c["resume_world"] == c["world"]:
             assert sorted(rest) == list(range(stop + 1, steps + 1)), note
             for s in rest:
@@ -156,7 +186,7 @@ def test_drill(tmp_path, tiny_model, case):
                 assert lrs(resumed)[first] == pytest.approx(expect, rel=1e-6, abs=1e-12), note
             assert lrs(resumed)[max(rest)] == pytest.approx(0.0, abs=1e-12), note
 
-    if not c["dropout"] and c["world"] > 1 and c["grad_accum"] == 1:
+    if not c["dropout"] and c["world"] > 1 and c["grad_accum"] == 1 and c["plane"] == "auto":  # small: global
         one = tmp_path / "one"
         run(cfg, one, 1, f"training.batch_size={c['batch'] * c['world']}")
         la = train_losses(one)

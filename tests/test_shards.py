@@ -210,10 +210,12 @@ def test_positions_resume_anywhere_and_urls_read_the_same_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_two_workers_over_shards_resume_at_one_process(tmp_path, tiny_model):
+@pytest.mark.parametrize("plane", ["global", "sharded"])
+def test_two_processes_two_workers_over_shards_resume_at_one_process(tmp_path, tiny_model, plane):
     """Every row once per epoch, no repeated text in a global batch (duplicates in the data), and
-    a mid-epoch checkpoint of the 2-process run resumed by ONE process continues the very batch
-    sequence the planner defines (global batch 16 up to the stop, 8 after it)."""
+    a mid-epoch checkpoint of the 2-process run resumed by ONE process: on the global plane it
+    continues the very batch sequence the planner defines (global batch 16 up to the stop, 8 after
+    it); on the sharded plane (each rank reads its blocks) the rest of the epoch, each row once."""
     from dist_embed.data.loader import MixSpec, PlanSpec
 
     rng = random.Random(SEED + 5)
@@ -225,14 +227,14 @@ def test_two_processes_two_workers_over_shards_resume_at_one_process(tmp_path, t
     shards = tmp_path / "shards"
     prepare(src, "--out", shards, "--shard-rows", 64, "--block-rows", 16, "--tokenizer", minilm_dir(),
             "--max-seq-length", 48)
-    cfg = tiny_config(tmp_path, tiny_model, shards, data={"no_duplicates": True, "num_workers": 2},
+    cfg = tiny_config(tmp_path, tiny_model, shards, data={"no_duplicates": True, "num_workers": 2, "plane": plane},
                       training={"max_steps": -1, "batch_size": 8}, checkpoint={"steps": 1, "keep_last": 100},
                       model={"dropout": None})
     env = {"DIST_EMBED_LOG_ROW_IDS": "1"}
     straight = tmp_path / "straight"
     r = run_cli("train", cfg, f"output_dir={straight}", "--nproc", 2, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "from its manifest" in r.stderr
+    assert ("from its manifest" if plane == "global" else "sharded data plane") in r.stderr
     logs = read_row_log(straight)
     steps = [sorted(logs[0][s]["rows"] + logs[1][s]["rows"]) for s in range(len(logs[0]))]
     assert sorted(i for s in steps for i in s) == list(range(n)), SEED
@@ -245,6 +247,12 @@ def test_two_processes_two_workers_over_shards_resume_at_one_process(tmp_path, t
                 env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     after = [sorted(rec["rows"]) for rec in read_row_log(resumed)[0]]
+    if plane == "sharded":
+        assert sorted(i for s in steps[:stop] + after for i in s) == list(range(n)), (SEED, stop)
+        for ids in after:
+            texts = [v for i in ids for v in rows[i].values()]
+            assert len(texts) == len(set(texts)), SEED
+        return
     # the reference: the planner itself, cut at G=16 for `stop` batches and at G=8 after
     spec = PlanSpec(Source(str(shards)), Schema.for_loss("mnrl"), {}, "raise", 7, 16, True, 64, True, None)
     planner = MixSpec(("train",), (spec,), seed=7).planner(0, sizes=[n])

@@ -122,6 +122,11 @@ class DataConfig(_Section):
     dedup_buffer: int | None = Field(default=None, gt=0)  # rows deferred at most; default 16 global batches
     on_error: Literal["raise", "skip"] = "raise"
     max_skip_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    # who plans the batches: "global": every rank reads and plans every row (the same batches at any
+    # world size); "sharded": each rank reads and plans only its share, no-duplicates by exchanging
+    # hashes (scales with the cluster); "auto": sharded with several processes where the data allows
+    # (local files, prepared shards), global otherwise; a resume keeps its checkpoint's plane
+    plane: Literal["auto", "global", "sharded"] = "auto"
     max_rows: int | None = Field(default=None, gt=0)
     # dataloader processes that tokenize and lay out the batches; "auto": none on CPU (the cores
     # train), on a GPU a few per rank (docs/performance.md)

@@ -10,6 +10,8 @@ our small batches cost the main process more than the tokenizing.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
@@ -24,7 +26,7 @@ from .layout import build as build_layout
 from .batching import EpochPlanner, balanced_order, rank_slice, split_sizes
 from .mixing import MixPlanner, round_robin_rows, sampler_shares
 from .readers import Source
-from .rows import Row, Schema, first_keys, resolve_columns, validate_rows
+from .rows import Row, Schema, first_keys, resolve_columns, validate_rows, with_prompts
 from .shards import shard_blocks, shard_urls
 from .tokenization import features_from_ids, tokenize_columns
 
@@ -44,13 +46,19 @@ class PlanSpec:
     no_duplicates: bool
     dedup_buffer: int | None
     prompts: tuple = ()  # (column, prefix) pairs: e.g. ("anchor", "query: ")
+    plane: str = "global"  # "global": every rank plans every row; "sharded": each its share (data/sharded.py)
 
     def rows(self, position: dict | None = None) -> "RowStream":
         return RowStream(self, position)
 
-    def planner(self, epoch: int, state: dict | None = None, salt: int = 0) -> EpochPlanner:
-        """The epoch's planner, from its start or from a saved ``state`` (``EpochPlanner.state_dict``);
-        ``salt`` varies the shuffle (a dataset's later passes in a mix)."""
+    def planner(self, epoch: int, state: dict | None = None, salt: int = 0, sharding=None, index: int = 0):
+        """The epoch's planner, from its start or from a saved ``state`` (its ``state_dict``);
+        ``salt`` varies the shuffle (a dataset's later passes in a mix). The sharded plane needs the
+        run's ``sharding`` (pieces, exchange) and this data set's ``index`` in it."""
+        if self.plane == "sharded":
+            from .sharded import sharded_planner
+
+            return sharded_planner(self, sharding, index, epoch, state, salt, _row_from_json)
         return EpochPlanner(self.rows, epoch=epoch, seed=self.seed + salt, shuffle=self.shuffle,
                             shuffle_buffer=self.shuffle_buffer, no_duplicates=self.no_duplicates,
                             dedup_buffer=self.dedup_buffer, global_batch=self.global_batch,
@@ -68,7 +76,7 @@ class PlanSpec:
                 "seed": self.seed, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
                 "no_duplicates": self.no_duplicates, "dedup_buffer": self.dedup_buffer,
                 "schema": [list(self.schema.texts), self.schema.optional_prefix, self.schema.score],
-                "prompts": [list(p) for p in self.prompts]}
+                "prompts": [list(p) for p in self.prompts], "plane": self.plane}
 
 
 @dataclass(frozen=True)
@@ -86,12 +94,13 @@ class MixSpec:
     def shares(self, sizes) -> list[float] | None:
         return sampler_shares(self.sampler, sizes, self.temperature, self.weights)
 
-    def planner(self, epoch: int, state: dict | None = None, sizes=None) -> MixPlanner:
+    def planner(self, epoch: int, state: dict | None = None, sizes=None, sharding=None) -> MixPlanner:
         sizes = list(sizes) if sizes is not None else [None] * len(self.specs)
         shares = None  # fixed draw probabilities: temperature (uniform while sizes are unknown), weighted
         if self.sampler in ("temperature", "weighted"):
             shares = self.shares(sizes) or [1.0] * len(self.specs)
-        return MixPlanner(lambda i, passes, st: self.specs[i].planner(epoch, st, salt=7919 * i + 104_729 * passes),
+        return MixPlanner(lambda i, passes, st: self.specs[i].planner(epoch, st, salt=7919 * i + 104_729 * passes,
+                                                                      sharding=sharding, index=i),
                           sizes, sampler=self.sampler, shares=shares, epoch=epoch, seed=self.seed, state=state)
 
     def epoch_rows(self, sizes, global_batch: int) -> int | None:
@@ -143,7 +152,7 @@ class RowStream:
             keys = first_keys(spec.source) if position else None  # columns as resolved at the stream's start
             self._rows = validate_rows(self.records, spec.schema, spec.columns, spec.on_error, keys=keys)
         if spec.prompts:
-            self._rows = _with_prompts(self._rows, spec.schema, dict(spec.prompts))
+            self._rows = with_prompts(self._rows, spec.schema, dict(spec.prompts))
 
     @property
     def position(self) -> dict:
@@ -178,13 +187,6 @@ def _prepared_rows(spec: PlanSpec, urls: list[str], man: dict, start: dict, at: 
             yield Row(row_id, tuple([r[x] for x in picks]), float(r[score]) if score is not None else None,
                       tuple([cut(i) for cut in id_cuts]) if id_cuts else None)
             row_id += 1
-
-
-def _with_prompts(rows, schema: Schema, prompts: dict[str, str]):
-    """Rows with each column's prompt in front of its texts (pre-tokenized ids no longer match)."""
-    for row in rows:
-        cols = schema.texts + (schema.optional_prefix,) * (len(row.texts) - len(schema.texts))
-        yield Row(row.row_id, tuple(prompts.get(c, "") + t for c, t in zip(cols, row.texts)), row.score)
 
 
 def collate(rows: Sequence[Row], tokenizer, max_length: int, layout: LayoutSpec | None = None, **about) -> Batch:
@@ -236,13 +238,18 @@ class _PlanSampler(Sampler):
 
     def __iter__(self):
         while (gbatch := self.planner.next_batch(self.global_batch)) is not None:
-            if self.balance:
-                gbatch = [gbatch[j] for j in balanced_order([sum(map(len, r.texts)) for r in gbatch], self.world)]
             n = self.planner.batches_done
             self.states[n] = self.planner.state_dict()
+            dataset = getattr(self.planner, "last_dataset", 0)
+            if hasattr(gbatch, "sizes"):  # the sharded plane: this rank's own slice
+                yield {"rows": list(gbatch), "index": n, "global_size": gbatch.global_size,
+                       "sizes": tuple(gbatch.sizes), "n_cols": gbatch.width, "dataset": dataset}
+                continue
+            if self.balance:
+                gbatch = [gbatch[j] for j in balanced_order([sum(map(len, r.texts)) for r in gbatch], self.world)]
             yield {"rows": list(rank_slice(gbatch, self.rank, self.world)), "index": n, "global_size": len(gbatch),
                    "sizes": tuple(split_sizes(len(gbatch), self.world)), "n_cols": len(gbatch[0].texts),
-                   "dataset": getattr(self.planner, "last_dataset", 0)}
+                   "dataset": dataset}
 
 
 def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer, max_length: int,
@@ -273,3 +280,44 @@ def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: in
     to_tensor = (lambda a: torch.from_numpy(a).pin_memory()) if pin_memory else torch.from_numpy
     for item in DataLoader(_Tokenize(tokenizer, max_length, layout), **kwargs):
         yield item.map_arrays(np.ndarray, to_tensor), states.pop(item.index)
+
+
+# batches made ahead in a background thread: planning the next global batch, receiving it from a
+# loader worker and pinning it overlap with the step the training thread launches on the GPU
+_END = object()
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """``items``, produced up to ``depth`` ahead in a daemon thread; an exception there is raised
+    here, at the item where it happened; closing this generator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="dist_embed-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -124,11 +124,12 @@ class MixPlanner:
                 if self.sampler == "round_robin":
                     break
                 continue
-            src.rows_done += len(batch)
-            src.pass_rows += len(batch)
+            n = getattr(batch, "global_size", len(batch))  # a sharded plane's batch is this rank's slice
+            src.rows_done += n
+            src.pass_rows += n
             src.batches += 1
             src.snapshot = src.planner.state_dict()  # only the source that moved is copied
-            self.rows_done += len(batch)
+            self.rows_done += n
             self.batches_done += 1
             self.last_dataset = d
             self.turn += self.sampler == "round_robin"

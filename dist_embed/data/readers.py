@@ -137,6 +137,7 @@ def read_jsonl(path: Path, start: dict | None = None, at: dict | None = None) ->
         if text is None:
             obj = DataError(f"{where}: not valid UTF-8")
         elif not text.strip():
+            at["offset"], at["line"] = offset, lineno
             continue  # blank lines carry no record
         else:
             if lineno == 1:
@@ -249,9 +250,8 @@ def read_parquet(path: Path, start: dict | None = None, at: dict | None = None) 
         raise DataError(f"{path}: unreadable parquet file: {e}") from None
 
 
-def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: dict | None = None,
-             at: dict | None = None) -> Iterator[Record]:
-    """A Hugging Face hub dataset (e.g. sentence-transformers/all-nli, subset triplet)."""
+def open_hub(name: str, subset: str | None, split: str, streaming: bool):
+    """A Hugging Face dataset (a hub id, a ``save_to_disk`` directory, a hub-style local repository)."""
     try:
         import datasets
     except ImportError:
@@ -263,17 +263,25 @@ def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: 
             if split not in ds:
                 raise DataError(f"{name}: no split {split!r} (it has {', '.join(ds)}); set data.split")
             ds = ds[split]
-        if streaming:
-            ds = ds.to_iterable_dataset()
-    else:
-        try:
-            ds = datasets.load_dataset(name, subset, split=split, streaming=streaming)
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(f"{name}: cannot load the dataset (subset {subset!r}, split {split!r}): "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    first = (start or {}).get("row", 0)
+        return ds.to_iterable_dataset() if streaming else ds
+    try:
+        return datasets.load_dataset(name, subset, split=split, streaming=streaming)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{name}: cannot load the dataset (subset {subset!r}, split {split!r}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: dict | None = None,
+             at: dict | None = None, ds=None) -> Iterator[Record]:
+    """A Hugging Face hub dataset (e.g. sentence-transformers/all-nli, subset triplet), from
+    ``start["row"]`` to ``start["stop"]`` (a non-streaming one; default: its end); ``ds``: the
+    dataset already opened."""
+    ds = open_hub(name, subset, split, streaming) if ds is None else ds
+    first, stop = (start or {}).get("row", 0), (start or {}).get("stop")
     at = {} if at is None else at
-    if first:
+    if stop is not None:
+        ds = ds.select(range(first, min(stop, len(ds))))
+    elif first:
         ds = ds.skip(first) if hasattr(ds, "skip") else ds.select(range(first, len(ds)))
     for row_id, obj in enumerate(ds, start=first):
         at.update(row=row_id + 1)

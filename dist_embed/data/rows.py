@@ -190,3 +190,10 @@ def scan(source: Source, schema: Schema, columns: dict[str, str], on_error: str,
     if n == 0:
         raise DataError(f"{source.path}: no usable rows")
     return ScanResult(n, records, skips)
+
+
+def with_prompts(rows, schema: Schema, prompts: dict[str, str]):
+    """Rows with each column's prompt in front of its texts (pre-tokenized ids no longer match)."""
+    for row in rows:
+        cols = schema.texts + (schema.optional_prefix,) * (len(row.texts) - len(schema.texts))
+        yield Row(row.row_id, tuple(prompts.get(c, "") + t for c, t in zip(cols, row.texts)), row.score)

@@ -4,8 +4,8 @@ Per epoch the data set's pieces (data/pieces.py) are put in a seeded order and d
 in turn (rank r takes every world-th piece), so a rank never opens another rank's pieces. A rank
 streams its pieces through its own shuffle buffer; each global batch is the union of the ranks'
 slices, cut in lockstep: every rank proposes its next candidates, the ranks exchange hashes of
-their texts (data/exchange.py: no text twice in the global batch, decided by a rule that depends
-only on what was proposed), and each rank keeps its first ``slice`` candidates that lost no text.
+their texts (below: no text twice in the global batch, decided by a rule that depends only on
+what was proposed), and each rank keeps its first ``slice`` candidates that lost no text.
 A candidate that lost waits (deferred) for a later batch; nothing is dropped.
 
 A rank's state between two batches (its queue of pieces and the position in the current one, its
@@ -26,21 +26,144 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .batching import ShuffleBuffer, rng_from_json, split_sizes
-from .exchange import text_hashes
 from .pieces import Piece
+
+
+# ---------------------------------------------------------------------------------------------
+# global no-duplicates without the texts: ranks exchange fixed-size hashes of their candidate rows
+#
+# Each text of each candidate is hashed (64 bits, xxhash; 0 is reserved). A hash is owned by rank
+# ``hash % world``: every rank sends each hash with the candidate's priority to its owner (one
+# all-to-all), the owner marks every occurrence but the one of lowest priority as lost, and the
+# marks go back the same way (a second all-to-all). A candidate with a lost text waits for a later
+# batch. Priorities are ``(round, rank, index)``, so the outcome depends only on what the ranks
+# proposed, never on timing; and each rank handles about its own number of hashes, whatever the
+# world size (an all-gather would hand every rank the whole global batch's hashes). A third tiny
+# collective (an all-gather of two numbers per rank) tells every rank the slice sizes.
+def text_hashes(rows, width: int) -> np.ndarray:
+    """[rows, width] uint64 hashes of each row's texts (0: no text in that column)."""
+    import xxhash
+
+    out = np.zeros((len(rows), width), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        for j, text in enumerate(row.texts[:width]):
+            out[i, j] = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) or 1
+    return out
+
+
+def first_wins(hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """For each (hash, priority) entry: True where another entry of the same hash has a lower
+    priority (it loses). Entries of one candidate share a priority and never lose to each other."""
+    lost = np.zeros(len(hashes), dtype=bool)
+    if not len(hashes):
+        return lost
+    order = np.lexsort((priority, hashes))
+    h, p = hashes[order], priority[order]
+    head = np.ones(len(h), dtype=bool)
+    head[1:] = h[1:] != h[:-1]
+    best = np.maximum.accumulate(np.where(head, np.arange(len(h)), 0))  # each entry's group start
+    lost[order] = p > p[best]
+    return lost
+
+
+class LocalExchange:
+    """One rank alone (world 1), or one rank of a simulated world (benchmarks): the owner's work
+    is done here on this rank's own hashes."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def lost(self, hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
+        return first_wins(hashes, priority)
+
+    def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:
+        return [tuple(values)] * self.world if self.world > 1 else [tuple(values)]
+
+
+class GlooExchange:
+    """The real thing between ranks, on a CPU (gloo) group of its own: the planner may run in a
+    loader thread while the training thread uses the other groups."""
+
+    def __init__(self, group, rank: int, world: int):
+        self.group, self.rank, self.world = group, rank, world
+
+    def lost(self, hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.distributed as dist
+
+        owner = (hashes % np.uint64(self.world)).astype(np.int64)
+        order = np.argsort(owner, kind="stable")
+        send_counts = np.bincount(owner, minlength=self.world)
+        recv_counts = torch.zeros(self.world, dtype=torch.int64)
+        dist.all_to_all_single(recv_counts, torch.from_numpy(send_counts.astype(np.int64)), group=self.group)
+        recv = recv_counts.tolist()
+        payload = np.stack([hashes[order].view(np.int64), priority[order]], axis=1)
+        got = torch.empty((sum(recv), 2), dtype=torch.int64)
+        dist.all_to_all_single(got, torch.from_numpy(np.ascontiguousarray(payload)), recv, send_counts.tolist(),
+                               group=self.group)
+        got = got.numpy()
+        verdict = first_wins(got[:, 0].view(np.uint64), got[:, 1]).astype(np.int64)
+        back = torch.empty(len(hashes), dtype=torch.int64)
+        dist.all_to_all_single(back, torch.from_numpy(verdict), send_counts.tolist(), recv, group=self.group)
+        lost = np.zeros(len(hashes), dtype=bool)
+        lost[order] = back.numpy().astype(bool)
+        return lost
+
+    def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:
+        import torch
+        import torch.distributed as dist
+
+        out = [torch.zeros(len(values), dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor(values, dtype=torch.int64), group=self.group)
+        return [tuple(t.tolist()) for t in out]
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner
 
 
 class Slice(list):
     """This rank's rows of a global batch (a list), with the global batch's slice ``sizes``:
-    ``len()`` is the rank's rows; ``global_size`` the whole batch's."""
+    ``len()`` is the rank's rows; ``global_size`` the whole batch's; ``width`` its text columns."""
 
-    def __init__(self, rows, sizes: list[int]):
+    def __init__(self, rows, sizes: list[int], width: int):
         super().__init__(rows)
-        self.sizes = list(sizes)
+        self.sizes, self.width = list(sizes), width
 
     @property
     def global_size(self) -> int:
         return sum(self.sizes)
+
+
+@dataclass
+class Sharding:
+    """What the sharded plane needs at run time, per data set: its pieces (counted) and how to read
+    them (``PieceSource``), its rows' text columns; the exchange between the ranks; and, resuming
+    a run of another world size, every old rank's planner state (to deal their work again)."""
+
+    sources: list
+    pieces: list[list[Piece]]
+    widths: list[int]
+    exchange: object
+    old_states: list[dict] | None = None  # each old rank's MixPlanner state
+
+
+def sharded_planner(spec, sharding: Sharding, index: int, epoch: int, state: dict | None, salt: int,
+                    make_row) -> "ShardedPlanner":
+    """Data set ``index``'s sharded planner (``PlanSpec.planner``); a state saved at another world
+    size is dealt again from every old rank's state."""
+    states = None
+    if state is not None and state.get("world") != sharding.exchange.world:
+        olds = sharding.old_states or []
+        states = [s["sources"][index]["planner"] if "sources" in s else s for s in olds]
+        if len(states) != state.get("world"):
+            raise ValueError(f"resuming a {state.get('world')}-rank sharded data state needs every rank's state")
+        state = None
+    return ShardedPlanner(sharding.pieces[index], sharding.sources[index].rows, sharding.exchange, epoch=epoch,
+                          seed=spec.seed + salt, shuffle=spec.shuffle, shuffle_buffer=spec.shuffle_buffer,
+                          no_duplicates=spec.no_duplicates, dedup_buffer=spec.dedup_buffer,
+                          global_batch=spec.global_batch, width=sharding.widths[index], total_rows=None,
+                          make_row=make_row, state=state, states=states)
 
 
 def deal(items: list, rank: int, world: int) -> list:
@@ -90,7 +213,12 @@ class ShardedPlanner:
             cur = state.get("current")
             self.current = _Current(cur[0], cur[1]) if cur else None
         else:
-            self.queue = deque((p, None) for p in deal(piece_order(len(pieces), seed, epoch), rank, world))
+            mine = deal(piece_order(len(pieces), seed, epoch), rank, world)
+            # pieces of one gzip stream in file order, where they fall among the others: one read a file
+            slots = [i for i, p in enumerate(mine) if pieces[p].kind == "stream"]
+            for i, p in zip(slots, sorted(mine[i] for i in slots)):
+                mine[i] = p
+            self.queue = deque((p, None) for p in mine)
             self.current = None
         sh = state.get("shuffle")
         rng = rng_from_json(sh["rng"]) if sh else random.Random(seed * 1_000_003 + epoch * 104_729 + rank)
@@ -162,7 +290,7 @@ class ShardedPlanner:
         if len(take) < want and left:
             self.short = (self.short[0] + 1, self.short[1] + (len(take) == 1))
         self.complete = (self.total is not None and self.rows_done >= self.total) or not anyone_left
-        return Slice(rows, sizes)
+        return Slice(rows, sizes, self.width)
 
     def _clean(self, cands: list, want: int) -> list[int]:
         """Indices of this rank's candidates that lost no text to a candidate of lower priority:

@@ -47,10 +47,13 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(path: Path, blocks: list[dict], first_key: int) -> tuple[str, int]:
+def write_shard(path: Path, blocks: list[dict], first_key: int) -> tuple[str, int, list[list]]:
     """Write one shard (atomically: a temporary name, then rename). ``blocks``: dicts with
-    ``columns``, ``rows`` and optionally ``ids``/``lens`` arrays. Returns (sha256, bytes)."""
+    ``columns``, ``rows`` and optionally ``ids``/``lens`` arrays. Returns (sha256, bytes, spans):
+    each block's [offset, length, sha256] in the file, so that a rank of the sharded plane reads
+    and checks just its blocks."""
     tmp = path.with_name(path.name + ".partial")
+    spans = []
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
             for i, block in enumerate(blocks):
@@ -59,14 +62,19 @@ def write_shard(path: Path, blocks: list[dict], first_key: int) -> tuple[str, in
                                                     ensure_ascii=False, separators=(",", ":")).encode("utf-8"))]
                 if block.get("ids") is not None:
                     members += [("ids.npy", _npy(block["ids"])), ("lens.npy", _npy(block["lens"]))]
+                start = tf.offset
                 for ext, data in members:
                     tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                spans.append([start, tf.offset - start])
+        raw = tmp.read_bytes()
+        for span in spans:
+            span.append(hashlib.sha256(memoryview(raw)[span[0]:span[0] + span[1]]).hexdigest())
+        digest, size = hashlib.sha256(raw).hexdigest(), len(raw)
     except BaseException:
         tmp.unlink(missing_ok=True)  # never a half-written shard left behind
         raise
-    digest, size = file_sha256(tmp)
     tmp.replace(path)
-    return digest, size
+    return digest, size, spans
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -246,6 +254,63 @@ def _block(sample: dict, url: str):
     return key, columns, rows, ids, lens
 
 
+def id_cuts(ids, lens, id_columns: list[str] | None) -> dict | None:
+    """Each of ``id_columns`` -> a function of the row index giving that text's token ids."""
+    if ids is None or id_columns is None:
+        return None
+    # each text's ids as a bytes slice (int32): cheaper to cut than numpy views, and not a
+    # container the garbage collector walks while it waits in the shuffle buffer
+    raw = ids.astype("<i4", copy=False).tobytes()
+    offsets = [0, *accumulate(4 * n for n in lens.ravel().tolist())]
+    width = lens.shape[1]
+    return {c: (lambda i, j=j: raw[offsets[i * width + j]:offsets[i * width + j + 1]]) for j, c in enumerate(id_columns)}
+
+
+def local_block(url: str, entry: dict, block: int, index: dict) -> dict:
+    """Block ``block`` of a local shard as a sample (suffix -> bytes), read alone: by its span in
+    the manifest (written by prepare-data), checked against the span's sha256; else found by the
+    shard's tar headers (read once into ``index``)."""
+    path = _local(url)
+    if entry.get("block_spans"):
+        offset, length, digest = entry["block_spans"][block]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        if len(raw) != length or hashlib.sha256(raw).hexdigest() != digest:
+            raise DataError(f"{url}: block {block} differs from {MANIFEST}'s sha256: the shard changed after "
+                            "prepare-data wrote it (write the shards again)")
+        try:
+            with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
+                return {m.name.partition(".")[2]: tf.extractfile(m).read() for m in tf.getmembers()}
+        except (tarfile.TarError, OSError, AttributeError) as e:
+            raise DataError(f"{url}: block {block} unreadable: {e}") from None
+    if url not in index:
+        if path.stat().st_size != entry.get("bytes", path.stat().st_size):
+            raise DataError(f"{path}: {path.stat().st_size} bytes, but {MANIFEST} says {entry['bytes']}: changed "
+                            "since prepare-data wrote it (write the shards again)")
+        blocks: dict[str, dict] = {}
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for m in tf.getmembers():
+                    key, _, suffix = m.name.partition(".")
+                    blocks.setdefault(key, {})[suffix] = (m.offset_data, m.size)
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{path}: unreadable shard (truncated or not a tar): {e}") from None
+        index[url] = [blocks[key] for key in sorted(blocks)]
+    sample = {}
+    with open(path, "rb") as f:
+        for suffix, (offset, size) in index[url][block].items():
+            f.seek(offset)
+            sample[suffix] = f.read(size)
+    return sample
+
+
+def block_rows(sample: dict, where: str, id_columns: list[str] | None):
+    """(columns, rows, id cuts) of a block sample."""
+    _, columns, rows, ids, lens = _block(sample, where)
+    return columns, rows, id_cuts(ids, lens, id_columns)
+
+
 def shard_blocks(urls: list[str], start: dict, at: dict, id_columns: list[str] | None,
                  entries: list[dict] | None = None):
     """The row blocks of the shards from ``start`` (``{shard, block, index, row}``) on, as
@@ -267,15 +332,7 @@ def shard_blocks(urls: list[str], start: dict, at: dict, id_columns: list[str] |
                 continue  # whole blocks before the position: not parsed
             key, columns, rows, ids, lens = _block(sample, url)
             rows_seen += len(rows)
-            cuts = None
-            if ids is not None and id_columns is not None:
-                # each text's ids as a bytes slice (int32): cheaper to cut than numpy views, and not
-                # a container the garbage collector walks while it waits in the shuffle buffer
-                raw = ids.astype("<i4", copy=False).tobytes()
-                offsets = [0, *accumulate(4 * n for n in lens.ravel().tolist())]
-                width = lens.shape[1]
-                cuts = {c: (lambda i, j=j: raw[offsets[i * width + j]:offsets[i * width + j + 1]])
-                        for j, c in enumerate(id_columns)}
+            cuts = id_cuts(ids, lens, id_columns)
             at["shard"], at["block"] = s, b
             yield url, key, columns, rows, cuts, first
             first = 0

@@ -26,10 +26,19 @@ class Saved:
     meta: dict  # trainer.json
     data: dict  # data_state.json
     data_unchanged: bool
+    planner_states: list | None = None  # the sharded plane: every rank's planner state
 
     @property
     def sizes(self) -> list[int | None]:
         return self.data["sizes"]
+
+    @property
+    def plane(self) -> str:
+        return self.data.get("plane", "global")
+
+    @property
+    def world_size(self) -> int:
+        return self.meta["world_size"]
 
 
 def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change: bool,
@@ -61,8 +70,9 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
         raise ConfigError(f"--resume {path}: no data_state.json (a checkpoint of an older dist_embed); start a "
                           f"new run from its weights with model.name_or_path={path}")
     data = json.loads((sd / "data_state.json").read_text())
-    ours = plan.fingerprint()
-    changed = [k for k in sorted(set(ours) | set(data["fingerprint"])) if ours.get(k) != data["fingerprint"].get(k)]
+    ours = plan.fingerprint()  # the plane is the checkpoint's to choose (setup follows it)
+    changed = [k for k in sorted(set(ours) | set(data["fingerprint"]))
+               if k != "plane" and ours.get(k) != data["fingerprint"].get(k)]
     if changed:
         what_changed = ", ".join("data files (names, sizes or modification times)" if k == "source" else k
                                  for k in changed)
@@ -74,7 +84,11 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
         if {"source", "names"} & set(changed):
             data["planner"] = None  # reader offsets mean nothing in other files: restart this epoch
             log.warning("the data files changed: epoch %d restarts from the beginning of the new data", data["epoch"])
-    return Saved(path, meta, data, not changed)
+    states = None
+    if data.get("plane") == "sharded" and data["planner"] is not None:
+        states = [json.loads((sd / f"data_state-rank{r}.json").read_text())["planner"]
+                  for r in range(meta["world_size"])]
+    return Saved(path, meta, data, not changed, states)
 
 
 def check_resumable(path: Path, saved: dict, saved_world: int, ours: dict, world: int) -> None:
@@ -104,6 +118,8 @@ def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> 
     backend.load(saved.path, sd)
     pos.step, pos.samples = meta["step"], meta["schedule"]["samples"]
     pos.epoch, pos.planner_state = saved.data["epoch"], saved.data["planner"]
+    if saved.planner_states and meta["world_size"] == state.world_size:
+        pos.planner_state = saved.planner_states[state.rank]  # the sharded plane: this rank's own
     pos.history = meta.get("history", [])
     if len(meta.get("dataset_rows") or []) == len(pos.dataset_rows):
         pos.dataset_rows = list(meta["dataset_rows"])
@@ -165,6 +181,9 @@ def save(run, final: bool = False) -> Path:
             sd.mkdir(parents=True, exist_ok=True)
         barrier(state)
         ckpt.save_tensors(ckpt.rng_state(), sd / f"rng-rank{state.rank}.pt")
+        if run.data.sharding is not None:
+            (sd / f"data_state-rank{state.rank}.json").write_text(json.dumps({"planner": pos.planner_state},
+                                                                              default=json_without_ids))
         run.backend.save(sd, state.is_main)  # DeepSpeed: every rank writes its shards
     lora = run.cfg.model.lora
     adapter = None
@@ -200,11 +219,14 @@ def save(run, final: bool = False) -> Path:
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
                 "history": pos.history, "dataset_rows": pos.dataset_rows}, indent=1))
-            # the data position: the planner's state after the last batch trained (same on every rank)
+            # the data position: the planner's state after the last batch trained (the global plane:
+            # the same on every rank; the sharded plane: rank 0's here, every rank's in its own file)
+            sharding = run.data.sharding
             (sd / "data_state.json").write_text(json.dumps({
                 "fingerprint": run.data.plan.fingerprint(), "rows": run.data.rows, "sizes": list(run.data.sizes),
-                "epoch": pos.epoch,
-                "planner": pos.planner_state}, default=json_without_ids))
+                "epoch": pos.epoch, "planner": pos.planner_state, "plane": run.data.plan.specs[0].plane,
+                "pieces": [[p.to_json() for p in table] for table in sharding.pieces] if sharding else None},
+                default=json_without_ids))
     barrier(state)
     if state.is_main:
         ckpt.commit(tmp, target)

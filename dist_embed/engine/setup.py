@@ -31,7 +31,7 @@ from .losses import GuideFilter, Loss, build_loss
 from .optim import Schedule, lambda_lr
 from .precision import Precision
 from .step import Embedder
-from .train_data import TrainData, build_plan, dataset_sizes
+from .train_data import TrainData, build_plan, dataset_sizes, shard_data
 
 log = logging.getLogger("dist_embed.train")
 
@@ -186,13 +186,25 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                           "embeddings")
 
     global_batch = t.batch_size * state.world_size
-    plan = build_plan(cfg, global_batch, encoder.tokenizer, encoder.max_seq_length)
+    plan = build_plan(cfg, global_batch, encoder.tokenizer, encoder.max_seq_length, state.world_size)
     pos = Position(samples_per_step=float(global_batch * t.grad_accum), dataset_rows=[0] * len(plan.names))
     saved = resuming.read_checkpoint(out / "checkpoints", resume, plan, allow_data_change, allow_fresh_start) \
         if resume else None
     if saved is None and state.is_main:
         start_afresh(out)
-    sizes = saved.sizes if saved and saved.data_unchanged else dataset_sizes(plan, cfg)
+    if saved and saved.plane != plan.specs[0].plane:  # a resume keeps its checkpoint's plane
+        if cfg.data.plane != "auto":
+            raise ConfigError(f"--resume {saved.path}: its data was planned by the {saved.plane} plane, this run "
+                              f"asks for data.plane={cfg.data.plane}; use auto (or {saved.plane}) to continue it")
+        plan = build_plan(cfg, global_batch, encoder.tokenizer, encoder.max_seq_length, state.world_size, saved.plane)
+    sharding = None
+    if plan.specs[0].plane == "sharded":
+        same = saved is not None and saved.data_unchanged
+        sharding, scanned = shard_data(plan, cfg, state, saved.data.get("pieces") if same else None,
+                                       saved.planner_states if saved and saved.world_size != state.world_size else None)
+        sizes = saved.sizes if same else scanned
+    else:
+        sizes = saved.sizes if saved and saved.data_unchanged else dataset_sizes(plan, cfg)
     rows = plan.epoch_rows(sizes, global_batch)
     if saved:
         pos.samples_per_step = saved.meta["schedule"]["samples_per_step"]  # the schedule is the run's
@@ -220,7 +232,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
         if cfg.distributed.backend == "deepspeed":
             raise ConfigError("training.compile: not with distributed.backend=deepspeed (its hooks wrap the modules)")
         encoder.transformer.compile(dynamic=True)  # in place: the weights keep their names
-    data = TrainData(plan, tuple(sizes), rows, global_batch, num_workers, cfg.distributed.balance_ranks, layout)
+    data = TrainData(plan, tuple(sizes), rows, global_batch, num_workers, cfg.distributed.balance_ranks, layout,
+                     sharding)
     if saved:
         resuming.restore(saved, backend, pos, state, out, global_batch)
     wandb = None
@@ -248,8 +261,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     # rows) stop walking the long-lived objects each time
     gc.freeze()
     gathered = any(getattr(getattr(loss, "inner", loss), "gather", False) for loss in losses) and state.enabled
-    log.info("world size %d, device %s, %s rows, global batch %d, about %d optimizer steps (warm-up %d), "
-             "precision %s, %s layout, loss %s%s", state.world_size, state.device, rows, global_batch,
-             run.total_steps, warmup_steps, t.precision, layout.kind, ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
+    log.info("world size %d, device %s, %s rows (%s data plane), global batch %d, about %d optimizer steps "
+             "(warm-up %d), precision %s, %s layout, loss %s%s", state.world_size, state.device, rows,
+             plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision, layout.kind, ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
              " with negatives gathered across ranks" if gathered else "")
     return run

@@ -142,8 +142,9 @@ def prepare(paths: list[str], out: Path, *, fmt: str = "auto", subset: str | Non
                 block["ids"], block["lens"] = _tokenize_block(tokenizer, tok_info["max_seq_length"], rows, text_idx)
             blocks.append(block)
         name = f"shard-{len(shards):06d}.tar"
-        digest, size = write_shard(out / name, blocks, first_key=sum(s["blocks"] for s in shards))
-        shards.append({"name": name, "rows": len(pending), "blocks": len(blocks), "sha256": digest, "bytes": size})
+        digest, size, spans = write_shard(out / name, blocks, first_key=sum(s["blocks"] for s in shards))
+        shards.append({"name": name, "rows": len(pending), "blocks": len(blocks), "sha256": digest, "bytes": size,
+                       "block_spans": spans})
         pending = []
         _write_json(out / STATE, {"key": key, "shards": shards, "position": next_position,
                                   "columns": validator.columns, "column_types": validator.types,
