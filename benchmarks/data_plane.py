@@ -10,19 +10,22 @@ proposing candidates and de-duplicating them, cutting its slice of every global 
 worlds run in-process as one rank of that world: the hash exchange is replaced by the same owner
 work on this rank's own hashes (``LocalExchange``: each rank handles about its own number of hashes
 in the real exchange), the other ranks' piece counts by estimates (they only number the rows).
-Tokenizing is not included: it is per-rank work under either plane (data_pipeline.py measures it).
+Tokenizing is not included: it is per-rank work under either plane (data_pipeline.py measures it);
+nor are imports (done before the clock starts, as in a trainer).
 
 The global plane is today's: every rank validates every row at start-up and plans the whole epoch,
 at any world size, so it is measured once (world 1) and printed beside every world.
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own. The corpus comes from
 ``shared/tools/make_scale_corpus.py`` (``--rows`` of it), written as uncompressed jsonl, csv,
-parquet (row groups of 8,192 rows) and ``prepare-data`` shards (blocks small enough that the largest
-world gets at least four per rank).
+parquet and ``prepare-data`` shards (row groups and blocks small enough, at most 1,024 rows, that the
+largest world gets at least four per rank: a parquet file splits no finer than its row groups).
 
 Prints one line per format and world, or with ``--json`` one JSON object per line with ``format``,
 ``world``, ``rows`` (this rank's), ``per_rank_seconds``, ``scan_seconds``, ``plan_seconds``,
-``per_rank_rows_s``, ``aggregate_rows_s`` (per-rank rate x world: the ranks run side by side),
+``resume_seconds`` (this rank's resume from a checkpoint at 90% of its share: the saved state read,
+the first slice cut), ``per_rank_rows_s``, ``aggregate_rows_s`` (per-rank rate x world: the ranks
+run side by side),
 ``peak_rss_mib``, and ``global_*`` for the global plane and ``target_seconds`` (1.25 x the
 world-1 seconds / world + 0.05).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import gzip
 import json
 import resource
@@ -81,13 +85,23 @@ def measure_sharded(path: str, world: int, rank: int, batch: int) -> dict:
     scan = time.perf_counter() - t0
     sharding = Sharding([src], [table], [src.width()], LocalExchange(rank, world))
     planner = sharded_planner(spec, sharding, 0, 0, None, 0, _row_from_json)
+    share = sum(table[p].rows for p, _ in planner.queue)
     t1 = time.perf_counter()
-    rows = 0
+    rows, saved = 0, None
     while (b := planner.next_batch(spec.global_batch)) is not None:
         rows += len(b)
+        if saved is None and rows >= 0.9 * share:  # a checkpoint at 90% of the epoch, as JSON
+            saved = json.dumps(planner.state_dict())
     plan = time.perf_counter() - t1
+    resume = None
+    if saved is not None:  # what a resume there costs this rank: its state read, its first slice cut
+        t2 = time.perf_counter()
+        fresh = Sharding([PieceSource(spec)], [table], [src.width()], LocalExchange(rank, world))
+        again = sharded_planner(spec, fresh, 0, 0, json.loads(saved), 0, _row_from_json)
+        again.next_batch(spec.global_batch)
+        resume = time.perf_counter() - t2
     return {"rows": rows, "scan_seconds": scan, "plan_seconds": plan, "pieces": len(table),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "resume_seconds": resume, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def measure_global(path: str, batch: int) -> dict:
@@ -104,7 +118,21 @@ def measure_global(path: str, batch: int) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def warm_imports() -> None:
+    """The libraries a trainer has imported long before its data plane starts (not data work)."""
+    import pyarrow.parquet  # noqa: F401
+    import xxhash  # noqa: F401
+
+    import dist_embed.data.loader  # noqa: F401
+    import dist_embed.data.pieces  # noqa: F401
+    import dist_embed.data.sharded  # noqa: F401
+
+    gc.collect()
+    gc.freeze()  # as the trainer does with its long-lived objects: a collection walks only new ones
+
+
 def child(args) -> None:
+    warm_imports()
     if args.plane == "global":
         out = measure_global(args.path, args.batch)
     else:
@@ -114,6 +142,7 @@ def child(args) -> None:
 
 
 def write_formats(rows: int, formats: list[str], tmp: Path, max_world: int) -> dict[str, Path]:
+    small = max(32, min(1024, rows // (4 * max_world)))  # blocks / row groups: four per rank at the largest world
     gz = tmp / "corpus.jsonl.gz"
     subprocess.run([sys.executable, str(TOOL), "--rows", str(rows), "--out", str(gz)], check=True, capture_output=True)
     out: dict[str, Path] = {}
@@ -139,13 +168,12 @@ def write_formats(rows: int, formats: list[str], tmp: Path, max_world: int) -> d
         with open(out["jsonl"], encoding="utf-8") as f:
             recs = [json.loads(line) for line in f]
         pq.write_table(pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in recs]), out["parquet"],
-                       row_group_size=8192)
+                       row_group_size=small)
         del recs
     if "shards" in formats:
         out["shards"] = tmp / "shards"
-        block = max(32, min(1024, rows // (4 * max_world)))
         subprocess.run([sys.executable, "-m", "dist_embed.cli", "prepare-data", str(gz), "--out", str(out["shards"]),
-                        "--block-rows", str(block)], check=True, capture_output=True, cwd=REPO)
+                        "--block-rows", str(small)], check=True, capture_output=True, cwd=REPO)
     return {f: out[f] for f in formats}
 
 
@@ -180,7 +208,7 @@ def main() -> None:
             print(f"# {args.rows} rows, {args.batch} rows per rank per batch; seconds are one rank's "
                   "(start-up scan share + one epoch planned)")
             print(f"{'format':<8} {'world':>5} {'rank rows':>9} {'seconds':>8} {'target':>7} {'rows/s':>9} "
-                  f"{'aggregate':>11} {'RSS MiB':>8} {'global s':>9} {'global RSS':>10}")
+                  f"{'aggregate':>11} {'RSS MiB':>8} {'resume s':>8} {'global s':>9} {'global RSS':>10}")
         for fmt, path in paths.items():
             glob = run_child(path, "global", 1, args.batch)
             first = None
@@ -190,7 +218,7 @@ def main() -> None:
                 rate = r["rows"] / max(r["per_rank_seconds"], 1e-9)
                 rec = {"format": fmt, "world": world, "rows": r["rows"], "per_rank_seconds": r["per_rank_seconds"],
                        "scan_seconds": r["scan_seconds"], "plan_seconds": r["plan_seconds"], "pieces": r["pieces"],
-                       "per_rank_rows_s": rate, "aggregate_rows_s": rate * world, "peak_rss_mib": r["peak_rss_mib"],
+                       "resume_seconds": r["resume_seconds"], "per_rank_rows_s": rate, "aggregate_rows_s": rate * world, "peak_rss_mib": r["peak_rss_mib"],
                        "target_seconds": None if first is None else 1.25 * first / world + 0.05,
                        "global_per_rank_seconds": glob["per_rank_seconds"],
                        "global_aggregate_rows_s": glob["rows"] / glob["per_rank_seconds"],
@@ -201,6 +229,7 @@ def main() -> None:
                     target = "" if rec["target_seconds"] is None else f"{rec['target_seconds']:.3f}"
                     print(f"{fmt:<8} {world:>5} {r['rows']:>9} {r['per_rank_seconds']:>8.3f} {target:>7} "
                           f"{rate:>9.0f} {rate * world:>11.0f} {r['peak_rss_mib']:>8.0f} "
+                          f"{r['resume_seconds'] if r['resume_seconds'] is not None else float('nan'):>8.3f} "
                           f"{glob['per_rank_seconds']:>9.2f} {glob['peak_rss_mib']:>10.0f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

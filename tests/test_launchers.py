@@ -14,8 +14,7 @@ from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, t
 from test_distributed import max_weight_diff
 from test_resume import chain_rows, read_row_log
 
-# one xdist worker runs every test that starts a cluster (Slurm, Ray): one of each at a time
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("clusters")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

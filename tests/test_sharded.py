@@ -357,3 +357,34 @@ def test_two_ranks_share_a_hugging_face_dataset_by_index(tmp_path, tiny_model):
     assert "sharded data plane" in r.stderr
     logs = read_row_log(out)
     assert sorted(i for recs in logs.values() for rec in recs for i in rec["rows"]) == list(range(len(rows)))
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_max_rows_and_skipped_rows_count_across_ranks(tmp_path, case):
+    """``data.max_rows`` keeps the data set's first rows whichever ranks hold them; with
+    ``on_error: skip`` bad rows in any rank's pieces are skipped and counted once, in total."""
+    rng = random.Random(SEED * 7 + case)
+    rows = corpus(rng.randrange(200, 500), rng, 0.0)
+    lines = [json.dumps(r) for r in rows]
+    bad = sorted(rng.sample(range(len(lines)), rng.randrange(1, 6)))
+    for i in bad:
+        lines[i] = rng.choice(['{"anchor": "a", "positive": null}', "{not json", '{"anchor": ""}'])
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    limit = rng.choice([None, rng.randrange(50, len(rows))])
+    world, batch = rng.randrange(1, 5), rng.randrange(4, 16)
+    spec = PlanSpec(Source(str(path), max_rows=limit), Schema.for_loss("mnrl"), {}, "skip", 11, batch, True, 30,
+                    True, None, plane="sharded")
+    src = PieceSource(spec)
+    cut = src.cut(world)
+    counts = [None] * len(cut)
+    for r in range(world):  # each rank counts its pieces; the merge sees every count once
+        for i, c in {i: src.count(p) for i, p in enumerate(cut) if i % world == r}.items():
+            counts[i] = c
+    table, valid, skips = merge_counts(src, cut, counts, world, 1.0)
+    kept = [i for i in range(limit or len(rows)) if i not in bad]
+    note = f"seed {SEED} case {case}: world {world}, limit {limit}, bad {bad}"
+    assert valid == len(kept), note
+    assert skips.total == len(bad), note  # counted over the whole file (the limit cuts training, not the scan)
+    out, _ = run_ranks(spec, src, table, world, batch)
+    assert sorted(r.row_id for o in out for b, _ in o for r in b) == kept, note

@@ -27,7 +27,7 @@ from typing import Iterator
 
 
 from .readers import DataError, data_files, open_hub, saved_hf_dataset, read_delimited, read_hub, read_jsonl, read_parquet
-from .rows import Row, SkipCounter, first_keys, resolve_columns, validate_rows, with_prompts
+from .rows import Row, SkipCounter, check_scan, first_keys, resolve_columns, validate_rows, with_prompts
 from .shards import MANIFEST, _is_local, block_rows, local_block, shard_blocks, shard_urls
 
 MIN_PIECE_BYTES = 16 << 10
@@ -321,14 +321,7 @@ def merge_counts(source: PieceSource, pieces: list[Piece], counts: list[dict], w
         records += c["records"]
         valid += c["valid"]
         lines_before += c["lines"]
-    path = spec.source.path
-    if skips.total:
-        frac = skips.total / max(records, 1)
-        if frac > max_skip_fraction:
-            raise DataError(f"{path}: {skips.total} of {records} rows are bad ({frac:.1%}), more than "
-                            f"data.max_skip_fraction={max_skip_fraction:.1%}; {skips.summary()}")
-    if valid == 0:
-        raise DataError(f"{path}: no usable rows")
+    check_scan(spec.source.path, valid, records, skips, max_skip_fraction)
     limit = spec.source.max_rows
     if limit and row > limit:  # the pieces below the limit; where a count is not known, the rows counted
         out, valid = [p for p in out if p.first_row < limit], 0

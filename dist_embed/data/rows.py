@@ -183,13 +183,18 @@ def scan(source: Source, schema: Schema, columns: dict[str, str], on_error: str,
         n += 1
     if skips.total:
         log.warning("%s: %s", source.path, skips.summary())
-        frac = skips.total / max(records, 1)
-        if frac > max_skip_fraction:
-            raise DataError(f"{source.path}: {skips.total} of {records} rows are bad ({frac:.1%}), more than "
-                            f"data.max_skip_fraction={max_skip_fraction:.1%}; {skips.summary()}")
-    if n == 0:
-        raise DataError(f"{source.path}: no usable rows")
+    check_scan(source.path, n, records, skips, max_skip_fraction)
     return ScanResult(n, records, skips)
+
+
+def check_scan(path: str, valid: int, records: int, skips: SkipCounter, max_skip_fraction: float) -> None:
+    """A scanned data set is usable: some rows, and no more bad ones than allowed."""
+    frac = skips.total / max(records, 1)
+    if skips.total and frac > max_skip_fraction:
+        raise DataError(f"{path}: {skips.total} of {records} rows are bad ({frac:.1%}), more than "
+                        f"data.max_skip_fraction={max_skip_fraction:.1%}; {skips.summary()}")
+    if valid == 0:
+        raise DataError(f"{path}: no usable rows")
 
 
 def with_prompts(rows, schema: Schema, prompts: dict[str, str]):
