@@ -21,7 +21,7 @@ from dist_embed.data.loader import PlanSpec
 from dist_embed.data.pieces import PieceSource, merge_counts, scan_counts
 from dist_embed.data.readers import Source
 from dist_embed.data.rows import Row, Schema
-from dist_embed.data.sharded import LocalExchange, ShardedPlanner, Sharding, first_wins, sharded_planner
+from dist_embed.data.sharded import LocalExchange, ReadAhead, ShardedPlanner, Sharding, first_wins, sharded_planner
 
 from conftest import quick_triplets, write_jsonl
 
@@ -77,6 +77,42 @@ def spec_for(path: Path, global_batch: int, no_duplicates: bool = True, shuffle_
                     no_duplicates, None, plane="sharded")
 
 
+def write_format(tmp_path: Path, fmt: str, rows: list[dict], rng: random.Random) -> Path:
+    """``rows`` as a data set of format ``fmt`` (small row groups and blocks: many pieces)."""
+    path = tmp_path / f"t.{fmt}"
+    if fmt.startswith("jsonl"):
+        write_jsonl(path, rows)
+    elif fmt == "tsv":  # quoting off: the texts as they are (they hold no tabs)
+        path.write_text("anchor\tpositive\tnegative\n" + "".join(
+            f"{r['anchor']}\t{r['positive']}\t{r['negative']}\n" for r in rows))
+    elif fmt == "csv":
+        import csv
+
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["anchor", "positive", "negative"])
+            for r in rows:
+                w.writerow([r["anchor"], r["positive"], r["negative"]])
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=rng.randrange(30, 200))
+    elif fmt == "hf":  # a Hugging Face dataset saved with save_to_disk (the hub code path, offline)
+        import datasets
+
+        path = tmp_path / "hf"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    else:
+        from conftest import run_cli
+
+        src = write_jsonl(tmp_path / "src.jsonl", rows)
+        path = tmp_path / "shards"
+        assert run_cli("prepare-data", src, "--out", path, "--shard-rows", rng.randrange(100, 300),
+                       "--block-rows", rng.randrange(16, 64)).returncode == 0
+    return path
+
+
 def pieces_of(spec: PlanSpec, world: int):
     src = PieceSource(spec)
     cut = src.cut(world)
@@ -84,8 +120,9 @@ def pieces_of(spec: PlanSpec, world: int):
     return src, table, valid
 
 
-def run_ranks(spec, src, table, world, batch, epoch=0, states=None, steps=None):
-    """Every rank's slices, batch by batch (and each rank's state after the last), as threads."""
+def run_ranks(spec, src, table, world, batch, epoch=0, states=None, steps=None, readers=None):
+    """Every rank's slices, batch by batch (and each rank's state after the last), as threads;
+    ``readers``: each rank's ``ReadAhead`` (None: pieces read in the rank's own thread)."""
     ex = ThreadExchange(world)
     out = [[] for _ in range(world)]
     final = [None] * world
@@ -93,7 +130,8 @@ def run_ranks(spec, src, table, world, batch, epoch=0, states=None, steps=None):
 
     def rank_main(r):
         try:
-            sharding = Sharding([src], [table], [src.width()], ex.for_rank(r), old_states=states)
+            sharding = Sharding([src], [table], [src.width()], ex.for_rank(r), old_states=states,
+                                reader=readers[r] if readers else None)
             same = states is not None and states[0].get("world") == world
             st = None if states is None else states[r] if same else states[0]
             planner = sharded_planner(spec, sharding, 0, epoch, st, 0, lambda x: Row(int(x[0]), tuple(x[1]), x[2]))
@@ -126,37 +164,7 @@ def test_first_wins_defers_every_later_occurrence():
 def test_pieces_hold_exactly_the_files_rows_with_their_ids(tmp_path, fmt):
     rng = random.Random(SEED)
     rows = corpus(rng.randrange(300, 900), rng, 0.0)
-    path = tmp_path / f"t.{fmt}"
-    if fmt.startswith("jsonl"):
-        write_jsonl(path, rows)
-    elif fmt == "tsv":  # quoting off: the texts as they are (they hold no tabs)
-        path.write_text("anchor\tpositive\tnegative\n" + "".join(
-            f"{r['anchor']}\t{r['positive']}\t{r['negative']}\n" for r in rows))
-    elif fmt == "csv":
-        import csv
-
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["anchor", "positive", "negative"])
-            for r in rows:
-                w.writerow([r["anchor"], r["positive"], r["negative"]])
-    elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=rng.randrange(30, 200))
-    elif fmt == "hf":  # a Hugging Face dataset saved with save_to_disk (the hub code path, offline)
-        import datasets
-
-        path = tmp_path / "hf"
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    else:
-        from conftest import run_cli
-
-        src = write_jsonl(tmp_path / "src.jsonl", rows)
-        path = tmp_path / "shards"
-        assert run_cli("prepare-data", src, "--out", path, "--shard-rows", rng.randrange(100, 300),
-                       "--block-rows", rng.randrange(16, 64)).returncode == 0
+    path = write_format(tmp_path, fmt, rows, rng)
     spec = spec_for(path, 16)
     world = rng.randrange(1, 40)  # small pieces, many of them
     src, table, valid = pieces_of(spec, world)
@@ -166,13 +174,13 @@ def test_pieces_hold_exactly_the_files_rows_with_their_ids(tmp_path, fmt):
         got += [(r.row_id, r.texts) for r in src.rows(piece, None, {})]
     expect = [(i, (r["anchor"], r["positive"], r["negative"])) for i, r in enumerate(rows)]
     assert sorted(got) == expect, f"seed {SEED} {fmt} world {world}"
-    if len(table) > 1:  # a piece read from inside (a resume) gives the rest of it
-        piece = table[len(table) // 2]
+    for piece in table:  # a piece read from inside (a resume) gives the rest of it, texts and ids
+        whole = [(r.row_id, r.texts) for r in src.rows(piece, None, {})]
         at: dict = {}
         it = iter(src.rows(piece, None, at))
-        first = [next(it) for _ in range(min(3, piece.rows))]
+        first = [next(it) for _ in range(rng.randrange(len(whole) + 1))]
         rest = list(src.rows(piece, dict(at), {}))
-        assert [r.row_id for r in first + rest] == [r.row_id for r in src.rows(piece, None, {})]
+        assert [(r.row_id, r.texts) for r in first + rest] == whole, f"seed {SEED} {fmt} {piece} after {len(first)}"
 
 
 @pytest.mark.parametrize("case", range(6))
@@ -199,7 +207,35 @@ def test_ranks_plan_every_row_once_with_no_text_twice_in_a_global_batch(tmp_path
         seen += [row.row_id for row in global_rows]
     assert Counter(seen) == Counter(range(len(rows))), note
     again, _ = run_ranks(spec, src, table, world, batch)  # the same seed, data and world: the same batches
-    assert [[[r.row_id for r in b] for b, _ in o] for o in again] == [[[r.row_id for r in b] for b, _ in o] for o in out]
+    assert ids(again) == ids(out)
+
+
+def ids(out) -> list:
+    return [[[r.row_id for r in b] for b, _ in o] for o in out]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "shards"])
+def test_reader_processes_give_the_very_same_batches_states_and_resume(tmp_path, fmt):
+    """A rank's pieces read ahead by its own processes: the batches and saved states of reading
+    in the planner's thread, a resume from such a state continues them, and the reading really
+    happened in other processes."""
+    rng = random.Random(SEED * 1000 + len(fmt))
+    world, batch = rng.randrange(1, 4), rng.randrange(4, 16)
+    rows = corpus(rng.randrange(300, 900), rng)
+    spec = spec_for(write_format(tmp_path, fmt, rows, rng), batch)
+    src, table, _ = pieces_of(spec, 4 * world)
+    note = f"seed {SEED} {fmt}: world {world}, batch {batch}, rows {len(rows)}, pieces {len(table)}"
+    plain, plain_states = run_ranks(spec, src, table, world, batch)
+    readers = [ReadAhead([src], rng.choice([1, 2])) for _ in range(world)]
+    ahead, ahead_states = run_ranks(spec, src, table, world, batch, readers=readers)
+    assert ids(ahead) == ids(plain) and ahead_states == plain_states, note
+    assert all(r.pids and os.getpid() not in r.pids for r in readers), note
+    stop = rng.randrange(1, len(plain[0]))
+    first, states = run_ranks(spec, src, table, world, batch, steps=stop, readers=readers)
+    rest, _ = run_ranks(spec, src, table, world, batch, states=states, readers=readers)
+    assert [a + b for a, b in zip(ids(first), ids(rest))] == ids(plain), note
+    for r in readers:
+        r.pool.shutdown()
 
 
 @pytest.mark.parametrize("case", range(4))
@@ -298,7 +334,8 @@ def test_the_gloo_exchange_marks_what_one_rank_holding_everything_would(tmp_path
 def test_one_two_and_three_ranks_train_every_row_once_and_resume_across_world_sizes(tmp_path, tiny_model):
     """Real training on the sharded plane (gloo ranks): at 1, 2 and 3 ranks every row once per
     epoch and no text twice in a global batch; a 2-rank run resumed mid-epoch by 2 ranks continues
-    the very same batches, by 3 ranks the rest of the epoch, each row once."""
+    the very same batches (its pieces read ahead by reader processes), by 3 ranks the rest of the
+    epoch, each row once."""
     from conftest import run_cli, tiny_config
     from test_distributed import read_row_log
 
@@ -316,6 +353,7 @@ def test_one_two_and_three_ranks_train_every_row_once_and_resume_across_world_si
         r = run_cli("train", cfg, f"output_dir={out}", "--nproc", world, f"training.batch_size={36 // world}",
                     *args, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert ("read ahead by 1 process" in r.stderr) == ("data.read_workers=1" in args), r.stderr[-3000:]
         logs = read_row_log(out)
         assert len({len(v) for v in logs.values()}) == 1  # every rank took every step
         steps = [[i for r in sorted(logs) for i in logs[r][s]["rows"]] for s in range(len(logs[0]))]
@@ -331,7 +369,7 @@ def test_one_two_and_three_ranks_train_every_row_once_and_resume_across_world_si
     assert sorted(i for s in two for i in s) == list(range(len(rows))), f"seed {SEED}: world 2"
     stop = rng.randrange(1, len(two) - 1)
     ckpt = tmp_path / "w2" / "checkpoints" / f"step-{stop}"
-    same = train("again2", 2, "--resume", ckpt)
+    same = train("again2", 2, "--resume", ckpt, "data.read_workers=1")  # read ahead by a process per rank
     assert same == two[stop:], f"seed {SEED}: stop {stop}"
     other = train("then3", 3, "--resume", ckpt)
     assert sorted(i for s in two[:stop] + other for i in s) == list(range(len(rows))), f"seed {SEED}: stop {stop}"

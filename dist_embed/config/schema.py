@@ -131,6 +131,9 @@ class DataConfig(_Section):
     # dataloader processes that tokenize and lay out the batches; "auto": none on CPU (the cores
     # train), on a GPU a few per rank (docs/performance.md)
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # the sharded plane: processes per rank that read (parse, validate) its next pieces ahead of
+    # its planner; "auto": as num_workers' auto (none on CPU)
+    read_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _check_mix(self) -> "DataConfig":

@@ -80,6 +80,9 @@ class PieceSource:
         self._index: dict[str, list] = {}  # a shard's blocks by their tar headers (shards without spans)
         self._streams: dict[int, list] = {}  # a gzip file's reader: [records, next index, at]
 
+    def __getstate__(self) -> dict:  # for a reader process (sharded.ReadAhead): no open readers
+        return {**self.__dict__, "_streams": {}, "_hub": None}
+
     # -- cutting ------------------------------------------------------------------------------------
 
     def cut(self, world: int) -> list[Piece]:

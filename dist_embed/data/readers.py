@@ -232,13 +232,16 @@ def read_parquet(path: Path, start: dict | None = None, at: dict | None = None) 
         skip, groups = first, []
         for g in range(pf.metadata.num_row_groups):  # whole row groups before the position are not read
             n = pf.metadata.row_group(g).num_rows
-            if skip >= n:
+            if not groups and skip >= n:
                 skip -= n
             else:
                 groups.append(g)
         index = first
         for batch in (pf.iter_batches(batch_size=4096, row_groups=groups) if groups else ()):
-            for obj in batch.to_pylist()[skip:]:
+            if skip >= batch.num_rows:  # batches can be shorter than asked: the skip spans them
+                skip -= batch.num_rows
+                continue
+            for obj in batch.slice(skip).to_pylist():
                 if stop is not None and index >= stop:
                     return
                 index += 1

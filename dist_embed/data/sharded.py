@@ -6,21 +6,26 @@ streams its pieces through its own shuffle buffer; each global batch is the unio
 slices, cut in lockstep: every rank proposes its next candidates, the ranks exchange hashes of
 their texts (below: no text twice in the global batch, decided by a rule that depends only on
 what was proposed), and each rank keeps its first ``slice`` candidates that lost no text.
-A candidate that lost waits (deferred) for a later batch; nothing is dropped.
+A candidate that lost waits (deferred) for a later batch; nothing is dropped. Slices hold
+``split_sizes(global batch, world)[rank]`` rows while every rank has rows; at an epoch's end a
+slice can be short or empty, as in the global plane. Within a rank, its next pieces can be read
+ahead by processes of its own (``ReadAhead``).
 
 A rank's state between two batches (its queue of pieces and the position in the current one, its
 shuffle buffer and RNG, its deferred rows) is saved per rank: at the same world size a resume
-continues the very same batches; at another world size every rank reads all saved states and the
-remaining pieces and rows are dealt again, so the epoch still trains every row exactly once.
-
-Slices hold ``split_sizes(global batch, world)[rank]`` rows while every rank has rows; at the end of
-an epoch (ranks run out at different batches) a slice can be short or empty, as in the global plane.
+continues the very same batches; at another world size the remaining pieces and rows of every
+old rank are dealt again, so the epoch still trains every row exactly once.
 """
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
 import random
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Iterator
 
 import numpy as np
@@ -128,11 +133,7 @@ class Slice(list):
 
     def __init__(self, rows, sizes: list[int], width: int):
         super().__init__(rows)
-        self.sizes, self.width = list(sizes), width
-
-    @property
-    def global_size(self) -> int:
-        return sum(self.sizes)
+        self.sizes, self.width, self.global_size = list(sizes), width, sum(sizes)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Sharding:
     widths: list[int]
     exchange: object
     old_states: list[dict] | None = None  # each old rank's MixPlanner state
+    reader: "ReadAhead | None" = None  # reader processes (None: pieces are read in the planner's thread)
 
 
 def sharded_planner(spec, sharding: Sharding, index: int, epoch: int, state: dict | None, salt: int,
@@ -163,17 +165,74 @@ def sharded_planner(spec, sharding: Sharding, index: int, epoch: int, state: dic
                           seed=spec.seed + salt, shuffle=spec.shuffle, shuffle_buffer=spec.shuffle_buffer,
                           no_duplicates=spec.no_duplicates, dedup_buffer=spec.dedup_buffer,
                           global_batch=spec.global_batch, width=sharding.widths[index], total_rows=None,
-                          make_row=make_row, state=state, states=states)
-
-
-def deal(items: list, rank: int, world: int) -> list:
-    return items[rank::world]
+                          make_row=make_row, state=state, states=states,
+                          ahead=sharding.reader, source=index)
 
 
 def piece_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch * 7919 + 1).shuffle(order)
     return order
+
+
+# ---------------------------------------------------------------------------------------------
+# reading ahead: within a rank, its next pieces are dealt to reader processes
+
+_SOURCES: list = []  # a reader process's PieceSources, one per data set
+
+
+def _init_reader(sources: list) -> None:
+    _SOURCES[:] = sources
+
+
+def _read_piece(source: int, piece: Piece, position: dict | None) -> tuple[int, list, list]:
+    at = dict(position or {})
+    rows, ats = [], []
+    for row in _SOURCES[source].rows(piece, position, at):
+        rows.append(row)
+        ats.append(dict(at))
+    return os.getpid(), rows, ats
+
+
+class ReadAhead:
+    """A rank's next pieces read (parsed, validated: planning's costly part) by ``workers``
+    processes while its planner works on the current one. A piece's rows depend only on the piece
+    and the position in it, and the planner takes them in its queue's order, so batches and saved
+    states are those of reading in its own thread. gzip pieces (one reader per file, front to back)
+    and remote shards (streamed whole) are read in-process."""
+
+    def __init__(self, sources: list, workers: int):
+        self.sources, self.workers = sources, workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: dict = {}
+        self.pids: set[int] = set()  # the processes that read (tests)
+
+    def takes(self, piece: Piece) -> bool:
+        return self.workers > 0 and piece.kind in ("bytes", "group", "block", "index")
+
+    def _submit(self, source: int, piece: Piece, position: dict | None):
+        key = (source, tuple(piece.to_json()), json.dumps(position, sort_keys=True))
+        if key not in self.pending:
+            if self.pool is None:  # spawned: the planner runs in a thread of a process with torch's
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_reader, initargs=(self.sources,))
+            self.pending[key] = self.pool.submit(_read_piece, source, piece, position)
+        return key
+
+    def rows(self, source: int, pieces: list[Piece], index: int, position: dict | None, at: dict,
+             upcoming) -> Iterator:
+        """Piece ``index``'s rows from ``position`` (``at`` kept as ``PieceSource.rows`` keeps it);
+        the next pieces of ``upcoming`` (the planner's queue) are handed out to be read meanwhile."""
+        key = self._submit(source, pieces[index], position)
+        for i, pos in islice(upcoming, 2 * self.workers):
+            if self.takes(pieces[i]):
+                self._submit(source, pieces[i], pos)
+        pid, rows, ats = self.pending.pop(key).result()
+        self.pids.add(pid)
+        for row, a in zip(rows, ats):
+            at.clear()
+            at.update(a)
+            yield row
 
 
 @dataclass
@@ -195,8 +254,9 @@ class ShardedPlanner:
     def __init__(self, pieces: list[Piece], rows_of: Callable, exchange, *, epoch: int, seed: int, shuffle: bool,
                  shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None, global_batch: int, width: int,
                  total_rows: int | None, make_row: Callable = tuple, state: dict | None = None,
-                 states: list[dict] | None = None):
+                 states: list[dict] | None = None, ahead: ReadAhead | None = None, source: int = 0):
         self.pieces, self.rows_of, self.ex = pieces, rows_of, exchange
+        self.ahead, self.source = ahead, source  # reader processes, and this data set's number there
         self.rank, self.world = exchange.rank, exchange.world
         self.epoch, self.no_duplicates, self.width, self.total = epoch, no_duplicates, width, total_rows
         self.max_deferred = dedup_buffer or 16 * global_batch
@@ -213,7 +273,7 @@ class ShardedPlanner:
             cur = state.get("current")
             self.current = _Current(cur[0], cur[1]) if cur else None
         else:
-            mine = deal(piece_order(len(pieces), seed, epoch), rank, world)
+            mine = piece_order(len(pieces), seed, epoch)[rank::world]
             # pieces of one gzip stream in file order, where they fall among the others: one read a file
             slots = [i for i, p in enumerate(mine) if pieces[p].kind == "stream"]
             for i, p in zip(slots, sorted(mine[i] for i in slots)):
@@ -238,7 +298,10 @@ class ShardedPlanner:
             cur = self.current
             if cur.records is None:
                 cur.at = dict(cur.position or {})
-                cur.records = iter(self.rows_of(self.pieces[cur.piece], cur.position, cur.at))
+                if self.ahead is not None and self.ahead.takes(self.pieces[cur.piece]):
+                    cur.records = self.ahead.rows(self.source, self.pieces, cur.piece, cur.position, cur.at, self.queue)
+                else:
+                    cur.records = iter(self.rows_of(self.pieces[cur.piece], cur.position, cur.at))
             row = next(cur.records, None)
             if row is not None:
                 cur.position = dict(cur.at)
@@ -331,6 +394,6 @@ def _redeal(states: list[dict], rank: int, world: int, seed: int, epoch: int) ->
     first = states[0]
     return {"rows_done": first.get("rows_done", 0), "batches_done": first.get("batches_done", 0),
             "short": first.get("short", [0, 0]), "complete": first.get("complete", False),
-            "queue": deal(work, rank, world), "current": None, "deferred": deal(rows, rank, world),
+            "queue": work[rank::world], "current": None, "deferred": rows[rank::world],
             "shuffle": {"rng": random.Random(seed * 1_000_003 + epoch * 104_729 + 31 * world + rank).getstate(),
                         "buffer": [], "draining": False}}

@@ -201,7 +201,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     if plan.specs[0].plane == "sharded":
         same = saved is not None and saved.data_unchanged
         sharding, scanned = shard_data(plan, cfg, state, saved.data.get("pieces") if same else None,
-                                       saved.planner_states if saved and saved.world_size != state.world_size else None)
+                                       saved.planner_states if saved and saved.world_size != state.world_size else None,
+                                       loader_workers(d.read_workers, state))
         sizes = saved.sizes if same else scanned
     else:
         sizes = saved.sizes if saved and saved.data_unchanged else dataset_sizes(plan, cfg)

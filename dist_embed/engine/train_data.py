@@ -105,11 +105,13 @@ class _Bare:
     source: Source
 
 
-def shard_data(plan: MixSpec, cfg: Config, state, saved_pieces: list | None, old_states: list | None):
+def shard_data(plan: MixSpec, cfg: Config, state, saved_pieces: list | None, old_states: list | None,
+               read_workers: int = 0):
     """The sharded plane's run-time part and each data set's size: the pieces, counted by every
-    rank for its share (or as the checkpoint recorded them), and the exchange between ranks."""
+    rank for its share (or as the checkpoint recorded them), the exchange between ranks, and the
+    processes that read a rank's pieces ahead (``read_workers``; 0: none)."""
     from ..data.pieces import Piece, PieceSource, merge_counts, scan_counts
-    from ..data.sharded import GlooExchange, LocalExchange, Sharding
+    from ..data.sharded import GlooExchange, LocalExchange, ReadAhead, Sharding
     from ..distributed import gather_objects
 
     sources = [PieceSource(spec) for spec in plan.specs]
@@ -131,7 +133,10 @@ def shard_data(plan: MixSpec, cfg: Config, state, saved_pieces: list | None, old
         pieces.append(table)
         sizes.append(valid)
     exchange = GlooExchange(state.data, state.rank, state.world_size) if state.enabled else LocalExchange()
-    return Sharding(sources, pieces, [s.width() for s in sources], exchange, old_states), sizes or None
+    reader = ReadAhead(sources, read_workers) if read_workers else None
+    if reader:
+        log.info("each rank's pieces are read ahead by %d process(es) of its own", read_workers)
+    return Sharding(sources, pieces, [s.width() for s in sources], exchange, old_states, reader), sizes or None
 
 
 def pretokenized_for(path: str, tokenizer, max_seq_length: int) -> bool:
