@@ -1,2 +1,2 @@
-"""Rows in, batches out: readers (files, shards, hub), validation, the global plan (shuffle,
-no-duplicates, mixing), tokenization and the per-rank loader."""
+"""Rows in, batches out: readers (files, shards, hub), validation, the plan of global batches (every
+rank plans all rows, or each its pieces with a hash exchange), mixing, tokenization, the loader."""
