@@ -36,7 +36,6 @@ import csv
 import gc
 import gzip
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -101,7 +100,7 @@ def measure_sharded(path: str, world: int, rank: int, batch: int) -> dict:
         again.next_batch(spec.global_batch)
         resume = time.perf_counter() - t2
     return {"rows": rows, "scan_seconds": scan, "plan_seconds": plan, "pieces": len(table),
-            "resume_seconds": resume, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "resume_seconds": resume, "peak_rss_mib": peak_rss_mib()}
 
 
 def measure_global(path: str, batch: int) -> dict:
@@ -115,7 +114,16 @@ def measure_global(path: str, batch: int) -> dict:
     t1 = time.perf_counter()
     rows = sum(len(b) for b in spec.batches(0))
     return {"rows": rows, "scan_seconds": t1 - t0, "plan_seconds": time.perf_counter() - t1,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since it started (VmHWM: ``ru_maxrss`` would also count
+    the parent's memory at the fork that started it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def warm_imports() -> None:

@@ -79,9 +79,10 @@ class PieceSource:
         self._keys = None
         self._index: dict[str, list] = {}  # a shard's blocks by their tar headers (shards without spans)
         self._streams: dict[int, list] = {}  # a gzip file's reader: [records, next index, at]
+        self._parquet: dict = {}  # parquet files opened once (read_parquet's cache)
 
     def __getstate__(self) -> dict:  # for a reader process (sharded.ReadAhead): no open readers
-        return {**self.__dict__, "_streams": {}, "_hub": None}
+        return {**self.__dict__, "_streams": {}, "_hub": None, "_parquet": {}}
 
     # -- cutting ------------------------------------------------------------------------------------
 
@@ -104,15 +105,10 @@ class PieceSource:
             size = max(MIN_PIECE_ROWS, min(MAX_PIECE_ROWS, n // max(8 * world, 1)))
             return [Piece(0, "index", a, min(a + size, n)) for a in range(0, n, size)] or [Piece(0, "index", 0, 0)]
         if self.format == "parquet":
-            import pyarrow.parquet as pq
-
             pieces = []
-            for k, f in enumerate(self.files):
-                meta, first = pq.ParquetFile(f).metadata, 0
-                for g in range(meta.num_row_groups):
-                    n = meta.row_group(g).num_rows
-                    pieces.append(Piece(k, "group", first, first + n))
-                    first += n
+            for k in range(len(self.files)):
+                offsets = self._parquet_file(k)[1]
+                pieces += [Piece(k, "group", a, b) for a, b in zip(offsets, offsets[1:])]
             return pieces
         pieces = []
         total = sum(f.stat().st_size for f in self.files)
@@ -167,10 +163,20 @@ class PieceSource:
         return len(text_cols) + len(extra_cols)
 
     def keys(self) -> list[str] | None:
-        """The columns of the data set's first readable record (every piece resolves them alike)."""
+        """The columns of the data set's first readable record (every piece resolves them alike);
+        a parquet file's are its schema's."""
         if self._keys is None and self.manifest is None:
-            self._keys = first_keys(self.spec.source)
+            self._keys = (list(self._parquet_file(0)[0].schema_arrow.names) if self.format == "parquet"
+                          else first_keys(self.spec.source))
         return self._keys
+
+    def _parquet_file(self, k: int) -> tuple:
+        """File ``k``'s parquet reader and row-group offsets, opened once (read_parquet's cache;
+        reading no rows opens it, with its errors as DataError)."""
+        if self.files[k] not in self._parquet:
+            for _ in read_parquet(self.files[k], {"stop": 0}, cache=self._parquet):
+                pass
+        return self._parquet[self.files[k]]
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -210,7 +216,7 @@ class PieceSource:
         if piece.kind == "group":
             start = dict(position) if position else {"index": piece.start, "row": row}
             start["stop"] = piece.stop
-            return read_parquet(path, start, at)
+            return read_parquet(path, start, at, cache=self._parquet)
         if piece.kind == "stream":
             return self._stream(piece, position, at)
         raise ValueError(f"no reader for a {piece.kind} piece")

@@ -7,8 +7,10 @@ bad rows raise or are skipped) and ``where`` is ``file:line`` for error messages
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
+import itertools
 import json
 import logging
 import re
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "hf", "wds")
 HF_SAVED = ("dataset_dict.json", "state.json")  # what ``datasets``' save_to_disk writes
+SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl", ".csv": "csv",
+            ".csv.gz": "csv", ".tsv": "tsv", ".tsv.gz": "tsv", ".parquet": "parquet"}  # a data file's format
 
 
 def saved_hf_dataset(path: str) -> bool:
@@ -39,19 +43,13 @@ def detect_format(path: str, fmt: str = "auto") -> str:
         return "wds"
     if saved_hf_dataset(path):
         return "hf"
-    name = path.lower()
-    for suffix, f in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "jsonl"), (".json.gz", "jsonl"),
-                      (".csv", "csv"), (".csv.gz", "csv"), (".tsv", "tsv"), (".tsv.gz", "tsv"),
-                      (".parquet", "parquet")):
-        if name.endswith(suffix):
-            return f
+    found = next((f for suffix, f in SUFFIXES.items() if path.lower().endswith(suffix)), None)
+    if found:
+        return found
     if not Path(path).exists() and "/" in path and not path.startswith((".", "/")):
         return "hf"  # "owner/name": a Hugging Face hub dataset
     raise DataError(f"{path}: cannot tell the format from the name; set data.format "
                     f"(one of {', '.join(FORMATS)})")
-
-
-SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
 
 
 def data_files(path: str) -> list[Path]:
@@ -59,7 +57,7 @@ def data_files(path: str) -> list[Path]:
     (a set of shards; sub-directories and files with other suffixes are ignored)."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(SUFFIXES))
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(tuple(SUFFIXES)))
         if not files:
             raise DataError(f"{path}: a directory with no data files (expected names ending in "
                             f"{', '.join(SUFFIXES)})")
@@ -216,7 +214,10 @@ def read_delimited(path: Path, delimiter: str, start: dict | None = None, at: di
         row_id += 1
 
 
-def read_parquet(path: Path, start: dict | None = None, at: dict | None = None) -> Iterator[Record]:
+def read_parquet(path: Path, start: dict | None = None, at: dict | None = None,
+                 cache: dict | None = None) -> Iterator[Record]:
+    """Rows ``start["index"]`` .. ``start["stop"]`` of a parquet file from the row groups that hold
+    them; ``cache`` keeps the opened file (a large footer, parsed once, not once per piece)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -228,14 +229,18 @@ def read_parquet(path: Path, start: dict | None = None, at: dict | None = None) 
     stop = start.get("stop")  # a piece: rows of this file before this index
     row_id = start.get("row", 0)
     try:
-        pf = pq.ParquetFile(path)
-        skip, groups = first, []
-        for g in range(pf.metadata.num_row_groups):  # whole row groups before the position are not read
-            n = pf.metadata.row_group(g).num_rows
-            if not groups and skip >= n:
-                skip -= n
-            else:
-                groups.append(g)
+        opened = (cache or {}).get(path)
+        if opened is None:  # the reader, and each row group's first row (the total at the end)
+            pf = pq.ParquetFile(path)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            opened = (pf, [0, *itertools.accumulate(sizes)])
+            if cache is not None:
+                cache[path] = opened
+        pf, offsets = opened
+        group = bisect.bisect_right(offsets, first) - 1
+        end = len(offsets) - 1 if stop is None else bisect.bisect_left(offsets, stop)
+        groups = list(range(group, end)) if first < offsets[-1] else []
+        skip = first - offsets[group] if groups else 0
         index = first
         for batch in (pf.iter_batches(batch_size=4096, row_groups=groups) if groups else ()):
             if skip >= batch.num_rows:  # batches can be shorter than asked: the skip spans them
@@ -315,24 +320,21 @@ class RecordCursor:
         return next(self._it)
 
     def _records(self, start: dict) -> Iterator[Record]:
-        src = self.source
-        fmt = src.format
-        limit = src.max_rows
+        src, fmt = self.source, self.source.format
+
+        def below(rec: Record, limit=src.max_rows) -> bool:  # data.max_rows
+            return limit is None or rec.row_id < limit
+
         if fmt == "hf":
             at = self._at = dict(start)
-            for rec in read_hub(src.path, src.subset, src.split, src.streaming, start, at):
-                if limit is not None and rec.row_id >= limit:
-                    return
-                yield rec
+            yield from itertools.takewhile(below, read_hub(src.path, src.subset, src.split, src.streaming, start, at))
             return
         if fmt == "wds":
             urls, man = shard_urls(src.path)
             text_columns = man.get("text_columns") if man and src.token_ids and man.get("tokenizer") else None
             at = self._at = dict(start)
-            for rec in read_shards(urls, text_columns, start, at, man["shards"] if man else None):
-                if limit is not None and rec.row_id >= limit:
-                    return
-                yield rec
+            yield from itertools.takewhile(below, read_shards(urls, text_columns, start, at,
+                                                              man["shards"] if man else None))
             return
         files = data_files(src.path)
         read = {"jsonl": read_jsonl, "parquet": read_parquet,
@@ -343,7 +345,7 @@ class RecordCursor:
         while self._file < len(files):
             at = self._at = dict(start)
             for rec in read(files[self._file], start, at):
-                if limit is not None and rec.row_id >= limit:
+                if not below(rec):
                     return
                 yield rec
             start = {"row": at.get("row", start.get("row", 0))}
