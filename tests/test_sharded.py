@@ -238,6 +238,33 @@ def test_reader_processes_give_the_very_same_batches_states_and_resume(tmp_path,
         r.pool.shutdown()
 
 
+def test_reader_processes_end_with_their_rank(tmp_path):
+    """A rank that ends with ``os._exit`` (as workers do) or is killed takes its reader processes
+    with it: nothing keeps its output pipes open (a launcher reading them would wait forever)."""
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "t.jsonl", corpus(600, random.Random(SEED), 0.0))
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_sharded import pieces_of, spec_for, ReadAhead
+from pathlib import Path
+src, table, _ = pieces_of(spec_for(Path({str(path)!r}), 16), 4)
+reader = ReadAhead([src], 2)
+assert len(list(reader.rows(0, table, 0, None, {{}}, [(1, None), (2, None)]))) > 0
+print(*reader.pids, flush=True)
+os._exit(0)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    pids = [int(p) for p in r.stdout.split()]
+    assert pids
+    for pid in pids:  # gone (or a zombie of init's, reaped soon)
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
 @pytest.mark.parametrize("case", range(4))
 def test_resume_at_the_same_or_another_world_size_trains_every_row_once(tmp_path, case):
     rng = random.Random(SEED * 100 + case)

@@ -17,13 +17,15 @@ early because the look-ahead buffer was full) may hold fewer than G rows, even f
 ranks. It is split as evenly as possible (slice sizes differ by at most one row); a rank whose slice
 is empty still takes part in the step. No row is ever dropped.
 
-Everything here is pure Python (no torch, no process group) so tests can pin it directly.
+Everything here is pure Python and numpy (no torch, no process group) so tests can pin it directly.
 """
 from __future__ import annotations
 
 import random
 from collections import deque
 from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequence, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -258,3 +260,31 @@ class EpochPlanner:
         elif self.leftover:
             out["shuffle"] = {"rng": random.Random(0).getstate(), "buffer": list(self.leftover), "draining": False}
         return out
+
+
+# -- the sharded plane's no-duplicates rule (data/sharded.py exchanges these between ranks) --------
+
+def text_hashes(rows, width: int) -> np.ndarray:
+    """[rows, width] uint64 hashes of each row's texts (0: no text in that column)."""
+    import xxhash
+
+    out = np.zeros((len(rows), width), dtype=np.uint64)
+    for i, row in enumerate(rows):
+        for j, text in enumerate(row.texts[:width]):
+            out[i, j] = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) or 1
+    return out
+
+
+def first_wins(hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """For each (hash, priority) entry: True where another entry of the same hash has a lower
+    priority (it loses). Entries of one candidate share a priority and never lose to each other."""
+    lost = np.zeros(len(hashes), dtype=bool)
+    if not len(hashes):
+        return lost
+    order = np.lexsort((priority, hashes))
+    h, p = hashes[order], priority[order]
+    head = np.ones(len(h), dtype=bool)
+    head[1:] = h[1:] != h[:-1]
+    best = np.maximum.accumulate(np.where(head, np.arange(len(h)), 0))  # each entry's group start
+    lost[order] = p > p[best]
+    return lost

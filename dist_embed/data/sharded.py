@@ -22,6 +22,8 @@ import json
 import multiprocessing
 import os
 import random
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .batching import ShuffleBuffer, rng_from_json, split_sizes
+from .batching import ShuffleBuffer, first_wins, rng_from_json, split_sizes, text_hashes
 from .pieces import Piece
 
 
@@ -44,31 +46,8 @@ from .pieces import Piece
 # batch. Priorities are ``(round, rank, index)``, so the outcome depends only on what the ranks
 # proposed, never on timing; and each rank handles about its own number of hashes, whatever the
 # world size (an all-gather would hand every rank the whole global batch's hashes). A third tiny
-# collective (an all-gather of two numbers per rank) tells every rank the slice sizes.
-def text_hashes(rows, width: int) -> np.ndarray:
-    """[rows, width] uint64 hashes of each row's texts (0: no text in that column)."""
-    import xxhash
-
-    out = np.zeros((len(rows), width), dtype=np.uint64)
-    for i, row in enumerate(rows):
-        for j, text in enumerate(row.texts[:width]):
-            out[i, j] = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) or 1
-    return out
-
-
-def first_wins(hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
-    """For each (hash, priority) entry: True where another entry of the same hash has a lower
-    priority (it loses). Entries of one candidate share a priority and never lose to each other."""
-    lost = np.zeros(len(hashes), dtype=bool)
-    if not len(hashes):
-        return lost
-    order = np.lexsort((priority, hashes))
-    h, p = hashes[order], priority[order]
-    head = np.ones(len(h), dtype=bool)
-    head[1:] = h[1:] != h[:-1]
-    best = np.maximum.accumulate(np.where(head, np.arange(len(h)), 0))  # each entry's group start
-    lost[order] = p > p[best]
-    return lost
+# collective (an all-gather of two numbers per rank) tells every rank the slice sizes (the rule
+# itself, ``text_hashes`` and ``first_wins``, is batching.py's).
 
 
 class LocalExchange:
@@ -181,8 +160,17 @@ def piece_order(n: int, seed: int, epoch: int) -> list[int]:
 _SOURCES: list = []  # a reader process's PieceSources, one per data set
 
 
-def _init_reader(sources: list) -> None:
+def _init_reader(sources: list, rank_pid: int) -> None:
+    """A reader process ends with its rank's process, however that ends (a pool's processes would
+    otherwise wait forever on its queue, holding the rank's output pipes open)."""
     _SOURCES[:] = sources
+    threading.Thread(target=_exit_with, args=(rank_pid,), daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    while os.getppid() == pid:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _read_piece(source: int, piece: Piece, position: dict | None) -> tuple[int, list, list]:
@@ -215,7 +203,7 @@ class ReadAhead:
         if key not in self.pending:
             if self.pool is None:  # spawned: the planner runs in a thread of a process with torch's
                 self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_init_reader, initargs=(self.sources,))
+                                                initializer=_init_reader, initargs=(self.sources, os.getpid()))
             self.pending[key] = self.pool.submit(_read_piece, source, piece, position)
         return key
 
