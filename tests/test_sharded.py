@@ -174,13 +174,15 @@ def test_pieces_hold_exactly_the_files_rows_with_their_ids(tmp_path, fmt):
         got += [(r.row_id, r.texts) for r in src.rows(piece, None, {})]
     expect = [(i, (r["anchor"], r["positive"], r["negative"])) for i, r in enumerate(rows)]
     assert sorted(got) == expect, f"seed {SEED} {fmt} world {world}"
-    for piece in table:  # a piece read from inside (a resume) gives the rest of it, texts and ids
+    for i, piece in enumerate(table):  # a piece read from inside (a resume) gives the rest of it
         whole = [(r.row_id, r.texts) for r in src.rows(piece, None, {})]
-        at: dict = {}
-        it = iter(src.rows(piece, None, at))
-        first = [next(it) for _ in range(rng.randrange(len(whole) + 1))]
-        rest = list(src.rows(piece, dict(at), {}))
-        assert [(r.row_id, r.texts) for r in first + rest] == whole, f"seed {SEED} {fmt} {piece} after {len(first)}"
+        # every piece from a random point; the first and last also from their ends (nothing left)
+        for cut in {rng.randrange(len(whole) + 1)} | ({len(whole)} if i in (0, len(table) - 1) else set()):
+            at: dict = {}
+            it = iter(src.rows(piece, None, at))
+            first = [next(it) for _ in range(cut)]
+            rest = list(src.rows(piece, dict(at), {}))
+            assert [(r.row_id, r.texts) for r in first + rest] == whole, f"seed {SEED} {fmt} {piece} after {cut}"
 
 
 @pytest.mark.parametrize("case", range(6))

@@ -285,12 +285,17 @@ def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: 
     ``start["row"]`` to ``start["stop"]`` (a non-streaming one; default: its end); ``ds``: the
     dataset already opened."""
     ds = open_hub(name, subset, split, streaming) if ds is None else ds
+    import datasets  # present: open_hub refuses without it
+
     first, stop = (start or {}).get("row", 0), (start or {}).get("stop")
     at = {} if at is None else at
-    if stop is not None:
-        ds = ds.select(range(first, min(stop, len(ds))))
-    elif first:
-        ds = ds.skip(first) if hasattr(ds, "skip") else ds.select(range(first, len(ds)))
+    if isinstance(ds, datasets.IterableDataset):  # streaming: no length, no random access
+        ds = ds.skip(first) if first else ds
+    elif first or stop is not None:
+        end = len(ds) if stop is None else min(stop, len(ds))
+        if first >= end:  # read to its end (datasets refuses an empty range that starts there)
+            return
+        ds = ds.select(range(first, end))
     for row_id, obj in enumerate(ds, start=first):
         at.update(row=row_id + 1)
         yield Record(row_id, f"{name}[{split}] row {row_id}", obj)
