@@ -380,7 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in extra) or ' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    return args.func(args)
+    code = args.func(args)
+    if argv is None:  # the process's own command, about to exit
+        # The outcome is decided: a stop signal from here on has nothing to stop. Ignored, not left
+        # to a handler: interpreter shutdown puts the default action (death) back for handled
+        # signals, and a run that ended well would report itself killed (SIG_IGN stays through it).
+        import signal
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":

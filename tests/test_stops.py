@@ -79,6 +79,30 @@ def test_a_signal_at_any_moment_stops_cleanly_and_the_run_completes(tmp_path, ti
     assert len(steps) == len(set(steps)) and steps == sorted(steps), note  # one history
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_signals_after_the_final_save_leave_a_finished_run_finished(tmp_path, tiny_model, world):
+    """Once the final model is saved, stop signals (one every few milliseconds until the process
+    is gone, through its interpreter's shutdown) change nothing: exit 0, no traceback."""
+    cfg = rows_config(tmp_path, tiny_model, batch=2)
+    out = tmp_path / "run"
+    proc = start(cfg, out, *(["--nproc", str(world)] if world > 1 else []))
+    while not (out / "final" / "model.safetensors").is_file() and proc.poll() is None:
+        time.sleep(0.002)
+    sent = 0
+    while proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"{sent} signals: exit {proc.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert steps == list(range(1, 240 // (2 * world) + 1)), sent  # the whole run, once
+
+
 def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_model, triplets):
     cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 6}, checkpoint={"steps": 3})
     out = tmp_path / "run"
