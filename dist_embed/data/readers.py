@@ -285,17 +285,12 @@ def read_hub(name: str, subset: str | None, split: str, streaming: bool, start: 
     ``start["row"]`` to ``start["stop"]`` (a non-streaming one; default: its end); ``ds``: the
     dataset already opened."""
     ds = open_hub(name, subset, split, streaming) if ds is None else ds
-    import datasets  # present: open_hub refuses without it
-
-    first, stop = (start or {}).get("row", 0), (start or {}).get("stop")
-    at = {} if at is None else at
-    if isinstance(ds, datasets.IterableDataset):  # streaming: no length, no random access
+    first, stop, at = (start or {}).get("row", 0), (start or {}).get("stop"), {} if at is None else at
+    if not hasattr(ds, "__len__"):  # streaming (an IterableDataset): no length, no random access
         ds = ds.skip(first) if first else ds
-    elif first or stop is not None:
+    elif first or stop is not None:  # datasets refuses an empty range starting at the end: none left
         end = len(ds) if stop is None else min(stop, len(ds))
-        if first >= end:  # read to its end (datasets refuses an empty range that starts there)
-            return
-        ds = ds.select(range(first, end))
+        ds = ds.select(range(first, end)) if first < end else []
     for row_id, obj in enumerate(ds, start=first):
         at.update(row=row_id + 1)
         yield Record(row_id, f"{name}[{split}] row {row_id}", obj)
