@@ -162,7 +162,8 @@ _SOURCES: list = []  # a reader process's PieceSources, one per data set
 
 def _init_reader(sources: list, rank_pid: int) -> None:
     """A reader process ends with its rank's process, however that ends (a pool's processes would
-    otherwise wait forever on its queue, holding the rank's output pipes open)."""
+    otherwise wait forever on its queue, holding the rank's output pipes open). Polled, not the
+    launcher's PR_SET_PDEATHSIG: that fires when the starting thread ends, and the planner's may."""
     _SOURCES[:] = sources
     threading.Thread(target=_exit_with, args=(rank_pid,), daemon=True).start()
 
