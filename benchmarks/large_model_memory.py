@@ -60,7 +60,7 @@ def build_model(out: Path, hidden: int, layers: int, heads: int | None = None, s
 
 
 def train(model: Path, out: Path, setting: str, nproc: int, steps: int, extra: list[str]) -> dict:
-    args = [sys.executable, "-m", "dist_embed.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
+    args = [sys.executable, "-m", "launch.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
             f"output_dir={out}", f"model.name_or_path={model}", f"training.max_steps={steps}",
             "training.log_steps=1", "training.batch_size=4", "model.max_seq_length=32", "eval.steps=0",
             "eval.sts=[]", "eval.retrieval=[]", "eval.before_training=false", "checkpoint.steps=0",

@@ -82,7 +82,7 @@ def main() -> None:
         "training": {"batch_size": 128, "max_steps": 2, "log_steps": 1},
         "eval": {"before_training": False}, "checkpoint": {"steps": 1}}))
     env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
-    cli = [sys.executable, "-m", "dist_embed.cli", "train", str(cfg_path)]
+    cli = [sys.executable, "-m", "launch.cli", "train", str(cfg_path)]
 
     # the planner state at the requested position, as the trainer would have saved it
     cfg = load_config(cfg_path)

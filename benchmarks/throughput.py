@@ -82,7 +82,7 @@ def env_for(nproc: int) -> dict:
 
 def ours(tmp: Path, data: Path, precision: str, nproc: int, steps: int, batch: int, max_len: int, tag: str):
     out = tmp / f"ours-{tag}"
-    cmd = [sys.executable, "-m", "dist_embed.cli", "train", str(REPO / "benchmarks" / "throughput.yaml"),
+    cmd = [sys.executable, "-m", "launch.cli", "train", str(REPO / "benchmarks" / "throughput.yaml"),
            f"output_dir={out}", f"data.train={data}", f"training.max_steps={steps}", f"training.batch_size={batch}",
            f"training.precision={precision}", f"model.name_or_path={minilm()}", f"model.max_seq_length={max_len}"]
     if nproc > 1:

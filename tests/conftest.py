@@ -71,7 +71,7 @@ def run_cli(*args, env: dict | None = None, timeout: int = 600, cwd=REPO) -> sub
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "dist_embed.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
@@ -202,7 +202,7 @@ class StepCase:
         from types import SimpleNamespace
 
         from dist_embed.data.loader import collate
-        from dist_embed.model.packing import choose_layout
+        from dist_embed.model.layout_choice import choose_layout
 
         spec = None
         if self.layout != "padded":

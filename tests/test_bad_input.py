@@ -105,7 +105,7 @@ def test_sigterm_to_nproc_gives_one_line_and_a_checkpoint(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(1200))
     cfg = tiny_config(tmp_path, tiny_model, data, training={"max_steps": -1, "batch_size": 4})
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_embed.cli", "train", str(cfg), f"output_dir={out}",
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(cfg), f"output_dir={out}",
                              "--nproc", "2"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -163,7 +163,7 @@ def test_identical_rows_under_no_duplicates_warn_with_a_count(tmp_path, tiny_mod
 
 
 def test_help_describes_every_argument():
-    from dist_embed.cli import build_parser
+    from launch.cli import build_parser
 
     parser = build_parser()
     pending = [parser]

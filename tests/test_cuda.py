@@ -99,14 +99,15 @@ def test_unpadded_step_equals_the_padded_step(precision):
 def _trainer_parts(precision: str, dropout: float):
     from types import SimpleNamespace
 
-    from dist_embed.backends.ddp import DDPBackend
+    from dist_embed.backends.allreduce import AllReduceBackend
     from dist_embed.distributed import DistState
     from dist_embed.engine.losses import MultipleNegativesRanking
-    from dist_embed.engine.optim import lambda_lr, param_groups
+    from dist_embed.backends.optim import param_groups
+    from dist_embed.engine.schedule import lambda_lr
     from dist_embed.engine.precision import Precision
     from dist_embed.engine.step import Embedder
     from dist_embed.model.encoder import Encoder
-    from dist_embed.model.packing import choose_layout
+    from dist_embed.model.layout_choice import choose_layout
 
     torch.manual_seed(0)
     state = DistState(device=torch.device("cuda"))
@@ -116,7 +117,7 @@ def _trainer_parts(precision: str, dropout: float):
     spec = choose_layout(enc, "cuda", precision, training)
     cfg = SimpleNamespace(training=training, distributed=SimpleNamespace(bucket_mb=25.0))
     prec = Precision(precision, "cuda")
-    backend = DDPBackend(cfg, state, enc, prec, param_groups(enc, 0.01), lambda o: lambda_lr(o, lambda: 1.0))
+    backend = AllReduceBackend(cfg, state, enc, prec, param_groups(enc, 0.01), lambda o: lambda_lr(o, lambda: 1.0))
     return state, enc, spec, backend, MultipleNegativesRanking(20.0, gather=False), Embedder(spec.kind, 16, prec.autocast)
 
 

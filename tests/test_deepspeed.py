@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dist_embed.config import ConfigError, load_config
 from dist_embed.backends.deepspeed import fill_ds_config, read_ds_config
@@ -104,6 +105,12 @@ def test_zero2_stop_and_resume_continues_with_the_same_losses(tmp_path, setup):
 # -- the config filling, no processes ------------------------------------------------------------
 
 
+def _prec(cfg):
+    from dist_embed.engine.precision import Precision
+
+    return Precision.for_device(cfg.training.precision, torch.device("cpu"))
+
+
 def _cfg(tmp_path, **training):
     return load_config(None, [f"output_dir={tmp_path}", "data.train=x.jsonl"] +
                        [f"training.{k}={v}" for k, v in training.items()])
@@ -113,7 +120,7 @@ def _cfg(tmp_path, **training):
 def test_shipped_configs_fill_every_auto_from_our_config(tmp_path, name):
     cfg = _cfg(tmp_path, batch_size=16, grad_accum=4, lr=2e-5, max_grad_norm=0.5, precision="bf16", weight_decay=0.1)
     ds = fill_ds_config(read_ds_config(str(DS / f"{name}.json")), cfg, world_size=8, hidden_size=384,
-                        device_type="cpu")
+                        precision=_prec(cfg))
     assert "auto" not in json.dumps(ds)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (16, 4, 16 * 4 * 8)
@@ -129,19 +136,20 @@ def test_ds_config_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 2},\n  "train_micro_batch_size_per_gpu": 8\n}\n')
     with pytest.raises(ConfigError, match=r"ds\.json: train_micro_batch_size_per_gpu: 8 contradicts .* 16"):
-        fill_ds_config(read_ds_config(str(bad)), cfg, 2, 32, "cpu", origin=str(bad))
+        fill_ds_config(read_ds_config(str(bad)), cfg, 2, 32, _prec(cfg), origin=str(bad))
     bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')
     with pytest.raises(ConfigError, match=r"ds\.json:2: invalid JSON"):
         read_ds_config(str(bad))
     base = {"zero_optimization": {"stage": 2}}
     with pytest.raises(ConfigError, match="scheduler: remove this section"):
-        fill_ds_config({**base, "scheduler": {"type": "WarmupLR"}}, cfg, 2, 32, "cpu")
+        fill_ds_config({**base, "scheduler": {"type": "WarmupLR"}}, cfg, 2, 32, _prec(cfg))
     with pytest.raises(ConfigError, match=r"no value to fill \"auto\" in zero_optimization.sub_group_size"):
-        fill_ds_config({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, cfg, 2, 32, "cpu")
+        fill_ds_config({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, cfg, 2, 32, _prec(cfg))
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        fill_ds_config(base, _cfg(tmp_path, precision="fp16"), 2, 32, "cpu")
+        fp16 = _cfg(tmp_path, precision="fp16")
+        fill_ds_config(base, fp16, 2, 32, _prec(fp16))
     with pytest.raises(ConfigError, match="stage: expected 1, 2 or 3"):
-        fill_ds_config({"zero_optimization": {"stage": 0}}, cfg, 2, 32, "cpu")
+        fill_ds_config({"zero_optimization": {"stage": 0}}, cfg, 2, 32, _prec(cfg))
 
 
 @pytest.mark.slow

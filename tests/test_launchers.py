@@ -200,7 +200,7 @@ def test_installed_wheel_renders_the_sbatch_template_outside_the_checkout(tmp_pa
                     *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
     cfg = tiny_config(tmp_path, tiny_model, triplets)
     env = dict(os.environ, PYTHONPATH=str(site), PYTHONSAFEPATH="1")
-    r = subprocess.run([sys.executable, "-m", "dist_embed.cli", "submit", "slurm", str(cfg), "--dry-run"],
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "submit", "slurm", str(cfg), "--dry-run"],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "#SBATCH --requeue" in r.stdout
@@ -248,7 +248,7 @@ def test_mining_under_slurm_and_ray_gives_the_bytes_of_one_process(slurm, ray_cl
     script.write_text("#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --cpus-per-task=1\n"
                       f"#SBATCH --output={tmp_path}/slurm-%j.out\n"
                       "export MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
-                      f"srun {sys.executable} -m dist_embed.cli mine {data} --model {minilm} --out {on_slurm} "
+                      f"srun {sys.executable} -m launch.cli mine {data} --model {minilm} --out {on_slurm} "
                       + " ".join(args) + "\n")
     job = slurm.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
     assert slurm.wait(job) == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()[-3000:]

@@ -93,7 +93,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_bytes(tmp_path, minilm):
     out = tmp_path / "killed.jsonl"
     parts = tmp_path / ".killed.jsonl.parts"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dist_embed.cli", *mine_args(data, out, minilm, *args, "--nproc", 2)],
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *mine_args(data, out, minilm, *args, "--nproc", 2)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("block-*.jsonl"))) < 3:

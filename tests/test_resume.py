@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dist_embed.outputs.checkpoint import find_resumable, verify
-from dist_embed.launch.local import child_pids
+from launch.local import child_pids
 
 from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl
 from test_distributed import max_weight_diff, read_row_log
@@ -162,7 +162,7 @@ def test_resume_with_another_world_size_neither_repeats_nor_loses_rows(tmp_path,
 
 def start(cfg, out, *args, env=None) -> subprocess.Popen:
     full = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "dist_embed.cli", "train", str(cfg), f"output_dir={out}", *args],
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(cfg), f"output_dir={out}", *args],
                             cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

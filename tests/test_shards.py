@@ -158,7 +158,7 @@ def test_prepare_continues_after_being_killed(tmp_path):
     args = [src, "--shard-rows", 2048, "--block-rows", 256, "--tokenizer", minilm_dir(), "--max-seq-length", 64]
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "dist_embed.cli", "prepare-data", *map(str, args), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "prepare-data", *map(str, args), "--out",
                              str(out)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     state = out / ".prepare-state.json"
     deadline = time.time() + 120

@@ -103,7 +103,7 @@ def test_laid_out_embeddings_equal_one_text_at_a_time(tiny_model, pooling, norma
     rounding the token count up to a bucket): each text's embedding is the one it gets alone."""
     from dist_embed.data.layout import LayoutSpec, build
     from dist_embed.data.batch import map_arrays
-    from dist_embed.model.packing import choose_layout
+    from dist_embed.model.layout_choice import choose_layout
     import numpy as np
     from types import SimpleNamespace
 
@@ -208,7 +208,7 @@ def test_eager_attention_is_never_packed(tiny_model):
     from types import SimpleNamespace
 
     from dist_embed.config import ConfigError
-    from dist_embed.model.packing import can_pack, can_unpad, choose_layout
+    from dist_embed.model.layout_choice import can_pack, can_unpad, choose_layout
 
     enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0).eval()
     enc.transformer.set_attn_implementation("eager")
@@ -250,7 +250,7 @@ def test_xlmr_tokenizer_fast_path_gives_the_tokenizers_own_ids(roberta_family):
 def test_xlmr_packing_equals_unpacked_embeddings_and_gradients(roberta_family, loss_name):
     """Packed rows carry each text's positions from padding_idx + 1, as XLM-R numbers them alone."""
     from conftest import MULTILINGUAL
-    from dist_embed.model.packing import can_pack
+    from dist_embed.model.layout_choice import can_pack
 
     tiny_xlmr = roberta_family
     assert can_pack(Encoder.from_pretrained(str(tiny_xlmr)))

@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 
 from dist_embed.outputs.checkpoint import verify
-from dist_embed.launch.local import child_pids
+from launch.local import child_pids
 
 from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl
 from test_bad_input import assert_one_line_exit_2
@@ -182,7 +182,7 @@ def test_worker_signals_are_never_lost_while_it_starts(tmp_path, tiny_model):
     not fatal: the whole job says it stopped before the first step and exits 75."""
     cfg = rows_config(tmp_path, tiny_model)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_embed.cli", "train", str(cfg), f"output_dir={out}",
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(cfg), f"output_dir={out}",
                              "--nproc", "2"], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dist_embed.model.encoder import Encoder
-from dist_embed.model.weights import parse_size, weight_files
+from dist_embed.config.schema import parse_size
+from dist_embed.model.weights import weight_files
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run through the snow.", "A woman slices an onion."]
 

@@ -22,7 +22,7 @@ class StepResult:
 class Backend(Protocol):
     """What the loop needs of a backend (it never asks which one it has).
 
-    ``ddp.DDPBackend``: autograd on every rank, one bucketed gradient all-reduce per optimizer step
+    ``allreduce.AllReduceBackend``: autograd on every rank, one bucketed gradient all-reduce per optimizer step
     (sparse for the word embeddings), fused AdamW, fp16's GradScaler on GPUs.
     ``deepspeed.DeepSpeedBackend``: DeepSpeed ZeRO 1-3 (+ offload) through accelerate.
 
@@ -67,26 +67,27 @@ class Backend(Protocol):
     def describe(self) -> dict: ...
 
 
-def start_backend(cfg, state):
+def start_backend(cfg, state, precision):
     """What must exist before the model is built (None for DDP): DeepSpeed's Accelerator, after
     which ZeRO-3 builds models partitioned across the ranks."""
     if cfg.distributed.backend != "deepspeed":
         return None
     from .deepspeed import DeepSpeedSetup
 
-    return DeepSpeedSetup(cfg, state)
+    return DeepSpeedSetup(cfg, state, precision)
 
 
 def make_backend(cfg, state, encoder, precision, make_scheduler, started=None) -> Backend:
     """The backend ``distributed.backend`` names, wrapping ``encoder`` in ``precision`` (``started``:
     what ``start_backend`` returned)."""
-    from ..engine.optim import param_groups
+    from .optim import param_groups
 
     groups = param_groups(encoder, cfg.training.weight_decay)
     if cfg.distributed.backend == "deepspeed":
         from .deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(started or start_backend(cfg, state), cfg, state, encoder, groups, make_scheduler)
-    from .ddp import DDPBackend
+        started = started or start_backend(cfg, state, precision)
+        return DeepSpeedBackend(started, cfg, state, encoder, groups, make_scheduler)
+    from .allreduce import AllReduceBackend
 
-    return DDPBackend(cfg, state, encoder, precision, groups, make_scheduler)
+    return AllReduceBackend(cfg, state, encoder, precision, groups, make_scheduler)

@@ -29,8 +29,7 @@ import torch
 from ..outputs import checkpoint as ckpt
 from ..config import Config, ConfigError
 from ..distributed import DistState
-from ..engine.precision import Precision
-from ..engine.optim import make_adamw
+from .optim import make_adamw
 from . import StepResult
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ def read_ds_config(path: str) -> dict:
     return data
 
 
-def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, device_type: str,
+def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, precision,
                    origin: str = "deepspeed config") -> dict:
     """Replace every ``"auto"`` with the value our config implies; refuse values that contradict it.
 
@@ -93,7 +92,7 @@ def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, de
         elif have != value:
             raise ConfigError(f"{origin}: {key}: {have!r} contradicts the training config, which implies {value!r}; "
                               f"set it to \"auto\"")
-    Precision.for_device(t.precision, torch.device(device_type)).fill_deepspeed(ds, origin)
+    precision.fill_deepspeed(ds, origin)  # the run's Precision (engine/precision.py owns the rules)
     if "optimizer" in ds:
         opt = ds["optimizer"]
         if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
@@ -171,7 +170,7 @@ class DeepSpeedSetup:
     through accelerate's weak reference to the config) and loads its checkpoint module by module
     (rank 0 reads, the others only get their partitions). So no rank ever holds the whole model."""
 
-    def __init__(self, cfg: Config, state: DistState):
+    def __init__(self, cfg: Config, state: DistState, precision):
         _set_default_extension_dir()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         from accelerate import Accelerator, DeepSpeedPlugin
@@ -180,7 +179,7 @@ class DeepSpeedSetup:
         path = cfg.distributed.deepspeed_config
         self.path = path
         self.config = fill_ds_config(read_ds_config(path), cfg, state.world_size, _hidden_size(cfg) or 768,
-                                     state.device.type, origin=path)
+                                     precision, origin=path)
         self.stage = int(self.config["zero_optimization"]["stage"])
         if self.stage == 3:
             _fixed_mmap_threshold()

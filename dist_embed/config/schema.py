@@ -2,6 +2,7 @@
 pydantic models (a typo in a cluster job fails in the first second, not an hour later on rank 7)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,7 +28,8 @@ class LoraSpec(_Section):
 
 class ModelConfig(_Section):
     name_or_path: LocalPath = "sentence-transformers/all-MiniLM-L6-v2"
-    pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None  # None: read from a sentence-transformers dir, else mean
+    # None: read from a sentence-transformers directory, else mean
+    pooling: Literal["mean", "cls", "max", "lasttoken"] | None = None
     normalize: bool | None = None  # None: read from a sentence-transformers dir, else False
     max_seq_length: int | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
@@ -239,6 +241,21 @@ class EvalConfig(_Section):
     before_training: bool = True
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """"5GB" -> 5e9 bytes (decimal units as transformers' ``max_shard_size``; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m and m.group(2).upper() in _UNITS else 0
+    if n <= 0:
+        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return n
+
+
 class CheckpointConfig(_Section):
     steps: int = Field(default=0, ge=0)  # 0: only final/
     keep_last: int | None = Field(default=3, gt=0)
@@ -248,8 +265,8 @@ class CheckpointConfig(_Section):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        from ..model.weights import parse_size
-        return v if parse_size(v) else v  # ValueError unless a positive size
+        parse_size(v)  # ValueError unless a positive size
+        return v
 
 
 class HealthConfig(_Section):

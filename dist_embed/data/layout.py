@@ -102,7 +102,8 @@ def _unpadded(tokens, lengths, owner, within, sizes, spec: LayoutSpec) -> Unpadd
     seq = [int(n) for n in lengths]
     total = len(tokens)
     fill = (-total) % spec.bucket if spec.bucket else 0
-    fillers = [spec.max_filler] * (fill // spec.max_filler) + ([fill % spec.max_filler] if fill % spec.max_filler else [])
+    whole, rest = divmod(fill, spec.max_filler)
+    fillers = [spec.max_filler] * whole + ([rest] if rest else [])
     filler_pos = np.concatenate([np.arange(n, dtype=np.int64) for n in fillers]) if fillers else np.zeros(0, np.int64)
     cu = np.zeros(len(seq) + len(fillers) + 1, dtype=np.int32)
     cu[1:] = np.cumsum(seq + fillers)

@@ -252,7 +252,8 @@ class _PlanSampler(Sampler):
                    "dataset": dataset}
 
 
-def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer, max_length: int,
+def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer,
+                 max_length: int,
                  num_workers: int = 0, pin_memory: bool = False, balance: bool = False,
                  layout: LayoutSpec | None = None) -> Iterator[tuple[Batch, dict]]:
     """(this rank's tokenized batch, planner state after it) for the rest of the planner's epoch.

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 
-from .readers import DataError, data_files, open_hub, saved_hf_dataset, read_delimited, read_hub, read_jsonl, read_parquet
+from .readers import (DataError, data_files, open_hub, read_delimited, read_hub, read_jsonl, read_parquet,
+                      saved_hf_dataset)
 from .rows import Row, SkipCounter, check_scan, first_keys, resolve_columns, validate_rows, with_prompts
 from .shards import MANIFEST, _is_local, block_rows, local_block, shard_blocks, shard_urls
 

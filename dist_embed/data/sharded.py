@@ -272,7 +272,8 @@ class ShardedPlanner:
         sh = state.get("shuffle")
         rng = rng_from_json(sh["rng"]) if sh else random.Random(seed * 1_000_003 + epoch * 104_729 + rank)
         self.shuffle = ShuffleBuffer(shuffle_buffer if shuffle else 0, rng,
-                                     [make_row(r) for r in sh["buffer"]] if sh else None, sh["draining"] if sh else False)
+                                     [make_row(r) for r in sh["buffer"]] if sh else None,
+                                     sh["draining"] if sh else False)
         self.deferred = deque(make_row(r) for r in state.get("deferred", []))
         self.local_done = state.get("local_done", False)
 

@@ -136,7 +136,8 @@ def load_manifest(url: str) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{url}: not a valid manifest (malformed JSON: {e})") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT or not isinstance(man.get("shards"), list):
-        raise DataError(f"{url}: not a dist_embed shard manifest (format {man.get('format') if isinstance(man, dict) else None!r})")
+        fmt = man.get("format") if isinstance(man, dict) else None
+        raise DataError(f"{url}: not a dist_embed shard manifest (format {fmt!r})")
     if man.get("version", 0) > VERSION:
         raise DataError(f"{url}: manifest version {man['version']} is newer than this dist_embed reads ({VERSION})")
     return man
@@ -175,7 +176,8 @@ def shard_urls(spec: str) -> tuple[list[str], dict | None]:
 def _check_local(urls: list[str]) -> None:
     missing = [u for u in urls if _is_local(u) and not _local(u).is_file()]
     if missing:
-        raise DataError(f"{missing[0]}: shard not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}: shard not found{more}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +265,8 @@ def id_cuts(ids, lens, id_columns: list[str] | None) -> dict | None:
     raw = ids.astype("<i4", copy=False).tobytes()
     offsets = [0, *accumulate(4 * n for n in lens.ravel().tolist())]
     width = lens.shape[1]
-    return {c: (lambda i, j=j: raw[offsets[i * width + j]:offsets[i * width + j + 1]]) for j, c in enumerate(id_columns)}
+    return {c: (lambda i, j=j: raw[offsets[i * width + j]:offsets[i * width + j + 1]])
+            for j, c in enumerate(id_columns)}
 
 
 def local_block(url: str, entry: dict, block: int, index: dict) -> dict:

@@ -111,6 +111,7 @@ class MultipleNegativesRanking:
     cache: GradCache | None = None
 
     key = property(lambda self: "cached_mnrl" if self.cache else "mnrl")
+    title = property(lambda self: ("Cached" if self.cache else "") + "MultipleNegativesRankingLoss")
 
     def prepare(self, embs: list[torch.Tensor], batch, state: DistState, timer=None) -> tuple[list, dict]:
         """Candidates gathered once at full width (Matryoshka then scores truncations of them)."""
@@ -179,7 +180,7 @@ class CosineSimilarity:
 
     score_max: float = 1.0
     cache = None
-    key = "cosine"
+    key, title = "cosine", "CosineSimilarityLoss"
 
     def prepare(self, embs, batch, state, timer=None):
         scores = batch.scores.to(embs[0].device) if batch.scores is not None else embs[0].new_zeros(0)
@@ -199,7 +200,7 @@ class Triplet:
     margin: float = 5.0
     distance: str = "euclidean"
     cache = None
-    key = "triplet"
+    key, title = "triplet", "TripletLoss"
 
     def prepare(self, embs, batch, state, timer=None):
         return embs, {"count": batch.global_size, "candidates": None}
@@ -220,7 +221,7 @@ class Matryoshka:
 
     inner: MultipleNegativesRanking | CosineSimilarity | Triplet
     dims: tuple[tuple[int, float], ...]  # (dimension, weight)
-    key = "matryoshka"
+    key, title = "matryoshka", "MatryoshkaLoss"
 
     @property
     def cache(self) -> GradCache | None:
@@ -234,14 +235,12 @@ class Matryoshka:
                    for d, w in self.dims)
 
     def card(self, world_size: int) -> dict:
-        return {"loss": LOSS_CLASSES[self.inner.key], "matryoshka_dims": [d for d, _ in self.dims],
+        return {"loss": self.inner.title, "matryoshka_dims": [d for d, _ in self.dims],
                 "matryoshka_weights": [w for _, w in self.dims], "n_dims_per_step": -1,
                 "loss_parameters": self.inner.card(world_size)}
 
 
 Loss = MultipleNegativesRanking | CosineSimilarity | Triplet | Matryoshka
-LOSS_CLASSES = {"mnrl": "MultipleNegativesRankingLoss", "cached_mnrl": "CachedMultipleNegativesRankingLoss",
-                "cosine": "CosineSimilarityLoss", "triplet": "TripletLoss", "matryoshka": "MatryoshkaLoss"}
 
 
 def compute(loss: Loss, embs: list[torch.Tensor], batch, state: DistState, timer=None) -> tuple[torch.Tensor, dict]:
@@ -249,11 +248,6 @@ def compute(loss: Loss, embs: list[torch.Tensor], batch, state: DistState, timer
     health checks read: the embedding spread and the number of candidates per anchor."""
     prepared, ctx = loss.prepare(embs, batch, state, timer)
     return loss.score(prepared, ctx), {"emb_std": embedding_std(embs[0]), "candidates": ctx["candidates"]}
-
-
-def keys_of(loss: Loss) -> tuple[str, ...]:
-    """The loss's names, outer first (``("matryoshka", "mnrl")``): tags and citations on the card."""
-    return (loss.key, *keys_of(loss.inner)) if isinstance(loss, Matryoshka) else (loss.key,)
 
 
 def build_loss(cfg, gather: bool, guide: GuideFilter | None = None) -> Loss:

@@ -22,13 +22,13 @@ from ..config import Config, ConfigError, dump_config
 from ..distributed import DistState, broadcast_object
 from ..evaluation.evaluator import Evaluator
 from ..model.encoder import Encoder, ModelError
-from ..model.packing import choose_layout
+from ..model.layout_choice import choose_layout
 from ..outputs.run_dir import CLAIMED_ENV, claim, start_afresh
 from ..outputs.run_outputs import RowLog, RunOutputs
 from ..outputs.tracking import MetricsWriter, rss_mib
 from .health import HealthMonitor
 from .losses import GuideFilter, Loss, build_loss
-from .optim import Schedule, lambda_lr
+from .schedule import Schedule, lambda_lr
 from .precision import Precision
 from .step import Embedder
 from .train_data import TrainData, build_plan, dataset_sizes, shard_data
@@ -177,7 +177,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     torch.manual_seed(t.seed + state.rank)
     random.seed(t.seed + state.rank)
     losses = build_losses(cfg, state)
-    started = start_backend(cfg, state)
+    started = start_backend(cfg, state, precision)
     rss_before_model = rss_mib()
     encoder = load_encoder(cfg, state)
     too_wide = sorted({dim for ds in cfg.datasets for dim in ds.loss.matryoshka_dims or [] if dim > encoder.dim})
@@ -264,6 +264,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     gathered = any(getattr(getattr(loss, "inner", loss), "gather", False) for loss in losses) and state.enabled
     log.info("world size %d, device %s, %s rows (%s data plane), global batch %d, about %d optimizer steps "
              "(warm-up %d), precision %s, %s layout, loss %s%s", state.world_size, state.device, rows,
-             plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision, layout.kind, ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
+             plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision, layout.kind,
+             ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
              " with negatives gathered across ranks" if gathered else "")
     return run

@@ -86,7 +86,8 @@ def token_chunks(features: dict[str, torch.Tensor], budget: int) -> list[torch.T
     return groups
 
 
-def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, min_forwards: int = 0) -> list[torch.Tensor]:
+def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int,
+                  min_forwards: int = 0) -> list[torch.Tensor]:
     """Embeddings (with grad) of every padded text column, each in its row order.
 
     ``chunk == 0``: one forward per column, padded to the column's longest text (what
@@ -132,24 +133,6 @@ def placeholder_features(encoder, device) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
-class AutogradBackward:
-    """How gradients reach the parameters on the DDP path: autograd, with the fp16 GradScaler if
-    any; our bucketed all-reduce sums them afterwards. (DeepSpeedBackend has the same three methods.)"""
-
-    def __init__(self, scaler=None):
-        self.scaler = scaler
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def backward_cached(self, loss: torch.Tensor) -> None:
-        """Cached MNRL, loss -> cached embeddings (no parameters involved); replays inherit the scale."""
-        self.backward(loss)
-
-    def backward_outputs(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
-        outputs.backward(grad)
-
-
 def forward_backward(encoder, batch: Batch, loss: Loss, embedder: Embedder, state: DistState, *,
                      loss_scale: float = 1.0, grads=None, timer: Timer | None = None) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (this rank's share of the global mean, a detached tensor: nothing is
@@ -161,7 +144,10 @@ def forward_backward(encoder, batch: Batch, loss: Loss, embedder: Embedder, stat
     Every rank issues the same collectives whatever its slice holds, an empty one included: the
     same gathers (one per candidate column), the same number of forwards and backwards (an empty
     or smaller slice runs placeholder forwards whose output is multiplied by zero)."""
-    grads = grads or AutogradBackward()
+    if grads is None:
+        from ..backends.allreduce import AutogradBackward
+
+        grads = AutogradBackward()
     device = state.device
     layout = batch.layout
     if loss.cache is not None and not isinstance(layout, Unpadded):

@@ -57,7 +57,8 @@ def load_retrieval(name: str, queries, corpus, qrels) -> RetrievalData:
     Each of the three is a file (jsonl, tsv, csv, parquet) or a Hugging Face dataset reference."""
     q = {}
     for where, obj in _records(queries, "queries"):
-        q[_field(where, obj, ("_id", "id", "query-id"), "query id")] = _field(where, obj, ("text", "query"), "query text")
+        qid = _field(where, obj, ("_id", "id", "query-id"), "query id")
+        q[qid] = _field(where, obj, ("text", "query"), "query text")
     c = {}
     for where, obj in _records(corpus, "corpus"):
         text = _field(where, obj, ("text", "document"), "document text")

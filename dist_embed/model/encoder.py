@@ -133,7 +133,8 @@ class Encoder(nn.Module):
             transformer.pooler = None
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         limit = position_limit(config)
-        msl = max_seq_length or st.get("max_seq_length") or min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
+        msl = max_seq_length or st.get("max_seq_length") or \
+            min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
         if limit and int(msl) > limit:
             raise ModelError(f"model.max_seq_length={msl} is more than {name_or_path} can take: its position "
                                   f"embeddings cover {limit} tokens (set model.max_seq_length <= {limit})")
@@ -249,7 +250,8 @@ class Encoder(nn.Module):
         modules = json.loads((root / "modules.json").read_text())
         dense = [m["path"] for m in modules if m.get("type", "").endswith(".Dense")]
         for i, path in enumerate(dense):
-            weights.update({f"st_dense.{i}.{k}": v for k, v in load_file(str(root / path / "model.safetensors")).items()})
+            dense_weights = load_file(str(root / path / "model.safetensors"))
+            weights.update({f"st_dense.{i}.{k}": v for k, v in dense_weights.items()})
         return weights
 
     def save(self, out_dir: str | Path, parts: Iterable[dict[str, torch.Tensor]] | None = None,
@@ -259,7 +261,8 @@ class Encoder(nn.Module):
         ZeRO-3 one module at a time); the transformer's are written in shards of ``max_shard_size``."""
         from safetensors.torch import save_file
 
-        from .weights import parse_size, remove_weights, write_weights
+        from ..config.schema import parse_size
+        from .weights import remove_weights, write_weights
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +291,8 @@ class Encoder(nn.Module):
             save_file({k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)},
                       str(folder / "model.safetensors"), metadata={"format": "pt"})
             _write_json(folder / "config.json", dense.config())
-            modules.append({"idx": idx, "name": str(idx), "path": folder.name, "type": "sentence_transformers.models.Dense"})
+            modules.append({"idx": idx, "name": str(idx), "path": folder.name,
+                            "type": "sentence_transformers.models.Dense"})
         if self.normalize:
             idx = len(modules)
             modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",

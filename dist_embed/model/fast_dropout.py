@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ATTENTION = "dist_embed_sdpa"
+FAST_DROPOUT_ATTENTION = "dist_embed_sdpa"
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -62,8 +62,8 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionInterface.register(FAST_DROPOUT_ATTENTION, _attention)
+    AttentionMaskInterface.register(FAST_DROPOUT_ATTENTION, sdpa_mask)
 
 
 def use_fast_dropout(transformer: nn.Module) -> int:
@@ -76,5 +76,5 @@ def use_fast_dropout(transformer: nn.Module) -> int:
                 swapped += 1
     if getattr(transformer.config, "_attn_implementation", None) == "sdpa":
         _register()
-        transformer.set_attn_implementation(ATTENTION)
+        transformer.set_attn_implementation(FAST_DROPOUT_ATTENTION)
     return swapped

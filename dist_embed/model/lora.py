@@ -40,7 +40,8 @@ def merged_parts(transformer, is_main: bool = True):
 
     def merged(name: str, layer) -> dict[str, torch.Tensor]:
         out = {f"{name}.{k}": v for k, v in layer.base_layer.state_dict().items()}
-        out[f"{name}.weight"] = out[f"{name}.weight"] + layer.get_delta_weight("default").to(out[f"{name}.weight"].dtype)
+        weight = out[f"{name}.weight"]
+        out[f"{name}.weight"] = weight + layer.get_delta_weight("default").to(weight.dtype)
         return out
 
     return module_weights(base_model(transformer), is_main, whole={LoraLayer: merged})

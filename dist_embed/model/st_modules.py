@@ -50,7 +50,8 @@ def read_st_settings(path: str) -> dict:
             unsupported = [k for k, v in pcfg.items() if k.startswith("pooling_mode_") and v and
                            k not in POOLING_KEYS.values()]
             if unsupported or len(modes) != 1:
-                raise ModelError(f"{root}: pooling {unsupported or modes} is not supported (mean, cls, max or lasttoken)")
+                raise ModelError(f"{root}: pooling {unsupported or modes} is not supported "
+                                 "(mean, cls, max or lasttoken)")
             if pcfg.get("include_prompt") is False:
                 raise ModelError(f"{root}: pooling with include_prompt=false (prompt tokens left out of the "
                                  "mean) is not supported; dist_embed pools every token")
@@ -78,7 +79,8 @@ class Dense(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "torch.nn.modules.activation.Tanh"):
         super().__init__()
-        self.in_features, self.out_features, self.bias, self.activation_name = in_features, out_features, bias, activation
+        self.in_features, self.out_features = in_features, out_features
+        self.bias, self.activation_name = bias, activation
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         self.activation_function = getattr(nn, ACTIVATIONS[activation])()
 

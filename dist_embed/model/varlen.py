@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ATTENTION = "dist_embed_varlen"
+VARLEN_ATTENTION = "dist_embed_varlen"
 
 
 @torch.library.custom_op("dist_embed::varlen_fwd", mutates_args=())
@@ -107,7 +107,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     return out[None], None
 
 
-def _no_mask(*args, **kwargs):
+def _sdpa_mask_for_padded(*args, **kwargs):
     """Unpadded forwards need no mask; padded ones (evaluation) get SDPA's."""
     from transformers.masking_utils import sdpa_mask
 
@@ -119,9 +119,9 @@ def use_varlen_attention(transformer: torch.nn.Module) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if getattr(transformer.config, "_attn_implementation", None) not in ("sdpa", "dist_embed_sdpa", ATTENTION):
+    if getattr(transformer.config, "_attn_implementation", None) not in ("sdpa", "dist_embed_sdpa", VARLEN_ATTENTION):
         return False
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, _no_mask)
-    transformer.set_attn_implementation(ATTENTION)
+    AttentionInterface.register(VARLEN_ATTENTION, _attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _sdpa_mask_for_padded)
+    transformer.set_attn_implementation(VARLEN_ATTENTION)
     return True

@@ -21,21 +21,6 @@ import torch
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str | int) -> int:
-    """"5GB" -> 5e9 bytes (decimal units as transformers' ``max_shard_size``; KiB/MiB/GiB binary)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m and m.group(2).upper() in _UNITS else 0
-    if n <= 0:
-        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
-    return n
-
-
 def is_partitioned(p: torch.Tensor) -> bool:
     """A ZeRO-3 parameter: this rank holds only its partition (``ds_tensor``)."""
     return hasattr(p, "ds_id")

@@ -11,53 +11,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..engine.losses import LOSS_CLASSES, keys_of
+from .citations import CITATIONS, SBERT_BIB
 
 log = logging.getLogger("dist_embed.train")
 
 
-SBERT_BIB = """@inproceedings{reimers-2019-sentence-bert,
-    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
-    author = "Reimers, Nils and Gurevych, Iryna",
-    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
-    year = "2019",
-    publisher = "Association for Computational Linguistics",
-    url = "https://arxiv.org/abs/1908.10084",
-}"""
-CITATIONS = {
-    "matryoshka": ("MatryoshkaLoss", """@misc{kusupati2024matryoshka,
-    title = {Matryoshka Representation Learning},
-    author = {Aditya Kusupati and Gantavya Bhatt and Aniket Rege and Matthew Wallingford and Aditya Sinha and Vivek Ramanujan and William Howard-Snyder and Kaifeng Chen and Sham Kakade and Prateek Jain and Ali Farhadi},
-    year = {2024},
-    eprint = {2205.13147},
-    archivePrefix = {arXiv},
-    primaryClass = {cs.LG}
-}"""),
-    "mnrl": ("MultipleNegativesRankingLoss", """@misc{henderson2017efficient,
-    title = {Efficient Natural Language Response Suggestion for Smart Reply},
-    author = {Matthew Henderson and Rami Al-Rfou and Brian Strope and Yun-hsuan Sung and Laszlo Lukacs and Ruiqi Guo and Sanjiv Kumar and Balint Miklos and Ray Kurzweil},
-    year = {2017},
-    eprint = {1705.00652},
-    archivePrefix = {arXiv},
-    primaryClass = {cs.CL}
-}"""),
-    "cached_mnrl": ("CachedMultipleNegativesRankingLoss", """@misc{gao2021scaling,
-    title = {Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
-    author = {Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
-    year = {2021},
-    eprint = {2101.06983},
-    archivePrefix = {arXiv},
-    primaryClass = {cs.LG}
-}"""),
-    "triplet": ("TripletLoss", """@misc{hermans2017defense,
-    title = {In Defense of the Triplet Loss for Person Re-Identification},
-    author = {Alexander Hermans and Lucas Beyer and Bastian Leibe},
-    year = {2017},
-    eprint = {1703.07737},
-    archivePrefix = {arXiv},
-    primaryClass = {cs.CV}
-}"""),
-}
+def chain(loss) -> list:
+    """A loss and the losses it wraps, outer first (Matryoshka(MNRL) -> [Matryoshka, MNRL]); each
+    has a ``key`` (ours) and a ``title`` (sentence-transformers' class name)."""
+    return [loss, *chain(loss.inner)] if getattr(loss, "inner", None) is not None else [loss]
 
 
 @dataclass
@@ -147,7 +109,8 @@ def _fmt(v) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    out = ["| " + " | ".join(header) + " |", rule]
     out += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
     return "\n".join(out)
 
@@ -206,14 +169,14 @@ METRIC_NAMES = {"pearson": "Pearson", "spearman": "Spearman", "cosine": "Cosine"
                 "euclidean": "Euclidean", "manhattan": "Manhattan"}
 
 
-def front_matter(base_model: str, data: list[DatasetInfo], loss_keys: list[str], final_metrics: dict,
+def front_matter(base_model: str, data: list[DatasetInfo], loss_titles: list[str], final_metrics: dict,
                  eval_names: list[str], ir_names: list[str] = ()) -> dict:
     """The YAML header the Hub reads: tags, widget examples from the training rows, every
     evaluator's metrics (model-index), as sentence-transformers writes it."""
     rows = sum((d.rows or 0) for d in data)
     front: dict = {"tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense",
                             "dist-embed", *([f"dataset_size:{rows}"] if rows else []),
-                            *(f"loss:{LOSS_CLASSES[k]}" for k in loss_keys)]}
+                            *(f"loss:{t}" for t in loss_titles)]}
     if _is_hub_id(base_model):
         front["base_model"] = base_model
     widget = widget_examples(data)
@@ -259,11 +222,12 @@ def widget_examples(data: list[DatasetInfo], n: int = 5) -> list[dict]:
 
 
 def loss_title(loss) -> str:
-    return LOSS_CLASSES[loss.key]
+    return loss.title
 
 
 def _dataset_section(data: DatasetInfo, loss, world_size: int, heading: str) -> list[str]:
-    parts = [heading, "", f"* Size: {data.rows:,} training samples" if data.rows else "* Size: streamed (unknown length)",
+    size = f"* Size: {data.rows:,} training samples" if data.rows else "* Size: streamed (unknown length)"
+    parts = [heading, "", size,
              f"* Columns: {', '.join(f'<code>{c}</code>' for c in data.columns)}"]
     if data.share is not None:
         parts.append(f"* Share of training: {data.share:.1%}")
@@ -288,12 +252,13 @@ def render(*, encoder, base_model: str, cfg, losses: list, data: list[DatasetInf
     from .. import __version__
 
     data = data or []
-    loss_keys = list(dict.fromkeys(k for loss in losses for k in keys_of(loss)))
+    loss_keys = list(dict.fromkeys(part.key for loss in losses for part in chain(loss)))
+    loss_titles = list(dict.fromkeys(part.title for loss in losses for part in chain(loss)))
     dims = sorted({d for loss in losses for d, _ in getattr(loss, "dims", ())}, reverse=True)
     keys, log_rows = training_log_rows(metrics_path, step)
     eval_names = [k.split("/")[1] for k in final_metrics if k.endswith("/spearman_cosine")]
     ir_names = [k.split("/")[1] for k in final_metrics if k.endswith("/ndcg@10")]
-    front = front_matter(base_model, data, loss_keys, final_metrics, eval_names, ir_names)
+    front = front_matter(base_model, data, loss_titles, final_metrics, eval_names, ir_names)
     t = cfg.training
     defaults = type(t)()
     all_hp = t.model_dump()
@@ -319,7 +284,8 @@ def render(*, encoder, base_model: str, cfg, losses: list, data: list[DatasetInf
     sims = {"cosine": "Cosine Similarity", "dot": "Dot Product", "euclidean": "Euclidean Distance",
             "manhattan": "Manhattan Distance"}
     sim = encoder.st_config.get("similarity_fn_name") or "cosine"
-    parts[parts.index("- **Similarity Function:** Cosine Similarity")] = f"- **Similarity Function:** {sims.get(sim, sim)}"
+    at = parts.index("- **Similarity Function:** Cosine Similarity")
+    parts[at] = f"- **Similarity Function:** {sims.get(sim, sim)}"
     if dims:
         parts.insert(-1, f"- **Matryoshka dimensions:** {', '.join(map(str, dims))} (the first d dimensions of an "
                          "embedding are an embedding: `SentenceTransformer(path, truncate_dim=d)`)")
@@ -336,7 +302,8 @@ def render(*, encoder, base_model: str, cfg, losses: list, data: list[DatasetInf
               "- **Documentation:** [Sentence Transformers Documentation](https://sbert.net)",
               "- **Trained with:** dist_embed (distributed training of sentence embedding models)", "",
               "### Full Model Architecture", "", "```", architecture(encoder), "```", "",
-              "## Usage", "", "### Direct Usage (Sentence Transformers)", "", "```bash", "pip install -U sentence-transformers", "```", "", "```python",
+              "## Usage", "", "### Direct Usage (Sentence Transformers)", "", "```bash",
+              "pip install -U sentence-transformers", "```", "", "```python",
               "from sentence_transformers import SentenceTransformer", "",
               'model = SentenceTransformer("path/to/this/model")',
               "sentences = [", '    "A man is eating food.",', '    "A man is eating a piece of bread.",',

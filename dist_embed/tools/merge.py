@@ -52,7 +52,8 @@ def merge_adapter_dir(adapter_dir: str | Path, out: str | Path, overwrite: bool 
     staging = dest.parent / f".tmp-{dest.name}"
     shutil.rmtree(staging, ignore_errors=True)
     Encoder(model, AutoTokenizer.from_pretrained(str(root)), pooling=st.get("pooling", start.pooling),
-            normalize=st.get("normalize", start.normalize), max_seq_length=st.get("max_seq_length", start.max_seq_length),
+            normalize=st.get("normalize", start.normalize),
+            max_seq_length=st.get("max_seq_length", start.max_seq_length),
             extra_state=start.extra_state, st_config=st.get("st_config"), dense=st.get("dense", ())).save(staging)
     if (root / "README.md").is_file():
         shutil.copyfile(root / "README.md", staging / "README.md")

@@ -15,12 +15,29 @@ import torch
 from ..outputs import checkpoint as ckpt
 from ..distributed import DistState, all_reduce_grads
 from ..model.lora import ADAPTER_FILE, adapter_state, is_lora, load_adapter_state
-from ..engine.optim import make_adamw, step_unless
-from ..engine.step import AutogradBackward
 from . import StepResult
+from .optim import make_adamw, step_unless
 
 
-class DDPBackend:
+class AutogradBackward:
+    """How gradients reach the parameters on the DDP path: autograd, with the fp16 GradScaler if
+    any; our bucketed all-reduce sums them afterwards. (DeepSpeedBackend has the same three methods.)"""
+
+    def __init__(self, scaler=None):
+        self.scaler = scaler
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def backward_cached(self, loss: torch.Tensor) -> None:
+        """Cached MNRL, loss -> cached embeddings (no parameters involved); replays inherit the scale."""
+        self.backward(loss)
+
+    def backward_outputs(self, outputs: torch.Tensor, grad: torch.Tensor) -> None:
+        outputs.backward(grad)
+
+
+class AllReduceBackend:
     """backward / backward_cached / backward_outputs: autograd (with fp16's GradScaler), the step's
     ``AutogradBackward``; the gradients are summed over ranks in ``step``."""
 

@@ -64,6 +64,7 @@ def choose_layout(encoder, device_type: str, precision: str, training) -> Layout
 
         use_varlen_attention(encoder.transformer)
     tok = encoder.tokenizer
-    return LayoutSpec(kind, pad_id=getattr(tok, "pad_token_id", 0) or 0, position_offset=position_offset(_config(encoder)),
+    return LayoutSpec(kind, pad_id=getattr(tok, "pad_token_id", 0) or 0,
+                      position_offset=position_offset(_config(encoder)),
                       row_len=training.pack_length or "auto", bucket=getattr(training, "layout_bucket", 0),
                       max_filler=min(encoder.max_seq_length, 128))

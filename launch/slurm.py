@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..exit_codes import EXIT_BAD_INPUT
+from dist_embed.exit_codes import EXIT_BAD_INPUT
 
 JOB_ID_FILE = "slurm_job_id"
 
@@ -68,7 +68,7 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     if not args.cpus_per_task:
         options.pop("cpus-per-task")
     script = render(options, env={"NPROC_PER_NODE": str(nproc),
-                                  "DIST_EMBED": f"{sys.executable} -m dist_embed.cli"})
+                                  "DIST_EMBED": f"{sys.executable} -m launch.cli"})
     cmd_args = [str(Path(config_path).resolve()), *overrides]
     if args.dry_run:
         print(script)
@@ -150,7 +150,7 @@ def job_state(job_id: str) -> str:
 
 
 def status(out_dir: Path) -> str:
-    from ..outputs.report import summary
+    from dist_embed.outputs.report import summary
 
     lines = []
     id_file = out_dir / JOB_ID_FILE

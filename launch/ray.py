@@ -22,10 +22,10 @@ def train_loop_per_worker(config: dict) -> None:
     restarts the group from the latest checkpoint as FailureConfig allows."""
     import ray.train
 
-    from ..engine.worker import run_worker
-    from ..config import Config
-    from ..exit_codes import EXIT_FAILED
-    from ..outputs.run_dir import CLAIMED_ENV
+    from dist_embed.engine.worker import run_worker
+    from dist_embed.config import Config
+    from dist_embed.exit_codes import EXIT_FAILED
+    from dist_embed.outputs.run_dir import CLAIMED_ENV
 
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
     os.environ[CLAIMED_ENV] = "1"  # the driver holds the output_dir
@@ -38,9 +38,9 @@ def mine_loop_per_worker(config: dict) -> None:
     """``dist-embed mine --ray-address``: each Ray worker is one rank of the mining job."""
     import ray.train
 
-    from ..distributed import init_distributed
-    from ..tools.mine import MineOptions, mine
-    from ..outputs.tracking import setup_logging
+    from dist_embed.distributed import init_distributed
+    from dist_embed.tools.mine import MineOptions, mine
+    from dist_embed.outputs.tracking import setup_logging
 
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
     state = init_distributed()
@@ -79,9 +79,9 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..config import ConfigError
-    from ..exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
-    from ..outputs.run_dir import claim
+    from dist_embed.config import ConfigError
+    from dist_embed.exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
+    from dist_embed.outputs.run_dir import claim
 
     # every path the schema marks as local, made absolute here: a worker on another node has no
     # notion of the submitter's working directory (hub ids and missing paths stay as written)

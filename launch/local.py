@@ -16,8 +16,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ..distributed import free_port
-from ..exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
+from dist_embed.distributed import free_port
+from dist_embed.exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
@@ -114,7 +114,7 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
         for local in range(nproc):
             rank = node_rank * nproc + local
             rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(local))
-            p = subprocess.Popen([sys.executable, "-m", "dist_embed.cli", *worker_args], env=rank_env,
+            p = subprocess.Popen([sys.executable, "-m", "dist_embed", *worker_args], env=rank_env,
                                  preexec_fn=partial(_worker_start, os.getpid()))
             signals.procs.append(p)
             ranks[p.pid] = rank
