@@ -207,7 +207,7 @@ def test_installed_wheel_renders_the_sbatch_template_outside_the_checkout(tmp_pa
     probe = subprocess.run([sys.executable, "-c", "import dist_embed; print(dist_embed.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert probe.stdout.startswith(str(site)), probe.stdout  # the installed copy, not the checkout
-    r = subprocess.run([sys.executable, "-m", "dist_embed", "submit", "ray", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "submit", "ray", "--help"], capture_output=True,
                        text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0 and "--num-workers" in r.stdout, r.stderr[-2000:]
 
