@@ -1,7 +1,10 @@
-"""Real local clusters for tests: Slurm (slurmctld + slurmd from Debian's packages) and Ray.
+"""Real local clusters for tests: Slurm (slurmctld + slurmd from Debian's packages) and Ray, on this
+machine's loopback (one node) or on the nodes of a ``netns.NetnsCluster`` (one slurmd / raylet each).
 
-Nothing is installed here: .ci/run installs the packages. Daemons are started in the foreground as
-our children and stopped by PID.
+Nothing is installed here: .ci/run installs the packages. Every helper stops only what it started:
+Slurm's daemons run in the foreground as our children and are stopped by PID; a Ray cluster's
+processes are the ones that carry its own temporary directory in their command line (or, on
+namespace nodes, every process of those nodes).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 SLURM_CONF = """\
 ClusterName=distembed
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost={head}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -38,47 +41,70 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=600
 KillWait=30
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
 class LocalSlurm:
-    def __init__(self, root: Path):
-        self.root = root
+    """slurmctld and one slurmd per node: this machine as the one node ``localhost``, or the nodes of
+    a ``NetnsCluster`` (slurmctld on node0; clients run there too: ``run``, ``command``)."""
+
+    def __init__(self, root: Path, cluster=None):
+        self.root, self.cluster = root, cluster
         (root / "state").mkdir(parents=True)
-        (root / "spool").mkdir()
+        nodes = [(n.host, n.addr) for n in cluster.nodes] if cluster else [("localhost", "127.0.0.1")]
+        self.names = [name for name, _ in nodes]
         self.conf = root / "slurm.conf"
-        self.conf.write_text(SLURM_CONF.format(root=root, ctld_port=free_port(), slurmd_port=free_port()))
+        # in namespaces every node has its own addresses, so the ports need only be free on none
+        ports = (6817, 6818) if cluster else (free_port(), free_port())
+        self.conf.write_text(SLURM_CONF.format(
+            root=root, ctld_port=ports[0], slurmd_port=ports[1], head=f"{nodes[0][0]}({nodes[0][1]})",
+            nodes="\n".join(f"NodeName={n} NodeAddr={a} CPUs={os.cpu_count() or 1} State=UNKNOWN" for n, a in nodes),
+            names=",".join(self.names)))
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.procs: list[subprocess.Popen] = []
 
+    def command(self, cmd: list, node: int = 0) -> list[str]:
+        """``cmd`` as run on node ``node`` (the head by default): clients talk to slurmctld from there."""
+        cmd = [str(c) for c in cmd]
+        return self.cluster.command(self.cluster.nodes[node], cmd) if self.cluster else cmd
+
     def start(self) -> "LocalSlurm":
-        for exe in ("slurmctld", "slurmd"):
-            args = [exe, "-D", "-f", str(self.conf)] + (["-c", "-i"] if exe == "slurmctld" else [])
-            self.procs.append(subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL, start_new_session=True))
+        self._spawn(["slurmctld", "-D", "-f", str(self.conf), "-c", "-i"], 0)
+        for i, name in enumerate(self.names):
+            self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", name], i)
         deadline = time.time() + 60
         while time.time() < deadline:
             r = self.run("sinfo", "-h", "-o", "%T", check=False)
-            if r.returncode == 0 and r.stdout.strip() in ("idle", "mixed", "allocated"):
+            states = r.stdout.split()
+            if r.returncode == 0 and len(states) >= 1 and all(s in ("idle", "mixed", "allocated") for s in states) \
+                    and self._nodes_up() == len(self.names):
                 return self
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"Slurm did not come up: {self.logs()}")
 
-    def run(self, *cmd, check=True) -> subprocess.CompletedProcess:
-        r = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
+    def _nodes_up(self) -> int:
+        r = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+        return sum(1 for line in r.stdout.splitlines() if line.split()[1:2] and line.split()[1] == "idle")
+
+    def _spawn(self, args: list[str], node: int) -> None:
+        self.procs.append(subprocess.Popen(self.command(args, node), env=self.env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, start_new_session=True))
+
+    def run(self, *cmd, check=True, node: int = 0) -> subprocess.CompletedProcess:
+        r = subprocess.run(self.command(list(cmd), node), env=self.env, capture_output=True, text=True, timeout=60)
         if check and r.returncode:
             raise RuntimeError(f"{cmd}: {r.stderr}")
         return r
@@ -100,8 +126,8 @@ class LocalSlurm:
         raise TimeoutError(f"job {job} still {self.state(job)}; {self.logs()}")
 
     def logs(self) -> str:
-        return "".join((self.root / f).read_text()[-3000:] for f in ("slurmctld.log", "slurmd.log")
-                       if (self.root / f).exists())
+        files = ["slurmctld.log"] + [f"slurmd-{n}.log" for n in self.names]
+        return "".join((self.root / f).read_text()[-3000:] for f in files if (self.root / f).exists())
 
     def stop(self) -> None:
         for p in self.procs:
@@ -112,6 +138,7 @@ class LocalSlurm:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
 
 
 def slurm_available() -> bool:
