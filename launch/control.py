@@ -218,8 +218,8 @@ class Coordinator(Watch):
         """One look at the members while the workers run (never blocks): a verdict, or None."""
         frozen = self.stopped_for()
         if frozen:
-            return Verdict(EXIT_PEER_LOST, f"this node ({socket.gethostname()}) was stopped for {frozen:.0f} s; the "
-                                           "other nodes gave it up")
+            return Verdict(EXIT_PEER_LOST, f"this node ({socket.gethostname()}) was given up by the others: it was "
+                                           f"stopped for {frozen:.0f} s")
         for node, msg in self._poll(0):
             if msg["t"] == "hello":  # a node's launcher started again: its old workers are gone
                 self.ready.add(node)
@@ -317,8 +317,8 @@ class Member(Watch):
         frozen = self.stopped_for()
         if frozen:
             self.close()
-            return Verdict(EXIT_PEER_LOST, f"this node ({socket.gethostname()}) was stopped for {frozen:.0f} s; the "
-                                           "other nodes gave it up")
+            return Verdict(EXIT_PEER_LOST, f"this node ({socket.gethostname()}) was given up by the others: it was "
+                                           f"stopped for {frozen:.0f} s")
         for msg in self.link.receive() if wait_readable([self.link], 0) else []:
             if msg.get("t") == "hb":
                 self.step = max(self.step, int(msg.get("step") or 0))

@@ -143,7 +143,7 @@ def settle(control, verdict: Verdict, window: float) -> Verdict:
     """A member's local failure goes to the coordinator, whose answer is the job's verdict (at most
     ``window`` s later: if the coordinator is gone too, the local one stands)."""
     if isinstance(control, Member) and verdict.restart is None and verdict.code not in (EXIT_OK, EXIT_PREEMPTED):
-        if not verdict.why.startswith(("lost contact", "this node")):
+        if not verdict.why.startswith(("lost contact", "this node")):  # else the coordinator is out of reach
             control.report("fail", verdict.code, verdict.why)
             answer = control.await_verdict(window + 2)
             if answer is not None:

@@ -145,27 +145,83 @@ def slurm_available() -> bool:
     return all(shutil.which(x) for x in ("slurmctld", "slurmd", "sbatch", "scontrol"))
 
 
-class LocalRay:
-    """A one-node Ray cluster on 127.0.0.2 (Ray rewrites 127.0.0.1 to the external address)."""
+# Ray 2.60 turns token authentication on for `ray start --head` whenever ~/.ray/auth_token exists
+# (a local ray.init() writes one) and never for a client given an address: state it for every part
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_AUTH_MODE": "disabled"}
 
-    def __init__(self, root: Path, cpus: int = 2):
-        self.root, self.cpus = root, cpus
-        self.port = free_port("127.0.0.2")
-        self.ray = str(Path(os.__file__).parent)  # unused; kept for clarity of what runs where
+
+def session_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_session(sid: int, timeout: float = 20) -> None:
+    """SIGKILL every process of session ``sid`` (again, while a dying raylet still starts some)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and session_of(int(e)) == sid]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+class LocalRay:
+    """A Ray cluster: one node on 127.0.0.2 (Ray rewrites 127.0.0.1 to the external address), or the
+    head on node0 of a ``NetnsCluster`` and a worker raylet on each other node (``cpus`` each).
+
+    ``ray start`` runs in a session of its own, and every daemon and worker it starts stays in it:
+    ``stop`` ends that session's processes, never another Ray on this machine (``ray stop`` would)."""
+
+    def __init__(self, root: Path, cpus: int = 2, cluster=None, stray_token: Path | None = None):
+        """``stray_token``: a token file the head finds with no mode stated (so Ray turns token mode
+        on, as it does for ~/.ray/auth_token); the other nodes state token mode to join it."""
         import sys
 
+        self.root, self.cpus, self.cluster, self.stray_token = Path(root), cpus, cluster, stray_token
+        self.head_ip = cluster.nodes[0].addr if cluster else "127.0.0.2"
+        self.port = 6379 if cluster else free_port("127.0.0.2")
         self.exe = str(Path(sys.executable).parent / "ray")
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+        self.env = dict(os.environ, **RAY_ENV)
+        if stray_token is not None:
+            self.env.pop("RAY_AUTH_MODE")
+            self.env["RAY_AUTH_TOKEN_PATH"] = str(stray_token)
+        self.sessions: list[int] = []
 
     @property
     def address(self) -> str:
-        return f"127.0.0.2:{self.port}"
+        return f"{self.head_ip}:{self.port}"
+
+    def command(self, cmd: list, node: int = 0) -> list[str]:
+        cmd = [str(c) for c in cmd]
+        return self.cluster.command(self.cluster.nodes[node], cmd) if self.cluster else cmd
+
+    def _ray_start(self, node: int, *args: str) -> None:
+        temp = self.root / f"node{node}"  # every node its own (the filesystem is shared)
+        p = subprocess.Popen(self.command([self.exe, "start", "--num-cpus", str(self.cpus), "--disable-usage-stats",
+                                           "--temp-dir", str(temp), *args], node),
+                             env=dict(self.env, RAY_AUTH_MODE="token") if node and self.stray_token else self.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.sessions.append(p.pid)
+        out, _ = p.communicate(timeout=180)
+        if p.returncode:
+            self.stop()
+            raise RuntimeError(f"ray start on node {node}: {out[-3000:]}")
 
     def start(self) -> "LocalRay":
-        subprocess.run([self.exe, "start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(self.port),
-                        "--num-cpus", str(self.cpus), "--include-dashboard=false", "--disable-usage-stats",
-                        "--temp-dir", str(self.root)], env=self.env, check=True, capture_output=True, timeout=180)
+        self._ray_start(0, "--head", "--node-ip-address", self.head_ip, "--port", str(self.port),
+                        "--include-dashboard=false")
+        for node in range(1, len(self.cluster.nodes) if self.cluster else 1):
+            self._ray_start(node, "--address", self.address, "--node-ip-address", self.cluster.nodes[node].addr)
         return self
 
     def stop(self) -> None:
-        subprocess.run([self.exe, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        for sid in self.sessions:
+            kill_session(sid)

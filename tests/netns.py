@@ -125,7 +125,9 @@ class NetnsCluster:
     def start(self) -> "NetnsCluster":
         remove_stale()
         self.root.mkdir(parents=True, exist_ok=True)
-        lines = ["127.0.0.1 localhost"] + [f"{n.addr} {n.host}" for n in self.nodes]
+        # the IPv4-mapped forms too: torch's store listens on IPv6 and looks its clients up by those
+        # (a miss falls through to DNS, unreachable from here, and c10d warns)
+        lines = ["127.0.0.1 localhost"] + [f"{n.addr} {n.host}\n::ffff:{n.addr} {n.host}" for n in self.nodes]
         self.hosts.write_text("\n".join(lines) + "\n")
         try:
             _ip("netns", "add", self.switch)
@@ -206,6 +208,19 @@ class NetnsCluster:
         inode = node.inode
         return [p for p in (pids_in_netns(inode) if inode else []) if p != node.holder.pid]
 
+    def matching(self, node: Node, *texts: str) -> set[int]:
+        """The processes on ``node`` whose command line contains any of ``texts``."""
+        out = set()
+        for pid in self.processes(node):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(t in cmdline for t in texts):
+                out.add(pid)
+        return out
+
     def signal_node(self, node: Node, sig: int, only: set[int] | None = None) -> list[int]:
         """Send ``sig`` to every process on ``node`` (or those of them in ``only``)."""
         pids = [p for p in self.processes(node) if only is None or p in only]
@@ -216,3 +231,44 @@ class NetnsCluster:
     def link(self, node: Node, up: bool) -> None:
         """Cut (or restore) the node's cable at the switch: a partition, both sides alive."""
         _ip("-n", self.switch, "link", "set", node.veth, "up" if up else "down")
+
+
+class Console:
+    """A process whose stderr (and stdout) lines are kept with the time each arrived, read by a thread."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import threading
+
+        self.proc, self.lines = proc, []  # (monotonic time, text)
+        self.threads = [threading.Thread(target=self._read, args=(s,), daemon=True) for s in (proc.stdout, proc.stderr)
+                        if s is not None]
+        for t in self.threads:
+            t.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def wait_for(self, pattern: str, timeout: float, after: float = 0.0) -> float:
+        """The time the first line matching ``pattern`` (a regex) arrived (after ``after``);
+        TimeoutError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t, line in list(self.lines):
+                if t >= after and re.search(pattern, line):
+                    return t
+            time.sleep(0.05)
+        raise TimeoutError(f"no line matching {pattern!r} in {timeout} s:\n{self.text()[-3000:]}")
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        for t in self.threads:
+            t.join(timeout=10)
+        return code
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in list(self.lines))
+
+    def ours(self) -> list[str]:
+        """The lines of the launcher itself (``dist-embed: ...``)."""
+        return [line for _, line in list(self.lines) if line.startswith("dist-embed:")]
