@@ -42,6 +42,10 @@ class Unjoined(Exception):
     """The rendezvous did not complete in time (the message names who is missing)."""
 
 
+class Mismatch(Exception):
+    """A node joined with another job's description (e.g. another output_dir): bad input."""
+
+
 def describe_node(node: int, host: str, nproc: int) -> str:
     first = node * nproc
     ranks = f"rank {first}" if nproc == 1 else f"ranks {first}-{first + nproc - 1}"
@@ -147,10 +151,12 @@ class Watch:
 class Coordinator(Watch):
     """Node 0's side: the rendezvous, every member's heartbeat, the job's verdict."""
 
-    def __init__(self, port: int, nnodes: int, nproc: int, window: float):
+    def __init__(self, port: int, nnodes: int, nproc: int, window: float, job: str = ""):
         super().__init__(window)
-        self.nnodes, self.nproc = nnodes, nproc
-        self.server = socket.create_server(("", port), backlog=64)
+        self.nnodes, self.nproc, self.job = nnodes, nproc, job
+        dual = socket.has_dualstack_ipv6()
+        self.server = socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                           backlog=64, dualstack_ipv6=dual)
         self.members: dict[int, Link] = {}
         self.fresh: list[Link] = []  # connected, not yet said hello
         self.ready: set[int] = set()  # said hello for the generation being gathered
@@ -194,6 +200,9 @@ class Coordinator(Watch):
         while True:
             for node, msg in self._poll(0.1):
                 if msg["t"] == "hello":
+                    if msg.get("job", "") != self.job:
+                        raise Mismatch(f"node {node} ({self.members[node].host}) runs {msg.get('job')!r}, node 0 runs "
+                                       f"{self.job!r}: every node must name the same output_dir, on storage all see")
                     self.ready.add(node)
             self.ready = {n for n in self.ready if self.members.get(n) is not None and self.members[n].open}
             if len(self.ready) == self.nnodes - 1:
@@ -265,9 +274,9 @@ class Coordinator(Watch):
 class Member(Watch):
     """Node r's side (r > 0): joins each generation at the coordinator, heartbeats, obeys its verdict."""
 
-    def __init__(self, addr: str, port: int, node: int, nproc: int, window: float):
+    def __init__(self, addr: str, port: int, node: int, nproc: int, window: float, job: str = ""):
         super().__init__(window)
-        self.addr, self.port, self.node, self.nproc = addr, port, node, nproc
+        self.addr, self.port, self.node, self.nproc, self.job = addr, port, node, nproc, job
         self.link: Link | None = None
         self.gen = -1
         self.coordinator = describe_node(0, addr, nproc)
@@ -298,7 +307,7 @@ class Member(Watch):
             self._connect(deadline, timeout, stopping)
             if stopping():
                 return None
-            if self.link.send("hello", node=self.node, host=socket.gethostname()):
+            if self.link.send("hello", node=self.node, host=socket.gethostname(), job=self.job):
                 while self.link.open:
                     for msg in self.link.receive() if wait_readable([self.link], 0.1) else []:
                         if msg.get("t") == "go" or (msg.get("t") == "abort" and int(msg.get("gen", -1)) > self.gen):

@@ -25,7 +25,7 @@ from dist_embed.exit_codes import (BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_OK, EX
                                    PREEMPTED_MARKER)
 from dist_embed.outputs.run_outputs import STEP_FILE_ENV
 
-from .control import Coordinator, Member, Unjoined, Verdict
+from .control import Coordinator, Member, Mismatch, Unjoined, Verdict
 from .supervise import decide, one_line, read_step, settle, stop_workers, supervise
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -110,13 +110,13 @@ def launch_local(nproc: int, worker_args: list[str], output_dir: str | None = No
     try:
         if nnodes > 1 and node_rank == 0:
             try:
-                control = Coordinator(master_port, nnodes, nproc, peer_timeout_s)
+                control = Coordinator(master_port, nnodes, nproc, peer_timeout_s, _job_of(output_dir))
             except OSError as e:
                 print(f"dist-embed: error: cannot listen on port {master_port} for the other nodes: {e.strerror or e}",
                       file=sys.stderr)
                 return EXIT_BAD_INPUT
         elif nnodes > 1:
-            control = Member(master_addr, master_port, node_rank, nproc, peer_timeout_s)
+            control = Member(master_addr, master_port, node_rank, nproc, peer_timeout_s, _job_of(output_dir))
         job = _Job(nproc, worker_args, output_dir, nnodes, node_rank, master_addr, master_port, grace_s,
                    peer_timeout_s, join_timeout_s, ckpt_root)
         return job.run(control, signals, max_restarts)
@@ -191,10 +191,16 @@ class _Job:
                     if int(msg["code"]) == EXIT_PREEMPTED:
                         print("dist-embed: the job was stopped before the workers started again; run again with "
                               "--resume latest", file=sys.stderr)
+                    elif int(msg["code"]) == EXIT_BAD_INPUT:
+                        print(f"dist-embed: error: {msg['why']}", file=sys.stderr)
                     else:
                         print(f"dist-embed: {msg['why']}; exit {msg['code']}", file=sys.stderr)
                     return int(msg["code"])
                 return int(msg["port"]), msg.get("resume")
+        except Mismatch as e:
+            control.abort(Verdict(EXIT_BAD_INPUT, str(e), restart=False))
+            print(f"dist-embed: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         except Unjoined as e:
             if isinstance(control, Coordinator):  # the members waiting for it learn it too
                 control.abort(Verdict(EXIT_PEER_LOST, str(e), restart=False))
@@ -257,6 +263,11 @@ class _Job:
             print(f"dist-embed: stopped by {name} before the first step (nothing to save); run again with "
                   "--resume latest to start", file=sys.stderr)
         return EXIT_PREEMPTED
+
+
+def _job_of(output_dir: str | None) -> str:
+    """What every node of one job agrees on: its output directory (resolved)."""
+    return str(Path(output_dir).resolve()) if output_dir else ""
 
 
 def _resume_of(args: list[str]) -> str | None:

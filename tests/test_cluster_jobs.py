@@ -14,7 +14,8 @@ import pytest
 
 from clusters import LocalRay, LocalSlurm, slurm_available
 from conftest import REPO
-from test_nodes import JOIN, WINDOW, assert_same_as_reference, job, namespace_cluster, wait_for_step  # noqa: F401
+from test_nodes import JOIN, WINDOW, assert_same_as_reference, namespace_cluster, wait_for_step
+from test_nodes import job  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from itertools import count
 
 import pytest
 
-from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl
+from conftest import REPO, quick_triplets, run_cli, tiny_config, train_losses, write_jsonl
 from netns import Console, NetnsCluster
 from test_distributed import max_weight_diff, read_row_log
 from test_resume import chain_rows
@@ -175,12 +175,20 @@ def test_a_frozen_node_is_given_up_and_once_continued_leaves_without_harm(nodes,
 
 def test_a_node_that_never_joins_is_named_within_the_join_timeout(nodes, job, tmp_path):
     """Node 0 waits for a node 1 that never comes; a node 1 whose node 0 never comes waits for it:
-    each gives up after distributed.join_timeout_s with one line."""
+    each gives up after distributed.join_timeout_s with one line. Two nodes that name different
+    output directories are not one job: both refuse, exit 2."""
     cfg, _ = job
     alone0 = launch(nodes, 0, cfg, tmp_path / "a", next(PORTS), "distributed.join_timeout_s=4")
     alone1 = launch(nodes, 1, cfg, tmp_path / "b", next(PORTS), "distributed.join_timeout_s=4")
+    port = next(PORTS)
+    apart = [launch(nodes, i, cfg, tmp_path / f"c{i}", port) for i in (0, 1)]
     assert [alone0.wait(60), alone1.wait(60)] == [76, 76]
     assert alone0.ours() == ["dist-embed: node 1 never joined the rendezvous within 4 s; exit 76: run the job again "
                              "with every node"], alone0.text()
-    assert alone1.ours()[0].startswith("dist-embed: node 1 could not reach the rendezvous at node0:"), alone1.text()
-    no_traceback(alone0, alone1)
+    assert alone1.ours() == [f"dist-embed: node 1 could not reach the rendezvous at node0:{port - 1} within 4 s; exit "
+                             "76: run the job again with every node"], alone1.text()
+    assert [c.wait(60) for c in apart] == [2, 2]
+    line = (f"dist-embed: error: node 1 (node1) runs {str(tmp_path / 'c1')!r}, node 0 runs {str(tmp_path / 'c0')!r}: "
+            "every node must name the same output_dir, on storage all see")
+    assert apart[0].ours() == [line] and apart[1].ours() == [line], (apart[0].text(), apart[1].text())
+    no_traceback(alone0, alone1, *apart)
