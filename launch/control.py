@@ -173,7 +173,10 @@ class Coordinator(Watch):
         out = []
         for x in wait_readable([self.server, *self.fresh, *self.members.values()], timeout):
             if x is self.server:
-                sock, _ = self.server.accept()
+                try:
+                    sock, _ = self.server.accept()
+                except OSError:  # the peer gave up before we took the connection
+                    continue
                 self.fresh.append(Link(sock))
                 continue
             for msg in x.receive():

@@ -1,11 +1,13 @@
-"""Start workers on this machine (``--nproc N``): one process per rank, started and watched here.
+"""Start this node's workers (``--nproc N``, and ``--nnodes``): one process per rank, started and
+watched here.
 
-The workers run the same ``dist-embed train`` entry point; seeing RANK and WORLD_SIZE in their
-environment (what torchrun would set) they join the process group instead of launching again.
-We start them ourselves rather than through torchrun so that stop signals (SIGTERM, SIGUSR1,
-SIGINT) reach the workers directly, they checkpoint and exit 75, and the user sees one line
-saying so, not the elastic agent's ChildFailedError traceback. A worker that fails takes the
-others down after a short grace period (a dead peer also breaks their collectives at once).
+The workers run the one worker entry (``python -m dist_embed train``); seeing RANK and WORLD_SIZE
+in their environment (what torchrun would set) they join the process group. We start them
+ourselves rather than through torchrun so that stop signals (SIGTERM, SIGUSR1, SIGINT) reach the
+workers directly, they checkpoint and exit 75, and the user sees one line saying so, not the
+elastic agent's ChildFailedError traceback. On several nodes the launchers watch each other
+(control.py); a failure anywhere stops every node's workers at once (supervise.py says why in one
+line), and ``--max-restarts`` starts a new generation of workers on every node, resuming.
 """
 from __future__ import annotations
 

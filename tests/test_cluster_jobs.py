@@ -55,17 +55,24 @@ def test_slurm_two_nodes_survive_a_lost_node_and_a_requeue(slurm, nodes, job, tm
     killed = nodes.signal_node(nodes.nodes[1], signal.SIGKILL, only=nodes.matching(nodes.nodes[1], "launch.cli",
                                                                                    "-m dist_embed"))
     assert killed, "no job processes on node1"
-    deadline = time.time() + 120
+    t_kill, deadline = time.monotonic(), time.time() + 120
+    said = None
     while "starting the job step again" not in (log.read_text() if log.exists() else ""):
         assert time.time() < deadline and slurm.state(job_id) == "RUNNING", log.read_text()[-3000:]
-        time.sleep(0.2)
+        if said is None and "dist-embed: lost node 1 (node1, rank 1) after step" in log.read_text():
+            said = time.monotonic()
+        time.sleep(0.1)
+    restarted = time.monotonic()
     text = log.read_text()
     assert "dist-embed: lost node 1 (node1, rank 1) after step" in text, text[-3000:]
     first = len(text)
     while "resumed from" not in log.read_text()[first:]:  # the step again, from the checkpoint
         assert time.time() < deadline + 120, log.read_text()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
     resumed_at = int(log.read_text()[first:].split("resumed from")[1].split("at step ")[1].split()[0])
+    wait_for_step(out, resumed_at + 1, timeout=120)
+    print(f"\nslurm: lost node said {(said or restarted) - t_kill:.2f} s after the kill; first step "
+          f"{time.monotonic() - restarted:.1f} s after the script started the step again")
     wait_for_step(out, resumed_at + 3, timeout=120)
     slurm.run("scancel", "--signal=USR1", job_id)  # what --signal=USR1@N sends before the time limit
     # a requeued job waits ~2 minutes (BeginTime): shorten that to a few seconds (not to zero: slurmd

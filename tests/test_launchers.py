@@ -83,8 +83,13 @@ def test_slurm_job_trains_with_two_workers(slurm, tmp_path, tiny_model, triplets
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    cluster = LocalRay(Path("/tmp") / f"ray-{os.getpid()}").start()  # Ray's sockets need a short path
-    yield cluster
+    """One node, its auth mode stated for the head and every client alike: a stray token (what
+    ~/.ray/auth_token is after any local ray.init()) changes nothing."""
+    cluster = LocalRay(Path("/tmp") / f"ray-{os.getpid()}")  # Ray's sockets need a short path
+    stray = tmp_path_factory.mktemp("home") / "auth_token"
+    stray.write_text("c" * 32)
+    cluster.env["RAY_AUTH_TOKEN_PATH"] = str(stray)
+    yield cluster.start()
     cluster.stop()
 
 

@@ -100,8 +100,8 @@ def no_traceback(*consoles) -> None:
 
 def test_a_killed_node_is_named_at_once_and_the_job_recovers_when_it_comes_back(nodes, job, tmp_path):
     """SIGKILL of every process on node 1 mid-run: its connection closes, so node 0 knows at once
-    (bound: the window + slack), says so in one line and waits for it; node 1 started again (the
-    same command) rejoins and the job finishes as if nothing had happened."""
+    (bound: the slack alone, whatever the window), says so in one line and waits for it; node 1
+    started again (the same command) rejoins and the job finishes as if nothing had happened."""
     cfg, reference = job
     out, port = tmp_path / "run", next(PORTS)
     n0, n1 = (launch(nodes, i, cfg, out, port, "--max-restarts", "1") for i in (0, 1))
@@ -109,7 +109,7 @@ def test_a_killed_node_is_named_at_once_and_the_job_recovers_when_it_comes_back(
     killed = time.monotonic()
     nodes.signal_node(nodes.nodes[1], signal.SIGKILL)
     said = n0.wait_for(r"^dist-embed: lost node 1 \(node1, rank 1\) after step \d+: its connection closed; "
-                       r"restarting \(restart 1 of 1\) from .*checkpoints/step-\d+$", WINDOW + SLACK)
+                       r"restarting \(restart 1 of 1\) from .*checkpoints/step-\d+$", SLACK)
     n1.wait(30)
     again = launch(nodes, 1, cfg, out, port, "--max-restarts", "1")
     first_step = n0.wait_for(r"INFO dist_embed: step \d+/", 120, after=said)
