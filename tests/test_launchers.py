@@ -238,3 +238,15 @@ def test_mining_under_slurm_and_ray_gives_the_bytes_of_one_process(slurm, ray_cl
                 "--ray-workers", "2", env=ray_cluster.env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert on_ray.read_bytes() == local.read_bytes()
+
+
+@pytest.mark.parametrize("options,line", [
+    (["--nnodes", "2"], "--nnodes > 1 needs --master-addr and --master-port (the same on every node)"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--master-port", "29400"],
+     "--node-rank must be from 0 to 1 (got 2)"),
+    (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts must be at least 0 (got -1)"),
+])
+def test_multi_node_options_that_cannot_work_are_one_line(tmp_path, tiny_model, triplets, options, line):
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    r = run_cli("train", cfg, *options)
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"dist-embed: error: {line}"], r.stderr[-2000:]
