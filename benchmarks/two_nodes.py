@@ -90,7 +90,8 @@ def measure(cluster, name: str, plane: str, nnodes: int, steps: int, root: Path)
     total_steps = max(r["step"] for r in records if "seconds_per_step" in r)
     ex_step = exchange["seconds"] / total_steps
     return {"run": name, "plane": plane, "nodes": nnodes, "s_per_step": round(s_step, 4),
-            "exchange_s_per_step": round(ex_step, 5), "exchange_calls_per_step": round(exchange["calls"] / total_steps, 2),
+            "exchange_s_per_step": round(ex_step, 5),
+            "exchange_calls_per_step": round(exchange["calls"] / total_steps, 2),
             "exchange_share": round(ex_step / s_step, 4),
             "comm_share": round(statistics.median(r.get("time/comm", 0.0) for r in timed), 4)}
 

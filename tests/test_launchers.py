@@ -38,9 +38,11 @@ def submit(slurm, cfg, *args):
     (["--gpus-per-node", "-2"], "--gpus-per-node must be at least 0 (got -2)"),
     (["--time", "banana"], "--time 'banana': not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
                            "D-HH:MM:SS)"),
-    (["--time", "1", "--signal-seconds", "300"], "--signal-seconds 300 is not shorter than --time 1 (60 s): the job "
-                                                  "would be signalled, checkpoint and requeue at once, again and again"),
-    (["--time", "2-0", "--signal-seconds", "70000"], "--signal-seconds must be at most 65535, Slurm's limit (got 70000)"),
+    (["--time", "1", "--signal-seconds", "300"],
+     "--signal-seconds 300 is not shorter than --time 1 (60 s): the job would be signalled, checkpoint and requeue "
+     "at once, again and again"),
+    (["--time", "2-0", "--signal-seconds", "70000"],
+     "--signal-seconds must be at most 65535, Slurm's limit (got 70000)"),
     (["--max-restarts", "-1"], "--max-restarts must be at least 0 (got -1)"),
 ])
 def test_dry_run_refuses_what_slurm_would_reject_or_loop_on(tmp_path, tiny_model, triplets, options, line):
