@@ -25,15 +25,21 @@ def cmd_train(args) -> int:
     """Train here (one process, or one rank inside a launched job), or start this node's workers."""
     from dist_embed.engine.stops import STOPS
 
-    launching = bool(args.nproc and (args.nproc > 1 or args.nnodes > 1) and not inside_launched_job())
+    # our launcher starts the workers for several processes or nodes, or to restart them after a failure
+    launching = bool((args.nproc or 0) > 1 or args.nnodes > 1 or args.max_restarts) and not inside_launched_job()
     signals = None
     if launching:  # stop signals (recorded since main) are forwarded to the workers once started
         from .local import LauncherSignals
 
         signals = LauncherSignals(STOPS.signum).install()
-    for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
-        if value is not None and value < 1:
-            return error(f"{flag} must be at least 1 (got {value})")
+    for flag, value, least in (("--nproc", args.nproc, 1), ("--nnodes", args.nnodes, 1),
+                               ("--max-restarts", args.max_restarts, 0)):
+        if value is not None and value < least:
+            return error(f"{flag} must be at least {least} (got {value})")
+    if args.nnodes > 1 and not (args.master_addr and args.master_port):
+        return error("--nnodes > 1 needs --master-addr and --master-port (the same on every node)")
+    if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
+        return error(f"--node-rank must be from 0 to {args.nnodes - 1} (got {args.node_rank})")
     cfg = load_config_or_say(args)
     if cfg is None:
         return EXIT_BAD_INPUT
@@ -51,9 +57,10 @@ def cmd_train(args) -> int:
         except ConfigError as e:
             return error(str(e))
     os.environ[CLAIMED_ENV] = "1"
-    return launch_local(args.nproc, train_worker_args(args), cfg.output_dir, nnodes=args.nnodes,
+    return launch_local(args.nproc or 1, train_worker_args(args), cfg.output_dir, nnodes=args.nnodes,
                         node_rank=node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                        signals=signals)
+                        signals=signals, max_restarts=args.max_restarts, peer_timeout_s=cfg.distributed.peer_timeout_s,
+                        join_timeout_s=cfg.distributed.join_timeout_s, ckpt_root=Path(cfg.output_dir) / "checkpoints")
 
 
 LAUNCH_OPTIONS = {"--nproc": 1, "--ray-address": 1, "--ray-workers": 1, "--use-gpu": 0}  # name: values
@@ -215,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: $SLURM_NODEID or 0)")
     tr.add_argument("--master-addr", default=None, help="rendezvous host for --nnodes > 1")
     tr.add_argument("--master-port", type=int, default=None, help="rendezvous port for --nnodes > 1")
+    tr.add_argument("--max-restarts", type=int, default=0,
+                    help="start the workers of every node again after a failure or a lost node, up to N times, "
+                         "from the latest checkpoint (torchrun's meaning; default 0)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="STS evaluation of a saved model; prints one JSON object")

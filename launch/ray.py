@@ -14,23 +14,55 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def auth_mode() -> str | None:
+    """The token-authentication mode this driver states to the cluster. Ray 2.60 turns token mode on
+    for ``ray start --head`` whenever a token exists on that machine (~/.ray/auth_token, which a
+    local ``ray.init()`` writes) but never for a client given an address, so a stray token file made
+    such a cluster refuse us. A driver in token mode is let in by clusters of either mode: when the
+    user states no mode and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, the file), we
+    present it; an explicit RAY_AUTH_MODE is the user's and is kept."""
+    if os.environ.get(AUTH_MODE):
+        return None
+    path = Path(os.environ.get(AUTH_TOKEN_PATH) or Path.home() / ".ray" / "auth_token")
+    return "token" if os.environ.get(AUTH_TOKEN, "").strip() or path.is_file() else None
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at ``address`` with its authentication stated and Ray's own chatter off
+    the console (its loggers at ERROR in the driver and in every worker and actor of the job, e.g.
+    the placement-group cleaner's once-a-second notes when the cluster runs without the state API).
+    Our workers' log lines still come through: they configure their own logging."""
+    mode = auth_mode()
+    if mode:  # before Ray is imported: its configuration reads the mode once
+        os.environ[AUTH_MODE] = mode
+    import ray
+
+    ray.init(address=address, logging_level=logging.ERROR, logging_config=ray.LoggingConfig(log_level="ERROR"))
+
 
 def train_loop_per_worker(config: dict) -> None:
     """Each Ray worker runs the one worker entry (``engine.worker.run_worker``) with ``--resume latest``.
     Bad input (2) and a stop signal (75) end the worker normally, leaving their marker in
-    output_dir for the driver (a retry would only fail again); a failure (1) raises, so Ray
-    restarts the group from the latest checkpoint as FailureConfig allows."""
+    output_dir for the driver (a retry would only fail again); a failure (1) or a process group that
+    broke under the worker (76: a peer lost) raises, so Ray restarts the group from the latest
+    checkpoint as FailureConfig allows."""
     import ray.train
 
     from dist_embed.engine.worker import run_worker
     from dist_embed.config import Config
-    from dist_embed.exit_codes import EXIT_FAILED
+    from dist_embed.exit_codes import EXIT_FAILED, EXIT_PEER_LOST
     from dist_embed.outputs.run_dir import CLAIMED_ENV
 
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
     os.environ[CLAIMED_ENV] = "1"  # the driver holds the output_dir
     cfg = Config.model_validate(config["config"])  # paths made absolute on the driver
-    if run_worker(cfg, "latest", hard_exit=False) == EXIT_FAILED:
+    code = run_worker(cfg, "latest", hard_exit=False)
+    if code == EXIT_PEER_LOST:  # Ray restarts the group (FailureConfig), which resumes from the checkpoint
+        raise RuntimeError("this worker's process group broke: a peer was lost")
+    if code == EXIT_FAILED:
         raise RuntimeError("dist_embed training failed on this worker (its log above says why)")
 
 
@@ -53,12 +85,11 @@ def mine_loop_per_worker(config: dict) -> None:
 
 def submit_mine(address: str, num_workers: int, kwargs: dict, use_gpu: bool = False) -> int:
     """Run ``mine`` on ``num_workers`` Ray workers; every path in ``kwargs`` is already absolute."""
-    import ray
+    connect(address)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out = Path(kwargs["out"])
-    ray.init(address=address, logging_level=logging.WARNING)
     trainer = TorchTrainer(mine_loop_per_worker, train_loop_config=kwargs,
                            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
@@ -75,10 +106,6 @@ def submit_mine(address: str, num_workers: int, kwargs: dict, use_gpu: bool = Fa
 
 
 def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from dist_embed.config import ConfigError
     from dist_embed.exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
     from dist_embed.outputs.run_dir import claim
@@ -95,7 +122,11 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
     markers = {name: out_dir / name for name in (BAD_INPUT_MARKER, PREEMPTED_MARKER)}
     for marker in markers.values():
         marker.unlink(missing_ok=True)
-    ray.init(address=args.address, logging_level=logging.WARNING)
+    connect(args.address)
+    import ray
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     resources = {"CPU": args.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -105,7 +136,8 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"dist-embed-{out_dir.name}", storage_path=str(out_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=args.max_failures)),
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             logging_config=LoggingConfig(log_level="WARNING")),  # restarts and errors only
     )
     try:
         trainer.fit()

@@ -48,7 +48,49 @@ def render(options: dict[str, str | None], env: dict[str, str] | None = None) ->
     return "\n".join(out) + "\n"
 
 
+def time_limit_seconds(text: str) -> int | None:
+    """Slurm's --time forms in seconds (None: unlimited, also 0): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    if text.strip().upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise ValueError(text)
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:  # H:M:S
+        return (a * 60 + b) * 60 + c
+    return a * 60 + (b or 0)  # M or M:S
+
+
+def bad_options(args) -> str | None:
+    """The one line for options Slurm would reject late, or take and then misbehave on."""
+    for flag, value, least in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
+                               ("--nproc-per-node", args.nproc_per_node, 0), ("--cpus-per-task", args.cpus_per_task, 0),
+                               ("--signal-seconds", args.signal_seconds, 0), ("--max-restarts", args.max_restarts, 0)):
+        if value < least:
+            return f"{flag} must be at least {least} (got {value})"
+    if args.signal_seconds > 65535:
+        return f"--signal-seconds must be at most 65535, Slurm's limit (got {args.signal_seconds})"
+    default = re.search(r"^#SBATCH --time=(\S+)", template_text(), re.M)
+    text = args.time or (default.group(1) if default else None)
+    if text:
+        try:
+            limit = time_limit_seconds(text) or None  # 0: no limit, as Slurm reads it
+        except ValueError:
+            return (f"--time {text!r}: not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                    "D-HH:MM:SS)")
+        if limit is not None and args.signal_seconds >= limit:
+            return (f"--signal-seconds {args.signal_seconds} is not shorter than --time {text} ({limit} s): "
+                    "the job would be signalled, checkpoint and requeue at once, again and again")
+    return None
+
+
 def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
+    problem = bad_options(args)
+    if problem:
+        print(f"dist-embed: error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     out_dir = Path(cfg.output_dir).resolve()
     gpus = args.gpus_per_node
     nproc = args.nproc_per_node or gpus or 1
@@ -67,7 +109,7 @@ def submit(args, cfg, config_path: str, overrides: list[str]) -> int:
             options[key] = str(value)
     if not args.cpus_per_task:
         options.pop("cpus-per-task")
-    script = render(options, env={"NPROC_PER_NODE": str(nproc),
+    script = render(options, env={"NPROC_PER_NODE": str(nproc), "MAX_RESTARTS": str(args.max_restarts),
                                   "DIST_EMBED": f"{sys.executable} -m launch.cli"})
     cmd_args = [str(Path(config_path).resolve()), *overrides]
     if args.dry_run:
@@ -180,6 +222,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--constraint", help="node features, e.g. a100")
     sp.add_argument("--job-name", help="default: dist-embed-<output_dir name>")
     sp.add_argument("--signal-seconds", type=int, default=180, help="SIGUSR1 this long before the time limit")
+    sp.add_argument("--max-restarts", type=int, default=3,
+                    help="start the job step again after a lost node, up to N times per allocation (default 3)")
     sp.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     sp.set_defaults(launcher="slurm")
 

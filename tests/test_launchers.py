@@ -1,10 +1,10 @@
-"""Launchers against REAL clusters: a local Slurm (slurmctld + slurmd) and a local Ray cluster."""
+"""Launchers against REAL clusters: a local Slurm (slurmctld + slurmd) and a local Ray cluster on this
+machine (across network-namespace nodes: test_cluster_jobs.py, test_nodes.py)."""
 import json
 import os
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,6 @@ import pytest
 from clusters import LocalRay, LocalSlurm, slurm_available
 from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, train_losses, write_jsonl
 from test_distributed import max_weight_diff
-from test_resume import chain_rows, read_row_log
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +33,25 @@ def submit(slurm, cfg, *args):
     return r.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("options,line", [
+    (["--nodes", "0"], "--nodes must be at least 1 (got 0)"),
+    (["--gpus-per-node", "-2"], "--gpus-per-node must be at least 0 (got -2)"),
+    (["--time", "banana"], "--time 'banana': not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                           "D-HH:MM:SS)"),
+    (["--time", "1", "--signal-seconds", "300"],
+     "--signal-seconds 300 is not shorter than --time 1 (60 s): the job would be signalled, checkpoint and requeue "
+     "at once, again and again"),
+    (["--time", "2-0", "--signal-seconds", "70000"],
+     "--signal-seconds must be at most 65535, Slurm's limit (got 70000)"),
+    (["--max-restarts", "-1"], "--max-restarts must be at least 0 (got -1)"),
+])
+def test_dry_run_refuses_what_slurm_would_reject_or_loop_on(tmp_path, tiny_model, triplets, options, line):
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    r = run_cli("submit", "slurm", cfg, "--dry-run", *options)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.splitlines() == [f"dist-embed: error: {line}"]
+
+
 def test_dry_run_renders_the_options(tmp_path, tiny_model, triplets):
     cfg = tiny_config(tmp_path, tiny_model, triplets)
     r = run_cli("submit", "slurm", cfg, "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
@@ -43,6 +61,7 @@ def test_dry_run_renders_the_options(tmp_path, tiny_model, triplets):
     for line in ["#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --time=4:00:00",
                  "#SBATCH --account=ml", "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --requeue",
                  "#SBATCH --signal=USR1@300", "#SBATCH --ntasks-per-node=1", "export NPROC_PER_NODE=8",
+                 "export MAX_RESTARTS=3",
                  f"#SBATCH --output={tmp_path / 'run' / 'slurm-%j.out'}", "training.lr=1e-4"]:
         assert line in r.stdout, line
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
@@ -64,52 +83,15 @@ def test_slurm_job_trains_with_two_workers(slurm, tmp_path, tiny_model, triplets
     assert f"slurm job {job}:" in r.stdout and "steps        4" in r.stdout
 
 
-def wait_for_step(out: Path, step: int, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        f = out / "metrics.jsonl"
-        if f.exists() and any(json.loads(l).get("step", 0) >= step and "loss" in l for l in f.read_text().splitlines()):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(step)
-
-
-def test_slurm_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_model):
-    train_file = write_jsonl(tmp_path / "t.jsonl", quick_triplets(1200))
-    cfg = tiny_config(tmp_path, tiny_model, train_file, data={"no_duplicates": True},
-                      training={"max_steps": -1, "epochs": 1, "batch_size": 4})
-    out = tmp_path / "run"
-    os.environ["DIST_EMBED_LOG_ROW_IDS"] = "1"  # inherited by sbatch (--export=ALL)
-    try:
-        job = submit(slurm, cfg)
-    finally:
-        del os.environ["DIST_EMBED_LOG_ROW_IDS"]
-    wait_for_step(out, 5)
-    slurm.run("scancel", "--signal=USR1", job)  # what --signal=USR1@N sends before the time limit
-    # Slurm makes a requeued job wait ~2 minutes (BeginTime); shorten that to a few seconds to keep CI
-    # short (not to zero: slurmd refuses a restart in the same second as the revoked credential)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        info = slurm.run("scontrol", "show", "job", job, "-o").stdout
-        if "Restarts=1" in info and "JobState=PENDING" in info:
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now+5")
-            break
-        assert "JobState=COMPLETED" not in info and "JobState=FAILED" not in info, info
-        time.sleep(0.3)
-    state = slurm.wait(job, timeout=400)
-    log = (out / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", log[-4000:]
-    assert "restart 0" in log and "restart 1" in log
-    assert "requeueing job" in log and "resumed from" in log
-    ids = [i for rows in chain_rows(read_row_log(out)).values() for i in rows]
-    assert Counter(ids) == Counter(range(1200))
-    assert (out / "final" / "model.safetensors").exists()
-
-
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    cluster = LocalRay(Path("/tmp") / f"ray-{os.getpid()}").start()
-    yield cluster
+    """One node, its auth mode stated for the head and every client alike: a stray token (what
+    ~/.ray/auth_token is after any local ray.init()) changes nothing."""
+    cluster = LocalRay(Path("/tmp") / f"ray-{os.getpid()}")  # Ray's sockets need a short path
+    stray = tmp_path_factory.mktemp("home") / "auth_token"
+    stray.write_text("c" * 32)
+    cluster.env["RAY_AUTH_TOKEN_PATH"] = str(stray)
+    yield cluster.start()
     cluster.stop()
 
 
@@ -258,3 +240,15 @@ def test_mining_under_slurm_and_ray_gives_the_bytes_of_one_process(slurm, ray_cl
                 "--ray-workers", "2", env=ray_cluster.env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert on_ray.read_bytes() == local.read_bytes()
+
+
+@pytest.mark.parametrize("options,line", [
+    (["--nnodes", "2"], "--nnodes > 1 needs --master-addr and --master-port (the same on every node)"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h", "--master-port", "29400"],
+     "--node-rank must be from 0 to 1 (got 2)"),
+    (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts must be at least 0 (got -1)"),
+])
+def test_multi_node_options_that_cannot_work_are_one_line(tmp_path, tiny_model, triplets, options, line):
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    r = run_cli("train", cfg, *options)
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"dist-embed: error: {line}"], r.stderr[-2000:]

@@ -279,6 +279,11 @@ class DistributedConfig(_Section):
     backend: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: LocalPath | None = None
     timeout_s: int = Field(default=1800, gt=0)
+    # our launchers (--nproc/--nnodes, Slurm): a node silent this long is lost (heartbeats on the
+    # launchers' own connection, never the collectives'), and a rendezvous waits this long for
+    # every node to join (docs/distributed.md, "Lost nodes")
+    peer_timeout_s: float = Field(default=30.0, gt=0)
+    join_timeout_s: float = Field(default=300.0, gt=0)
     bucket_mb: float = Field(default=25.0, gt=0)  # gradient all-reduce bucket size
     # deal each global batch's rows out so that every rank gets about as many characters of text
     # (no rank waits long for the one that drew the longest texts); same loss and gradients

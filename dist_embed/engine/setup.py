@@ -24,7 +24,7 @@ from ..evaluation.evaluator import Evaluator
 from ..model.encoder import Encoder, ModelError
 from ..model.layout_choice import choose_layout
 from ..outputs.run_dir import CLAIMED_ENV, claim, start_afresh
-from ..outputs.run_outputs import RowLog, RunOutputs
+from ..outputs.run_outputs import RowLog, RunOutputs, StepBeacon
 from ..outputs.tracking import MetricsWriter, rss_mib
 from .health import HealthMonitor
 from .losses import GuideFilter, Loss, build_loss
@@ -252,9 +252,9 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
         from ..outputs.model_card import describe_datasets
 
         infos = tuple(describe_datasets(cfg, plan, sizes, losses, encoder.tokenizer))
+    hooks = tuple(h for h in (RowLog.from_env(out, state.rank), StepBeacon.from_env()) if h is not None)
     outputs = RunOutputs(out, MetricsWriter(out / "metrics.jsonl" if state.is_main else None, wandb), wandb,
-                         tuple(h for h in (RowLog.from_env(out, state.rank),) if h is not None), infos,
-                         rss_before_model)
+                         hooks, infos, rss_before_model)
     run = Run(cfg, state, encoder, backend, data, losses, Embedder(layout.kind, t.length_sorted_chunks,
               precision.autocast), schedule, health, evaluator, outputs, pos)
     # the model, the modules and the config live as long as the run: move them out of the garbage

@@ -10,6 +10,7 @@ from pathlib import Path
 from .tracking import MetricsWriter
 
 ROW_LOG_ENV = "DIST_EMBED_LOG_ROW_IDS"
+STEP_FILE_ENV = "DIST_EMBED_STEP_FILE"  # set by our launcher for one worker per node
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,23 @@ class RunOutputs:
     @property
     def ckpt_root(self) -> Path:
         return self.out / "checkpoints"
+
+
+class StepBeacon:
+    """The last optimizer step this worker finished, in the file its launcher named
+    (DIST_EMBED_STEP_FILE): the step the launcher's one line names when a peer is lost. A few bytes
+    written in place after every step."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+
+    @classmethod
+    def from_env(cls) -> "StepBeacon | None":
+        path = os.environ.get(STEP_FILE_ENV)
+        return cls(path) if path else None
+
+    def after_step(self, step: int, epoch: int, rows) -> None:
+        os.pwrite(self.fd, f"{step:>20}\n".encode(), 0)
 
 
 class RowLog:
