@@ -184,7 +184,7 @@ def save(run, final: bool = False) -> Path:
         if run.data.sharding is not None:
             (sd / f"data_state-rank{state.rank}.json").write_text(json.dumps({"planner": pos.planner_state},
                                                                               default=json_without_ids))
-        run.backend.save(sd, state.is_main)  # DeepSpeed: every rank writes its shards
+        run.backend.save(sd, state.is_main, run.save_dtype)  # DeepSpeed: every rank writes its shards
     lora = run.cfg.model.lora
     adapter = None
     if final and lora is not None and lora.export == "adapter":
@@ -197,7 +197,7 @@ def save(run, final: bool = False) -> Path:
         for _ in parts or ():  # every rank takes part in each module's gather
             pass
     if state.is_main:
-        run.encoder.save(tmp, parts, run.cfg.checkpoint.max_shard_size)
+        run.encoder.save(tmp, parts, run.cfg.checkpoint.max_shard_size, dtype=run.save_dtype)
         if adapter is not None:
             # the adapter alone: transformers (so sentence-transformers) loads the base model it names
             from ..model.lora import write_adapter
@@ -215,6 +215,7 @@ def save(run, final: bool = False) -> Path:
             (sd / "trainer.json").write_text(json.dumps({
                 "step": pos.step, "epoch": pos.epoch, "world_size": state.world_size,
                 "global_batch": run.data.global_batch, "backend": run.backend.describe(),
+                "save_dtype": str(run.save_dtype).removeprefix("torch."),
                 "schedule": {"samples": pos.samples, "samples_per_step": pos.samples_per_step,
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},

@@ -64,6 +64,7 @@ class Run:
     evaluator: Evaluator
     outputs: RunOutputs
     pos: Position
+    save_dtype: torch.dtype = torch.float32  # checkpoints' and final/'s weights (model.save_dtype)
 
     @property
     def flops_per_token(self) -> tuple[float, float]:
@@ -117,6 +118,17 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
                               "support it")
         enable_checkpointing(encoder.transformer)
     return encoder
+
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def save_dtype(setting: str, encoder: Encoder) -> torch.dtype:
+    """``model.save_dtype``: as set, or "auto": the starting checkpoint's dtype (fp32 unless it is
+    bf16 or fp16). The weights train in fp32 either way."""
+    if setting != "auto":
+        return SAVE_DTYPES[setting]
+    return encoder.source_dtype if encoder.source_dtype in SAVE_DTYPES.values() else torch.float32
 
 
 def loader_workers(setting, state: DistState) -> int:
@@ -256,15 +268,16 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                          tuple(h for h in (RowLog.from_env(out, state.rank),) if h is not None), infos,
                          rss_before_model)
     run = Run(cfg, state, encoder, backend, data, losses, Embedder(layout.kind, t.length_sorted_chunks,
-              precision.autocast), schedule, health, evaluator, outputs, pos)
+              precision.autocast), schedule, health, evaluator, outputs, pos, save_dtype(cfg.model.save_dtype, encoder))
     # the model, the modules and the config live as long as the run: move them out of the garbage
     # collector's generations, so its full collections (triggered by the data pipeline's churn of
     # rows) stop walking the long-lived objects each time
     gc.freeze()
     gathered = any(getattr(getattr(loss, "inner", loss), "gather", False) for loss in losses) and state.enabled
     log.info("world size %d, device %s, %s rows (%s data plane), global batch %d, about %d optimizer steps "
-             "(warm-up %d), precision %s, %s layout, loss %s%s", state.world_size, state.device, rows,
-             plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision, layout.kind,
+             "(warm-up %d), precision %s (fp32 weights, saved as %s), %s layout, loss %s%s", state.world_size,
+             state.device, rows, plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision,
+             str(run.save_dtype).removeprefix("torch."), layout.kind,
              ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
              " with negatives gathered across ranks" if gathered else "")
     return run
