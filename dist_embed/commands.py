@@ -214,7 +214,7 @@ def end(code: int, argv: list[str] | None) -> int:
 
         from .engine.stops import STOP_SIGNALS
 
-        for s in STOP_SIGNALS:
+        for s in STOP_SIGNALS + (signal.SIGINT,):
             signal.signal(s, signal.SIG_IGN)
     return code
 

@@ -40,16 +40,23 @@ def cmd_train(args) -> int:
     if not launching:
         return run_train(args, cfg)
     from dist_embed.config import ConfigError
-    from dist_embed.outputs.run_dir import CLAIMED_ENV, claim
+    from dist_embed.outputs.run_dir import CLAIMED_ENV, RunComplete, already_complete, claim
 
     from .local import launch_local
 
     node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
+    done = already_complete(cfg.output_dir, args.resume)  # every node's launcher: none starts workers then
+    if done:
+        print(f"dist-embed: {done}", file=sys.stderr)
+        return EXIT_OK
     if node_rank == 0:  # one launcher holds the output_dir for the whole job (its workers skip the claim)
         try:
             claim(cfg.output_dir, args.resume, args.overwrite)
         except ConfigError as e:
             return error(str(e))
+        except RunComplete as e:  # finished between the look above and the lock
+            print(f"dist-embed: {e}", file=sys.stderr)
+            return EXIT_OK
     os.environ[CLAIMED_ENV] = "1"
     return launch_local(args.nproc, train_worker_args(args), cfg.output_dir, nnodes=args.nnodes,
                         node_rank=node_rank, master_addr=args.master_addr, master_port=args.master_port,

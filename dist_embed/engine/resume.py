@@ -61,10 +61,19 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
             return None
     else:
         path = Path(what)
+        if not path.is_dir():
+            raise ConfigError(f"--resume {path}: no such checkpoint directory (give 'latest' or a "
+                              f"{ckpt_root}/step-N directory)")
         problem = ckpt.verify(path)
         if problem:
             raise ConfigError(f"--resume {path}: {problem}")
     sd = path / ckpt.STATE_DIR
+    if not (sd / "trainer.json").is_file():
+        step = ckpt.manifest_info(path).get("step")
+        what = f"a finished model (at step {step})" if step is not None else "a model without training state"
+        raise ConfigError(f"--resume {path}: {what}, not a checkpoint: there is no training state to continue "
+                          f"from (checkpoints are {ckpt_root}/step-N). To train it further, start a new run from "
+                          f"it with model.name_or_path={path}")
     meta = json.loads((sd / "trainer.json").read_text())
     if not (sd / "data_state.json").is_file():
         raise ConfigError(f"--resume {path}: no data_state.json (a checkpoint of an older dist_embed); start a "
@@ -230,7 +239,7 @@ def save(run, final: bool = False) -> Path:
                 default=json_without_ids))
     barrier(state)
     if state.is_main:
-        ckpt.commit(tmp, target)
+        ckpt.commit(tmp, target, {"step": pos.step})
         if not final:
             protect = set()
             metric = run.cfg.checkpoint.keep_best

@@ -23,7 +23,7 @@ from ..distributed import DistState, broadcast_object
 from ..evaluation.evaluator import Evaluator
 from ..model.encoder import Encoder, ModelError
 from ..model.layout_choice import choose_layout
-from ..outputs.run_dir import CLAIMED_ENV, claim, start_afresh
+from ..outputs.run_dir import CLAIMED_ENV, RunComplete, claim, start_afresh
 from ..outputs.run_outputs import RowLog, RunOutputs
 from ..outputs.tracking import MetricsWriter, rss_mib
 from .health import HealthMonitor
@@ -168,15 +168,15 @@ def claim_output_dir(cfg: Config, state: DistState, resume: str | None, overwrit
     """Rank 0 claims the output_dir unless a launcher of ours did (every rank stops with its line)."""
     if os.environ.get(CLAIMED_ENV) == "1":
         return
-    problem = None
+    outcome = None
     if state.is_main:
         try:
             claim(cfg.output_dir, resume, overwrite)
-        except ConfigError as e:
-            problem = str(e)
-    problem = broadcast_object(problem, state)
-    if problem:
-        raise ConfigError(problem)
+        except (ConfigError, RunComplete) as e:
+            outcome = (type(e).__name__, str(e))
+    outcome = broadcast_object(outcome, state)
+    if outcome:
+        raise (RunComplete if outcome[0] == "RunComplete" else ConfigError)(outcome[1])
 
 
 def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,

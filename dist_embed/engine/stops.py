@@ -1,4 +1,6 @@
-"""Stop signals: SIGTERM (preemption) and SIGUSR1 (Slurm's warning before the time limit).
+"""Stop signals: SIGTERM (preemption), SIGUSR1 (Slurm's warning before the time limit), and Ctrl-C
+(SIGINT) in a process that owns it (a run started alone; our launcher takes it for its workers and
+forwards it as SIGTERM): the same stop, a checkpoint and exit 75, never a KeyboardInterrupt.
 
 From the first moment of a worker's life a stop signal is recorded, never fatal: our launcher
 starts workers with these signals blocked (pending), and the worker unblocks them only once its
@@ -43,7 +45,10 @@ class StopSignals:
             return True
         if threading.current_thread() is not threading.main_thread():
             return False
-        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        # Ctrl-C only where Python's own handler has it: a launcher's worker starts with it ignored
+        own_interrupt = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        self._previous = {s: signal.signal(s, self._on_signal)
+                          for s in STOP_SIGNALS + ((signal.SIGINT,) if own_interrupt else ())}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones arrive now
         self.installed = True
         return True

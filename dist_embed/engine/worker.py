@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..data.readers import DataError
 from ..distributed import finish, init_distributed
+from ..outputs.run_dir import RunComplete
 from ..exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, PREEMPTED_MARKER
 
 log = logging.getLogger("dist_embed")
@@ -36,6 +37,9 @@ def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allo
     try:
         train(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start,
               overwrite=overwrite)
+    except RunComplete as e:  # --resume latest on a finished run: nothing to do, nothing rewritten
+        if state.is_main:
+            log.info("%s", e)
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT

@@ -1,0 +1,72 @@
+"""How a run ends and what a second command does with it: a finished run stays finished under
+``--resume latest`` (what every launcher passes), ``--resume OUTPUT/final`` is one line, and Ctrl-C
+on a single process checkpoints and exits 75 as it does under ``--nproc``."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def snapshot(out) -> dict:
+    """Every file of a run's output directory, by content."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".dist-embed.lock"}
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(64))
+    cfg = tiny_config(tmp_path, tiny_model, data, training={"max_steps": 5}, checkpoint={"steps": 2})
+    out = tmp_path / "run"
+    r = run_cli("train", cfg, "--resume", "latest")  # a first submission, as a launcher runs it
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = snapshot(out)
+    assert "final/manifest.json" in before and "checkpoints/step-4/manifest.json" in before
+    for extra in ([], ["--nproc", "2"]):  # in this process, and the launcher (which starts no workers)
+        r = run_cli("train", cfg, "--resume", "latest", *extra, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "run already complete (final/ at step 5)" in r.stderr, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "step 6" not in r.stderr
+        assert snapshot(out) == before
+    # final/ is a model, not a checkpoint: one line, exit 2, nothing written
+    r = run_cli("train", cfg, "--resume", out / "final")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"--resume {out / 'final'}: a finished model (at step 5), not a checkpoint" in r.stderr
+    assert f"model.name_or_path={out / 'final'}" in r.stderr
+    r = run_cli("train", cfg, "--resume", out / "nowhere")
+    assert r.returncode == 2 and "no such checkpoint directory" in r.stderr, r.stderr[-3000:]
+    assert snapshot(out) == before
+    # a damaged final/ is not a finished run: the last checkpoint goes on and writes it again
+    (out / "final" / "modules.json").write_text("[]")
+    r = run_cli("train", cfg, "--resume", "latest")
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert "is not usable" in r.stderr
+    assert snapshot(out)["final/modules.json"] == before["final/modules.json"]
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4, 5]
+
+
+def test_ctrl_c_on_a_single_process_checkpoints_and_exits_75(tmp_path, tiny_model):
+    """The README's first command, stopped with Ctrl-C (SIGINT to the terminal's process group)."""
+    from test_resume import wait_for_step
+
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(160))
+    cfg = tiny_config(tmp_path, tiny_model, data, training={"max_steps": -1, "batch_size": 4})
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(cfg)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_step(out, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-3000:]
+    saved = (out / "PREEMPTED").read_text().strip()
+    assert saved and "stopped by SIGINT after saving" in err
+    r = run_cli("train", cfg, "--resume", "latest", "training.max_steps=-1")
+    assert r.returncode == 0 and f"resumed from {saved}" in r.stderr, r.stderr[-3000:]
