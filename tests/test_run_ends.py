@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from dist_embed.outputs.checkpoint import verify
+
 from conftest import REPO, quick_triplets, read_metrics, run_cli, tiny_config, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -68,5 +70,4 @@ def test_ctrl_c_on_a_single_process_checkpoints_and_exits_75(tmp_path, tiny_mode
     assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-3000:]
     saved = (out / "PREEMPTED").read_text().strip()
     assert saved and "stopped by SIGINT after saving" in err
-    r = run_cli("train", cfg, "--resume", "latest", "training.max_steps=-1")
-    assert r.returncode == 0 and f"resumed from {saved}" in r.stderr, r.stderr[-3000:]
+    assert verify(saved) is None  # resumable: the drill (test_stops.py) resumes every kind of stop

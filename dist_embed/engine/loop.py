@@ -98,6 +98,7 @@ def loop(run: Run) -> Path:
                 "step": pos.step + 1, "rows": step_rows, "lr": backend.scheduler.get_last_lr()[0], **info})
             pos.step += 1
             rows_trained += step_rows
+        step_epoch = pos.epoch  # the epoch this step's rows belong to (hooks get it, not the next one)
         if epoch_ended:
             warn_short_batches(run)
             pos.epoch, pos.planner_state = pos.epoch + 1, None
@@ -106,7 +107,7 @@ def loop(run: Run) -> Path:
             continue
         # -- after the step: hooks, then on log steps the step's readings (health, logs, progress) ----
         for hook in run.outputs.hooks:
-            hook.after_step(pos.step, pos.epoch, row_ids)
+            hook.after_step(pos.step, step_epoch, row_ids)
         evaluating = cfg.eval.steps and pos.step % cfg.eval.steps == 0 and not done
         saving = cfg.checkpoint.steps and pos.step % cfg.checkpoint.steps == 0 and not done
         stopping = not done and STOPS.requested(run.state)
