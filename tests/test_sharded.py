@@ -49,9 +49,10 @@ class ThreadExchange:
                 ex.barrier.wait()
                 return got
 
-            def lost(self, hashes, priority):
+            def lost(self, hashes, priority, fixed_below=None):
                 parts = self._all((hashes, priority))
-                lost = first_wins(np.concatenate([h for h, _ in parts]), np.concatenate([p for _, p in parts]))
+                lost = first_wins(np.concatenate([h for h, _ in parts]), np.concatenate([p for _, p in parts]),
+                                  fixed_below)
                 start = sum(len(h) for h, _ in parts[:rank])
                 return lost[start:start + len(hashes)]
 

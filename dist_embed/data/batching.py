@@ -275,10 +275,12 @@ def text_hashes(rows, width: int) -> np.ndarray:
     return out
 
 
-def first_wins(hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
-    """For each (hash, priority) entry: True where another entry of the same hash has a lower
-    priority (it loses). Entries of one candidate share a priority and never lose to each other."""
-    lost = np.zeros(len(hashes), dtype=bool)
+def first_wins(hashes: np.ndarray, priority: np.ndarray, fixed_below: int | None = None) -> np.ndarray:
+    """For each (hash, priority) entry: nonzero where another entry of the same hash has a lower
+    priority (it loses): 1, or 2 when that entry's priority is below ``fixed_below`` (a row the
+    batch already holds: the loser cannot join it at all). Entries of one candidate share a
+    priority and never lose to each other."""
+    lost = np.zeros(len(hashes), dtype=np.int8)
     if not len(hashes):
         return lost
     order = np.lexsort((priority, hashes))
@@ -286,7 +288,10 @@ def first_wins(hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
     head = np.ones(len(h), dtype=bool)
     head[1:] = h[1:] != h[:-1]
     best = np.maximum.accumulate(np.where(head, np.arange(len(h)), 0))  # each entry's group start
-    lost[order] = p > p[best]
+    code = (p > p[best]).astype(np.int8)
+    if fixed_below is not None:
+        code[(code > 0) & (p[best] < fixed_below)] = 2
+    lost[order] = code
     return lost
 
 
@@ -311,8 +316,8 @@ class LocalExchange:
     def __init__(self, rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
 
-    def lost(self, hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
-        return first_wins(hashes, priority)
+    def lost(self, hashes: np.ndarray, priority: np.ndarray, fixed_below: int | None = None) -> np.ndarray:
+        return first_wins(hashes, priority, fixed_below)
 
     def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:
         return [tuple(values)] * self.world if self.world > 1 else [tuple(values)]
@@ -325,7 +330,8 @@ class GlooExchange:
     def __init__(self, group, rank: int, world: int):
         self.group, self.rank, self.world = group, rank, world
 
-    def lost(self, hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    def lost(self, hashes: np.ndarray, priority: np.ndarray, fixed_below: int | None = None) -> np.ndarray:
+        """``first_wins`` over every rank's entries, each decided by the hash's owner."""
         import torch
         import torch.distributed as dist
 
@@ -340,11 +346,11 @@ class GlooExchange:
         dist.all_to_all_single(got, torch.from_numpy(np.ascontiguousarray(payload)), recv, send_counts.tolist(),
                                group=self.group)
         got = got.numpy()
-        verdict = first_wins(got[:, 0].view(np.uint64), got[:, 1]).astype(np.int64)
+        verdict = first_wins(got[:, 0].view(np.uint64), got[:, 1], fixed_below).astype(np.int64)
         back = torch.empty(len(hashes), dtype=torch.int64)
         dist.all_to_all_single(back, torch.from_numpy(verdict), send_counts.tolist(), recv, group=self.group)
-        lost = np.zeros(len(hashes), dtype=bool)
-        lost[order] = back.numpy().astype(bool)
+        lost = np.zeros(len(hashes), dtype=np.int8)
+        lost[order] = back.numpy()
         return lost
 
     def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:

@@ -291,43 +291,47 @@ class ShardedPlanner:
         return sizes, anyone_left, again
 
     def _fill(self, want: int) -> tuple[list, list, list[int], bool]:
-        """This rank's slice with no text twice in the global batch, in rounds: each rank proposes
-        about 1.25 rows per missing row (deferred ones first), the ranks keep the candidates that
-        lost no text (the rows taken in earlier rounds always win), and while a rank is short and
-        someone could still add a row (it proposed new rows or took some), another round follows,
-        in which the candidates that lost offer themselves again. So a slice is short only when
-        its rank's remaining rows (within ``dedup_buffer``) all repeat a text of the batch.
-        Returns (taken, the rest in proposal order, every rank's slice size, anyone left)."""
+        """This rank's slice with no text twice in the global batch, in rounds: each rank short of
+        its slice proposes about 1.25 rows per missing row (deferred ones first), and keeps the
+        candidates that lost no text to a candidate of lower priority (the rows already taken
+        always win). A candidate that lost to a taken row cannot join this batch; one that lost to
+        another candidate offers itself again in the next round. Rounds go on while some rank is
+        short and anyone proposed new rows or took some: so a slice is short only when every row
+        its rank could offer (within ``dedup_buffer``) repeats a text of the batch.
+        Returns (taken, the rest in the order to wait, every rank's slice size, anyone left)."""
         taken: list = []
         waiting: list = []  # this batch's candidates not taken, in proposal order
+        blocked: set[int] = set()  # ids of those that lost to a taken row
         while True:
             need = want - len(taken)
             fresh = self._candidates(int(need * self.SPARE) + 1, held=len(waiting)) if need > 0 else []
-            cands = taken + waiting + fresh
-            lost = self._lost(cands, len(taken), need)
-            offered = [c for i, c in enumerate(cands[len(taken):], len(taken)) if not lost[i]]
-            losers = [c for i, c in enumerate(cands[len(taken):], len(taken)) if lost[i]]
-            added = offered[:need]
+            offer = [c for c in waiting if id(c) not in blocked] + fresh if need > 0 else []
+            codes = self._lost(taken + offer, len(taken), need)[len(taken):]
+            clean = [c for c, v in zip(offer, codes) if not v]
+            added, spare = clean[:need], clean[need:]
+            blocked.update(id(c) for c, v in zip(offer, codes) if v == 2)
+            gone = {id(c) for c in added}
             taken += added
-            waiting = offered[need:] + losers
+            waiting = [c for c in waiting + fresh if id(c) not in gone]
             more = len(taken) < want and bool(added or fresh)
             sizes, anyone_left, again = self._sizes(len(taken), self._left(waiting), more)
-            if not again:
-                return taken, waiting, sizes, anyone_left
+            if not again:  # what waits: the unused clean candidates first, then those that lost
+                unused = {id(c) for c in spare}
+                return taken, spare + [c for c in waiting if id(c) not in unused], sizes, anyone_left
 
-    def _lost(self, cands: list, fixed: int, need: int) -> list[bool]:
-        """For each candidate, whether it lost a text to a candidate of lower priority, any rank's:
-        (class, rank, index), class 0 the rows already taken (they keep their texts), 1 each
-        rank's first ``need`` new candidates, 2 the rest."""
+    def _lost(self, cands: list, fixed: int, need: int) -> list[int]:
+        """For each candidate: 0 if it lost no text to a candidate of lower priority (any rank's:
+        (class, rank, index), class 0 the rows already taken, 1 each rank's first ``need`` new
+        candidates, 2 the rest), 2 if it lost one to a taken row, else 1."""
         if not cands:
-            self.ex.lost(np.zeros(0, np.uint64), np.zeros(0, np.int64))
+            self.ex.lost(np.zeros(0, np.uint64), np.zeros(0, np.int64), self.world * self.SPAN)
             return []
         hashes = text_hashes(cands, self.width)
         idx = np.arange(len(cands), dtype=np.int64)
         cls = np.where(idx < fixed, 0, np.where(idx < fixed + need, 1, 2)).astype(np.int64)
         prio = cls * (self.world * self.SPAN) + self.rank * self.SPAN + idx
-        lost = self.ex.lost(hashes.reshape(-1), np.repeat(prio, hashes.shape[1]))
-        return lost.reshape(hashes.shape).any(axis=1).tolist()
+        lost = self.ex.lost(hashes.reshape(-1), np.repeat(prio, hashes.shape[1]), self.world * self.SPAN)
+        return lost.reshape(hashes.shape).max(axis=1).tolist()
 
     # -- state --------------------------------------------------------------------------------------
 
