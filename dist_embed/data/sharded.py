@@ -9,8 +9,8 @@ on what was proposed), and each rank keeps its first ``slice`` candidates that l
 rank still short proposes again, in further rounds, until its slice is full or no row of its
 own could join. A candidate that lost waits (deferred) for a later batch; nothing is dropped.
 Slices hold ``split_sizes(global batch, world)[rank]`` rows while their rank has rows that can
-join; at an epoch's end a slice can be short or empty, as in the global plane. Within a rank, its next pieces can be read
-ahead by processes of its own (``ReadAhead``).
+join; at an epoch's end a slice can be short or empty, as in the global plane. Within a rank,
+its next pieces can be read ahead by processes of its own (``ReadAhead``).
 
 A rank's state between two batches (its queue of pieces and the position in the current one, its
 shuffle buffer and RNG, its deferred rows) is saved per rank: at the same world size a resume
