@@ -108,6 +108,7 @@ def add_mine_arguments(mn: argparse.ArgumentParser) -> None:
     mn.add_argument("--max-seq-length", type=int, default=None, help="truncation (default: the model's)")
     mn.add_argument("--block-size", type=int, default=512, help="anchors per unit of work and of resume")
     mn.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad rows: stop or skip+count")
+    mn.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input)")
 
 
 def mine_options(args):
@@ -133,10 +134,32 @@ def mine_options(args):
         if not sep or ours not in ("anchor", "positive"):
             return None, f"--columns {item!r}: expected anchor=NAME or positive=NAME"
         columns[ours] = theirs
+    problem = mine_out_problem(args)
+    if problem:
+        return None, problem
     opt = MineOptions(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
                       max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
                       relative_margin=args.relative_margin, batch_size=args.batch_size, block=args.block_size)
     return opt, columns
+
+
+def mine_out_problem(args) -> str | None:
+    """Why ``--out`` cannot take the mined rows (None if it can): never an input (the data, the
+    corpus, the model) or a place inside one, never an existing file or directory unless
+    ``--overwrite``; a jsonl output is a file."""
+    out = Path(args.out).resolve()
+    for flag, given in (("the data", args.data), ("--corpus", args.corpus), ("--model", args.model)):
+        if not given or not Path(given).exists():
+            continue
+        inp = Path(given).resolve()
+        if out == inp or (inp.is_dir() and inp in out.parents) or (out.is_dir() and out in inp.parents):
+            return (f"--out {args.out}: it {'is' if out == inp else 'holds or lies inside'} {flag} ({given}); "
+                    "write the mined rows to a new path")
+    if args.format == "jsonl" and out.is_dir():
+        return f"--out {args.out}: a directory; --format jsonl writes a file (or use --format shards)"
+    if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
+        return f"--out {args.out}: already exists; choose a new path, or pass --overwrite to replace it"
+    return None
 
 
 def run_mine(args) -> int:

@@ -115,6 +115,8 @@ def cmd_eval(args) -> int:
     from dist_embed.outputs.tracking import setup_logging
 
     setup_logging(0)
+    if args.batch_size < 1:
+        return error(f"--batch-size must be at least 1 (got {args.batch_size})")
     results = {}
     try:
         enc = Encoder.from_pretrained(args.model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -41,6 +42,19 @@ def resolve_model_path(name_or_path: str) -> str:
                                     f"is not installed") from None
         return str(root / sub)
     return name_or_path
+
+
+@contextmanager
+def loading(name_or_path: str):
+    """transformers' loading errors as one ModelError line naming the model (a hub id that is not
+    cached and cannot be downloaded: offline, or a typo; a revision that does not exist)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        hint = "" if Path(name_or_path).exists() else \
+            " (a hub id that is neither cached here nor downloadable: offline, HF_HUB_OFFLINE set, or misspelt?)"
+        raise ModelError(f"{name_or_path}: cannot be loaded{hint}: {first}") from None
 
 
 def position_limit(config) -> int | None:
@@ -113,7 +127,8 @@ class Encoder(nn.Module):
         path = resolve_model_path(name_or_path)
         check_model_dir(path)
         st = read_st_settings(path) if os.path.isdir(path) else {}
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        with loading(name_or_path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         if dropout is not None:
             for key in DROPOUT_KEYS:
                 if isinstance(getattr(config, key, None), float):
@@ -127,8 +142,9 @@ class Encoder(nn.Module):
         # fp32 master weights whatever the file's dtype: transformers would otherwise load a bf16 or
         # fp16 checkpoint as it is stored (dtype "auto"), and AdamW's updates to half-precision
         # weights mostly round away (the run's precision is autocast's business, not the weights')
-        transformer = model_cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
-                                                revision=revision, dtype=torch.float32)
+        with loading(name_or_path):
+            transformer = model_cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
+                                                    revision=revision, dtype=torch.float32)
         extra = {}
         # The pooler (a dense layer on [CLS]) is never used by pooled sentence embeddings; under a
         # gradient all-reduce it only costs time. Detach it but keep its weights for saving.
@@ -138,7 +154,8 @@ class Encoder(nn.Module):
             with full_parameters(transformer.pooler.parameters()):  # ZeRO-3 built it partitioned
                 extra = {f"pooler.{k}": v.detach().clone() for k, v in transformer.pooler.state_dict().items()}
             transformer.pooler = None
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        with loading(name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         limit = position_limit(config)
         msl = max_seq_length or st.get("max_seq_length") or \
             min(limit, getattr(tokenizer, "model_max_length", limit) or limit)

@@ -192,11 +192,18 @@ def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = N
                 row = {"anchor": a, "positive": p, **{f"negative_{j + 1}": n for j, n in enumerate(negs)}}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 written += 1
-    if fmt == "shards":
+    if fmt == "shards":  # written beside, then put in place: an earlier output (--overwrite) goes whole
         from .prepare import prepare
 
-        prepare([str(tmp_out)], out, fmt="jsonl", progress=progress)
+        staging = out.parent / f".{out.name}.tmp-shards"
+        shutil.rmtree(staging, ignore_errors=True)
+        prepare([str(tmp_out)], staging, fmt="jsonl", progress=progress)
         tmp_out.unlink()
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(staging, out)
     else:
         os.replace(tmp_out, out)
     shutil.rmtree(parts, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""Every command's options as a user gives them: a bad value, a model that cannot be loaded or an
+output that would overwrite an input is one line and exit 2, before any work. Most cases run the
+command line's own ``main`` in this process (the checks come before anything heavy)."""
+import hashlib
+
+import pytest
+
+from launch.cli import main
+
+from conftest import QUICK, quick_triplets, run_cli, tiny_config, write_jsonl
+from test_bad_input import assert_one_line_exit_2
+
+STS = QUICK / "snli-dev-pairs-1k.tsv"
+HUB_TYPO = "sentence-transformers/all-MiniLM-L66-v2"  # not cached here, and the tests run offline
+
+
+def one_line(capsys, code: int, *fragments) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    for f in fragments:
+        assert f in line, (f, line)
+    return line
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_eval_refuses_a_batch_size_below_one_and_a_hub_id_it_cannot_load(capsys, tiny_model):
+    for size in ("0", "-3"):
+        one_line(capsys, main(["eval", str(tiny_model), "--sts", str(STS), "--batch-size", size]),
+                 f"--batch-size must be at least 1 (got {size})")
+    one_line(capsys, main(["eval", HUB_TYPO, "--sts", str(STS)]), f"{HUB_TYPO}: cannot be loaded",
+             "neither cached here nor downloadable")
+
+
+def test_mine_never_writes_over_an_input_or_an_existing_file(capsys, tmp_path, tiny_model):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": r["anchor"], "positive": r["positive"]}
+                                                   for r in quick_triplets(30)])
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": r["negative"]} for r in quick_triplets(30)])
+    before = digest(pairs)
+    base = ["mine", str(pairs), "--model", str(tiny_model), "--corpus", str(corpus), "--num-negatives", "1"]
+    for out, what in ((pairs, "it is the data"), (corpus, "it is --corpus"), (tiny_model / "m.jsonl", "--model"),
+                      (tmp_path, "the data")):
+        one_line(capsys, main(base + ["--out", str(out)]), f"--out {out}: ", what)
+    (tmp_path / "sub").mkdir()
+    one_line(capsys, main(base + ["--out", str(tmp_path / "sub")]), "a directory; --format jsonl writes a file")
+    assert digest(pairs) == before
+    # an earlier output: kept unless --overwrite
+    out = tmp_path / "mined.jsonl"
+    out.write_text("earlier\n")
+    one_line(capsys, main(base + ["--out", str(out)]), "already exists", "--overwrite")
+    assert out.read_text() == "earlier\n"
+    assert main(base + ["--out", str(out), "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 30 and digest(pairs) == before
+
+
+@pytest.mark.slow
+def test_train_with_a_hub_id_it_cannot_load_is_one_line(tmp_path, tiny_model, triplets):
+    r = run_cli("train", tiny_config(tmp_path, tiny_model, triplets), f"model.name_or_path={HUB_TYPO}")
+    assert_one_line_exit_2(r, f"model.name_or_path: {HUB_TYPO}: cannot be loaded")
