@@ -71,3 +71,21 @@ def test_ctrl_c_on_a_single_process_checkpoints_and_exits_75(tmp_path, tiny_mode
     saved = (out / "PREEMPTED").read_text().strip()
     assert saved and "stopped by SIGINT after saving" in err
     assert verify(saved) is None  # resumable: the drill (test_stops.py) resumes every kind of stop
+
+
+def test_a_resume_on_changed_files_ends_its_schedule_with_its_epochs(tmp_path, tiny_model):
+    """--allow-data-change on other files restarts the epoch on them: the lr decays to zero at the
+    end of the new data, not early (the abandoned rows' samples were counted, the last steps ran at 0)."""
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(96))
+    cfg = tiny_config(tmp_path, tiny_model, data, training={"max_steps": -1, "epochs": 2, "warmup_steps": 0},
+                      checkpoint={"steps": 15, "keep_last": 5})
+    out = tmp_path / "run"
+    r = run_cli("train", cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    write_jsonl(data, quick_triplets(160)[32:])  # other files: 128 rows
+    r = run_cli("train", cfg, "--resume", out / "checkpoints" / "step-15", "--allow-data-change",
+                f"output_dir={tmp_path / 'resumed'}")
+    assert r.returncode == 0 and "epoch 1 restarts" in r.stderr, r.stderr[-3000:]
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "resumed") if "loss" in m]
+    assert len(lrs) == 128 // 8 and lrs[-1] == 0.0 and all(lr > 0 for lr in lrs[:-1]), lrs
+    assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs  # still decaying, step after step

@@ -27,6 +27,7 @@ class Saved:
     data: dict  # data_state.json
     data_unchanged: bool
     planner_states: list | None = None  # the sharded plane: every rank's planner state
+    epoch_rows_done: int = 0  # rows the checkpoint had trained of its epoch (before any restart of it)
 
     @property
     def sizes(self) -> list[int | None]:
@@ -90,6 +91,7 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
                               f"({what_changed}); resuming would not continue the same data order. Use the "
                               "original data and settings, or pass --allow-data-change to continue anyway")
         log.warning("--allow-data-change: resuming on changed data (%s)", what_changed)
+        rows_done = (data["planner"] or {}).get("rows_done", 0)
         if {"source", "names"} & set(changed):
             data["planner"] = None  # reader offsets mean nothing in other files: restart this epoch
             log.warning("the data files changed: epoch %d restarts from the beginning of the new data", data["epoch"])
@@ -97,7 +99,20 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
     if data.get("plane") == "sharded" and data["planner"] is not None:
         states = [json.loads((sd / f"data_state-rank{r}.json").read_text())["planner"]
                   for r in range(meta["world_size"])]
-    return Saved(path, meta, data, not changed, states)
+    return Saved(path, meta, data, not changed, states, rows_done if changed else 0)
+
+
+def schedule_on_changed_data(saved: Saved, training, rows: int, schedule):
+    """An epoch run resumed on changed data (--allow-data-change): the schedule ends when the rest
+    of the run on the new data ends, from the samples trained up to the checkpoint's epoch start;
+    an epoch restarted on the new files (its first rows abandoned) continues from that start,
+    so neither is its lr spent early nor its last steps trained at lr 0."""
+    from .schedule import Schedule
+
+    start = saved.meta["schedule"]["samples"] - saved.epoch_rows_done
+    if saved.data["planner"] is None:  # the epoch restarts: its abandoned rows are trained again
+        saved.meta["schedule"]["samples"] = start
+    return Schedule(start + (training.epochs - saved.data["epoch"]) * rows, schedule.warmup)
 
 
 def check_resumable(path: Path, saved: dict, saved_world: int, ours: dict, world: int) -> None:

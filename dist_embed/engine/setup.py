@@ -227,6 +227,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
         raise ConfigError("data.sampler=proportional needs every dataset's size; a hub stream has none: set its "
                           "max_rows, streaming: false, or use sampler round_robin/weighted")
     schedule = Schedule.for_run(t, pos.samples_per_step, rows)
+    if saved and not saved.data_unchanged and t.max_steps <= 0:
+        schedule = resuming.schedule_on_changed_data(saved, t, rows, schedule)
     backend = make_backend(cfg, state, encoder, precision,
                            lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)), started)
     warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
