@@ -89,3 +89,28 @@ def test_a_resume_on_changed_files_ends_its_schedule_with_its_epochs(tmp_path, t
     lrs = [m["lr"] for m in read_metrics(tmp_path / "resumed") if "loss" in m]
     assert len(lrs) == 128 // 8 and lrs[-1] == 0.0 and all(lr > 0 for lr in lrs[:-1]), lrs
     assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs  # still decaying, step after step
+
+
+def test_a_resumed_run_logs_the_losses_of_the_run_it_continues(tmp_path, tiny_model):
+    """A checkpoint between two log steps keeps the window's losses: the resumed run's first record
+    averages the same steps (it averaged only its own, a shorter window), per data set too."""
+    a = write_jsonl(tmp_path / "a.jsonl", quick_triplets(64))
+    b = write_jsonl(tmp_path / "b.jsonl", quick_triplets(128)[64:])
+    cfg = tiny_config(tmp_path, tiny_model, a, data={"train": [{"name": "a", "path": str(a)},
+                                                               {"name": "b", "path": str(b)}]},
+                      training={"max_steps": 8, "log_steps": 4}, checkpoint={"steps": 3, "keep_last": 5})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli("train", cfg, f"output_dir={straight}").returncode == 0
+    r = run_cli("train", cfg, f"output_dir={resumed}", "--resume", straight / "checkpoints" / "step-3")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def losses(out):
+        return {m["step"]: {k: v for k, v in m.items() if k == "loss" or k.startswith("loss/")}
+                for m in read_metrics(out) if "loss" in m}
+
+    want, got = losses(straight), losses(resumed)
+    assert sorted(want) == [4, 8] and sorted(got) == [4, 8]
+    for step in want:
+        assert want[step].keys() == got[step].keys() and len(want[step]) == 3, (want, got)
+        for key, value in want[step].items():
+            assert got[step][key] == pytest.approx(value, rel=1e-6), (step, key, want, got)

@@ -57,6 +57,7 @@ def loop(run: Run) -> Path:
     t_start, start_step, rows_trained = time.perf_counter(), pos.step, 0
     progress = Progress(run.total_steps, pos.step, run.state.is_main, t.log_steps)
     timer, window = Timer(), Window(run.flops_per_token, peak_flops(run.state.device))
+    window.restore_losses(pos.window, run.state.is_main)  # a resumed run: the steps since the last log
     pending: list[dict] = []  # steps whose loss, grad norm, ... are still on the device
     batches = data.batches(pos, run.state, run.encoder.tokenizer, run.encoder.max_seq_length)
     done = finished(run)
@@ -112,9 +113,11 @@ def loop(run: Run) -> Path:
         saving = cfg.checkpoint.steps and pos.step % cfg.checkpoint.steps == 0 and not done
         stopping = not done and STOPS.requested(run.state)
         if pos.step % t.log_steps == 0 or done or evaluating or saving or stopping:
-            read_steps(run, pending, window, timer, progress, log_now=pos.step % t.log_steps == 0 or done or stopping)
+            read_steps(run, pending, window, timer, progress, log_now=pos.step % t.log_steps == 0 or done)
         if evaluating:
             evaluate(run)
+        if saving or stopping:  # the window's losses go into the checkpoint: logs as if never stopped
+            pos.window = window.losses(run.state)
         if saving:
             resume.save(run)
         if stopping:

@@ -48,6 +48,7 @@ class Position:
     history: list = field(default_factory=list)  # eval results, for best-checkpoint and the model card
     logged_until: int = 0  # the last step a stopped run had logged (W&B has it already)
     dataset_rows: list = field(default_factory=list)  # rows trained from each dataset, whole run
+    window: dict | None = None  # the losses since the last log step (Window.losses), for the checkpoint
 
 
 @dataclass(frozen=True)
