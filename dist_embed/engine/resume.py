@@ -146,6 +146,7 @@ def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> 
         pos.planner_state = saved.planner_states[state.rank]  # the sharded plane: this rank's own
     pos.history = meta.get("history", [])
     pos.window = meta.get("window")  # the first log record averages the same steps as without the stop
+    pos.worlds = [list(w) for w in meta.get("worlds") or [[1, meta["world_size"], meta["global_batch"]]]]
     if len(meta.get("dataset_rows") or []) == len(pos.dataset_rows):
         pos.dataset_rows = list(meta["dataset_rows"])
     rng_file = sd / f"rng-rank{state.rank}.pt"
@@ -244,7 +245,8 @@ def save(run, final: bool = False) -> Path:
                 "schedule": {"samples": pos.samples, "samples_per_step": pos.samples_per_step,
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
-                "history": pos.history, "dataset_rows": pos.dataset_rows, "window": pos.window}, indent=1))
+                "history": pos.history, "dataset_rows": pos.dataset_rows, "window": pos.window,
+                "worlds": pos.worlds}, indent=1))
             # the data position: the planner's state after the last batch trained (the global plane:
             # the same on every rank; the sharded plane: rank 0's here, every rank's in its own file)
             sharding = run.data.sharding
@@ -277,5 +279,6 @@ def write_card(run, directory: Path) -> None:
     final_metrics = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("eval/")}
     card = render(encoder=run.encoder, base_model=run.cfg.model.name_or_path, cfg=run.cfg, losses=list(run.losses),
                   data=list(run.outputs.dataset_info), metrics_path=run.outputs.out / "metrics.jsonl",
-                  step=run.pos.step, final_metrics=final_metrics, world_size=run.state.world_size)
+                  step=run.pos.step, final_metrics=final_metrics, world_size=run.state.world_size,
+                  worlds=run.pos.worlds)
     (directory / "README.md").write_text(card, encoding="utf-8")

@@ -49,6 +49,7 @@ class Position:
     logged_until: int = 0  # the last step a stopped run had logged (W&B has it already)
     dataset_rows: list = field(default_factory=list)  # rows trained from each dataset, whole run
     window: dict | None = None  # the losses since the last log step (Window.losses), for the checkpoint
+    worlds: list = field(default_factory=list)  # [first step, world size, global batch] per stretch of the run
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                      sharding)
     if saved:
         resuming.restore(saved, backend, pos, state, out, global_batch)
+    if not pos.worlds or pos.worlds[-1][1:] != [state.world_size, global_batch]:
+        pos.worlds.append([pos.step + 1, state.world_size, global_batch])  # a chain of runs: the card says each
     wandb = None
     if state.is_main:
         out.mkdir(parents=True, exist_ok=True)
