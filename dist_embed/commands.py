@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 log = logging.getLogger("dist_embed")
 
@@ -164,9 +164,13 @@ def mine_out_problem(args) -> str | None:
 
 def run_mine(args) -> int:
     """Mine in this process: alone, or as one rank of a launched job (every rank a share)."""
+    import signal
+
     from .data.readers import DataError
     from .distributed import finish, init_distributed
+    from .engine.stops import STOPS
     from .engine.worker import write_marker
+    from .tools.mine import MiningStopped
     from .model.encoder import ModelError
     from .outputs.tracking import setup_logging
 
@@ -181,9 +185,14 @@ def run_mine(args) -> int:
         from .tools.mine import mine
 
         summary = mine(state, model=args.model, data=args.data, out=out, corpus_file=args.corpus, opt=opt,
-                       columns=columns, on_error=args.on_error, fmt=args.format, max_seq_length=args.max_seq_length)
+                       columns=columns, on_error=args.on_error, fmt=args.format, max_seq_length=args.max_seq_length,
+                       stop_requested=lambda: STOPS.signum is not None)
         if state.is_main:
             print(json.dumps(summary))
+    except MiningStopped as e:
+        if state.is_main:
+            log.warning("mining stopped by %s: %s", signal.Signals(STOPS.signum or signal.SIGTERM).name, e)
+        code = EXIT_PREEMPTED
     except (DataError, ModelError, OSError) as e:
         line = os_error(e) if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else \
             (str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -195,7 +204,7 @@ def run_mine(args) -> int:
         log.exception("mining failed")
         code = EXIT_FAILED
     if state.enabled:
-        finish(state, code, sync=code == EXIT_OK)
+        finish(state, code, sync=code in (EXIT_OK, EXIT_PREEMPTED))
     return code
 
 
@@ -215,14 +224,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
 
 
 def begin(argv: list[str] | None) -> None:
-    """A process's first act: ``train`` records stop signals from this moment (a run acts on them,
-    never dies of them); other commands started by our launcher (signals held pending) get the
-    default action back."""
+    """A process's first act: ``train`` and ``mine`` record stop signals from this moment (a run
+    checkpoints, mining ends after whole blocks: both exit 75 and continue when run again, never
+    die of them); other commands started by our launcher (signals held pending) get the default
+    action back."""
     import signal
 
     from .engine.stops import STOP_SIGNALS, STOPS
 
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["train"]:
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["mine"]):
         STOPS.install()
     elif inside_launched_job():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

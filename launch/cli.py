@@ -90,6 +90,10 @@ def cmd_mine(args) -> int:
     if args.ray_address:
         from dataclasses import asdict
 
+        from dist_embed.engine.stops import STOPS
+
+        STOPS.uninstall()  # Ctrl-C ends the submission here as usual; Ray stops its workers
+
         from .ray import submit_mine
 
         def absolute(p):
@@ -101,10 +105,14 @@ def cmd_mine(args) -> int:
             "corpus_file": absolute(args.corpus), "opt": asdict(opt), "columns": columns, "on_error": args.on_error,
             "fmt": args.format, "max_seq_length": args.max_seq_length}, use_gpu=args.use_gpu)
     if args.nproc and args.nproc > 1 and not inside_launched_job():
-        from .local import launch_local
+        from dist_embed.engine.stops import STOPS
+
+        from .local import LauncherSignals, launch_local
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        return launch_local(args.nproc, without_launch_options(args.argv), str(out.parent))
+        # stop signals (recorded since main) go to the workers: they stop after a block, exit 75
+        return launch_local(args.nproc, without_launch_options(args.argv), str(out.parent),
+                            signals=LauncherSignals(STOPS.signum).install())
     return run_mine(args)
 
 

@@ -60,3 +60,40 @@ def test_mine_never_writes_over_an_input_or_an_existing_file(capsys, tmp_path, t
 def test_train_with_a_hub_id_it_cannot_load_is_one_line(tmp_path, tiny_model, triplets):
     r = run_cli("train", tiny_config(tmp_path, tiny_model, triplets), f"model.name_or_path={HUB_TYPO}")
     assert_one_line_exit_2(r, f"model.name_or_path: {HUB_TYPO}: cannot be loaded")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_mining_stopped_by_ctrl_c_exits_75_and_a_rerun_continues(tmp_path, tiny_model, nproc):
+    """Ctrl-C (SIGINT to the terminal's process group) alone or under --nproc: mining ends after
+    whole blocks with one line and exit 75, as training does; the same command again finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": r["anchor"], "positive": r["positive"]}
+                                                   for r in quick_triplets(600)])
+    out = tmp_path / "mined.jsonl"
+    args = ["mine", str(pairs), "--model", str(tiny_model), "--out", str(out), "--block-size", "8",
+            "--nproc", str(nproc)]
+    err = tmp_path / "err.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=f, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 120
+        while "mining 600 anchors" not in err.read_text() and time.time() < deadline:
+            assert proc.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 75, err.read_text()[-3000:]
+    text = err.read_text()
+    assert "Traceback" not in text and "mining stopped by SIG" in text and "run the same command again" in text, text
+    assert not out.exists()
+    if nproc == 2:  # the same command again (here alone: blocks do not depend on the world size) finishes
+        r = run_cli("mine", *args[1:-2])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(out.read_text().splitlines()) == 600
