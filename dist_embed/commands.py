@@ -72,8 +72,20 @@ def train_worker_args(args) -> list[str]:
             + (["--resume-or-start-fresh"] if args.resume_or_start_fresh else []))
 
 
+def train_args_problem(args) -> str | None:
+    """Options that mean nothing without the one they qualify (a silently ignored flag)."""
+    if args.resume_or_start_fresh and args.resume != "latest":
+        return "--resume-or-start-fresh qualifies --resume latest (pass both, or neither)"
+    if args.allow_data_change and not args.resume:
+        return "--allow-data-change qualifies --resume (a fresh run reads whatever data it is given)"
+    return None
+
+
 def run_train(args, cfg=None) -> int:
     """Train in this process (alone, or as one rank of a launched job)."""
+    problem = train_args_problem(args)
+    if problem:
+        return error(problem)
     cfg = cfg if cfg is not None else load_config_or_say(args)
     if cfg is None:
         return EXIT_BAD_INPUT
@@ -143,18 +155,27 @@ def mine_options(args):
     return opt, columns
 
 
+def output_overlaps(out: str, inputs: list[tuple[str, str | None]]) -> str | None:
+    """Why ``--out`` would write over an input (``inputs``: (what, path) pairs): it is one, lies
+    inside an input directory, or holds one; None if it does none of these."""
+    target = Path(out).resolve()
+    for what, given in inputs:
+        if not given or not Path(given).exists():
+            continue
+        inp = Path(given).resolve()
+        if target == inp or (inp.is_dir() and inp in target.parents) or target in inp.parents:
+            return f"--out {out}: it {'is' if target == inp else 'holds or lies inside'} {what} ({given})"
+    return None
+
+
 def mine_out_problem(args) -> str | None:
     """Why ``--out`` cannot take the mined rows (None if it can): never an input (the data, the
     corpus, the model) or a place inside one, never an existing file or directory unless
     ``--overwrite``; a jsonl output is a file."""
     out = Path(args.out).resolve()
-    for flag, given in (("the data", args.data), ("--corpus", args.corpus), ("--model", args.model)):
-        if not given or not Path(given).exists():
-            continue
-        inp = Path(given).resolve()
-        if out == inp or (inp.is_dir() and inp in out.parents) or (out.is_dir() and out in inp.parents):
-            return (f"--out {args.out}: it {'is' if out == inp else 'holds or lies inside'} {flag} ({given}); "
-                    "write the mined rows to a new path")
+    problem = output_overlaps(args.out, [("the data", args.data), ("--corpus", args.corpus), ("--model", args.model)])
+    if problem:
+        return f"{problem}; write the mined rows to a new path"
     if args.format == "jsonl" and out.is_dir():
         return f"--out {args.out}: a directory; --format jsonl writes a file (or use --format shards)"
     if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):

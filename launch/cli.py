@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from dist_embed.commands import (add_mine_arguments, add_train_arguments, begin, end, error, inside_launched_job,
-                                 load_config_or_say, mine_options, os_error, parse, run_mine, run_train,
-                                 train_worker_args)
+                                 load_config_or_say, mine_options, os_error, output_overlaps, parse, run_mine,
+                                 run_train, train_args_problem, train_worker_args)
 from dist_embed.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 
 log = logging.getLogger("dist_embed")
@@ -34,6 +34,8 @@ def cmd_train(args) -> int:
     for flag, value in (("--nproc", args.nproc), ("--nnodes", args.nnodes)):
         if value is not None and value < 1:
             return error(f"{flag} must be at least 1 (got {value})")
+    if train_args_problem(args):
+        return error(train_args_problem(args))
     cfg = load_config_or_say(args)
     if cfg is None:
         return EXIT_BAD_INPUT
@@ -132,6 +134,8 @@ def cmd_eval(args) -> int:
             name, sep, path = spec.partition("=")
             if not sep:
                 name, path = Path(spec).name.split(".")[0], spec
+            if not name or not path:
+                return error(f"--sts {spec!r}: expected [NAME=]PATH of an STS file or dataset")
             data = load_sts(path, name)
             results.update({f"eval/{name}/{k}": v for k, v in evaluate_sts(enc, data, args.batch_size).items()})
     except (DataError, ModelError, FileNotFoundError, OSError, ValueError) as e:
@@ -167,6 +171,9 @@ def cmd_prepare(args) -> int:
         if value is not None and value < 1:
             print(f"dist-embed: error: --{flag.replace('_', '-')} must be at least 1 (got {value})", file=sys.stderr)
             return EXIT_BAD_INPUT
+    problem = output_overlaps(args.out, [("a source", src) for src in args.sources])
+    if problem:  # shards written among the sources would change what the sources' directory reads as
+        return error(f"{problem}; write the shards to a directory of their own")
     try:
         prepare(args.sources, Path(args.out), fmt=args.format, subset=args.subset, split=args.split,
                 shard_rows=args.shard_rows, block_rows=args.block_rows, tokenizer_name=args.tokenizer,

@@ -33,6 +33,31 @@ def test_eval_refuses_a_batch_size_below_one_and_a_hub_id_it_cannot_load(capsys,
                  f"--batch-size must be at least 1 (got {size})")
     one_line(capsys, main(["eval", HUB_TYPO, "--sts", str(STS)]), f"{HUB_TYPO}: cannot be loaded",
              "neither cached here nor downloadable")
+    for spec in ("dev=", "=" + str(STS)):  # an empty path would read the working directory as data
+        one_line(capsys, main(["eval", str(tiny_model), "--sts", spec]), f"--sts {spec!r}: expected [NAME=]PATH")
+
+
+def test_prepare_data_never_writes_among_its_sources(capsys, tmp_path):
+    """Shards written into a source's directory would make it read as a shard set from then on."""
+    src = tmp_path / "data"
+    src.mkdir()
+    rows = write_jsonl(src / "t.jsonl", quick_triplets(20))
+    for sources, out in (([src], src / "shards"), ([rows], src), ([rows], rows), ([src], tmp_path)):
+        one_line(capsys, main(["prepare-data", *map(str, sources), "--out", str(out)]), f"--out {out}: it ",
+                 "write the shards to a directory of their own")
+    assert sorted(p.name for p in src.iterdir()) == ["t.jsonl"]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--resume-or-start-fresh"], "--resume-or-start-fresh qualifies --resume latest"),
+    (["--resume", "x", "--resume-or-start-fresh"], "--resume-or-start-fresh qualifies --resume latest"),
+    (["--allow-data-change"], "--allow-data-change qualifies --resume"),
+    (["--allow-data-change", "--nproc", "2"], "--allow-data-change qualifies --resume"),
+])
+def test_train_refuses_a_flag_without_the_one_it_qualifies(capsys, tmp_path, tiny_model, triplets, flags, fragment):
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    one_line(capsys, main(["train", str(cfg), *flags]), fragment)
+    assert not (tmp_path / "run").exists()
 
 
 def test_mine_never_writes_over_an_input_or_an_existing_file(capsys, tmp_path, tiny_model):
