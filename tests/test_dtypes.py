@@ -137,3 +137,18 @@ def test_a_half_precision_model_loads_as_fp32_for_evaluation(copies):
         enc = Encoder.from_pretrained(str(copies / name))
         assert {p.dtype for p in enc.parameters()} == {torch.float32} and enc.source_dtype == dtype
         assert (enc.encode(texts) == ref).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_half_precision_checkpoints_train_under_autocast_on_a_gpu(tmp_path, copies):
+    """An fp16 checkpoint with training.precision=fp16 stopped at step 1 ("Attempting to unscale FP16
+    gradients": its weights were fp16); with fp32 weights it trains as the fp32 copy does, bf16 too."""
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(64))
+    cfg = tiny_config(tmp_path, copies / "fp32", data, training={"max_steps": 3})
+    runs = [["train", cfg, f"output_dir={tmp_path / f'{p}-{name}'}", f"model.name_or_path={copies / name}",
+             f"training.precision={p}"] for p, names in (("fp16", ("fp16", "fp32")), ("bf16", ("bf16", "fp32")))
+            for name in names]
+    train_in_one_process(runs)
+    for p, name in (("fp16", "fp16"), ("bf16", "bf16")):
+        assert train_losses(tmp_path / f"{p}-{name}") == train_losses(tmp_path / f"{p}-fp32"), p
