@@ -266,9 +266,9 @@ def end(code: int, argv: list[str] | None) -> int:
     if argv is None:  # the process's own command, about to exit
         import signal
 
-        from .engine.stops import STOP_SIGNALS
+        from .engine.stops import STOP_SIGNALS, TERMINAL_SIGNALS
 
-        for s in STOP_SIGNALS + (signal.SIGINT,):
+        for s in STOP_SIGNALS + tuple(TERMINAL_SIGNALS):
             signal.signal(s, signal.SIG_IGN)
     return code
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from dist_embed.distributed import free_port
 from dist_embed.exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_PREEMPTED, PREEMPTED_MARKER
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
 
 
@@ -41,7 +41,8 @@ def child_pids(pid: int) -> list[int]:
 
 class LauncherSignals:
     """Stop signals the launcher receives, recorded from its start and forwarded to every worker
-    (SIGINT, Ctrl-C, as SIGTERM): a signal that arrives before the workers exist reaches them too."""
+    (SIGINT, Ctrl-C, and SIGHUP, a closed terminal, as SIGTERM): a signal that arrives before the
+    workers exist reaches them too."""
 
     def __init__(self, already: int | None = None):
         self.got: list[int] = [already] if already is not None else []
@@ -64,7 +65,7 @@ class LauncherSignals:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    p.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                    p.send_signal(signal.SIGTERM if signum in (signal.SIGINT, signal.SIGHUP) else signum)
                 except ProcessLookupError:
                     pass
 

@@ -1,11 +1,12 @@
 """How a run ends and what a second command does with it: a finished run stays finished under
 ``--resume latest`` (what every launcher passes), ``--resume OUTPUT/final`` is one line, and Ctrl-C
-on a single process checkpoints and exits 75 as it does under ``--nproc``."""
+or a closed terminal on a single process checkpoints and exits 75 as under ``--nproc``."""
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,8 +54,10 @@ def test_a_finished_run_is_not_trained_again(tmp_path, tiny_model):
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4, 5]
 
 
-def test_ctrl_c_on_a_single_process_checkpoints_and_exits_75(tmp_path, tiny_model):
-    """The README's first command, stopped with Ctrl-C (SIGINT to the terminal's process group)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_ctrl_c_on_a_single_process_checkpoints_and_exits_75(tmp_path, tiny_model, sig):
+    """The README's first command, stopped with Ctrl-C (SIGINT to the terminal's process group) or
+    by its terminal closing (SIGHUP)."""
     from test_resume import wait_for_step
 
     data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(160))
@@ -64,13 +67,13 @@ def test_ctrl_c_on_a_single_process_checkpoints_and_exits_75(tmp_path, tiny_mode
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for_step(out, 2, proc)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-3000:]
     saved = (out / "PREEMPTED").read_text().strip()
-    assert saved and "stopped by SIGINT after saving" in err
-    assert verify(saved) is None  # resumable: the drill (test_stops.py) resumes every kind of stop
+    assert saved and f"stopped by {sig.name} after saving" in err
+    assert verify(Path(saved)) is None  # resumable: the drill (test_stops.py) resumes every kind of stop
 
 
 def test_a_resume_on_changed_files_ends_its_schedule_with_its_epochs(tmp_path, tiny_model):
