@@ -48,6 +48,11 @@ def test_prepare_data_never_writes_among_its_sources(capsys, tmp_path):
     assert sorted(p.name for p in src.iterdir()) == ["t.jsonl"]
 
 
+def test_train_resume_from_a_missing_directory_is_one_line(capsys, tmp_path, tiny_model, triplets):
+    cfg = tiny_config(tmp_path, tiny_model, triplets)
+    one_line(capsys, main(["train", str(cfg), "--resume", str(tmp_path / "nowhere")]), "no such checkpoint directory")
+
+
 @pytest.mark.parametrize("flags,fragment", [
     (["--resume-or-start-fresh"], "--resume-or-start-fresh qualifies --resume latest"),
     (["--resume", "x", "--resume-or-start-fresh"], "--resume-or-start-fresh qualifies --resume latest"),

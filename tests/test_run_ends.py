@@ -42,8 +42,6 @@ def test_a_finished_run_is_not_trained_again(tmp_path, tiny_model):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"--resume {out / 'final'}: a finished model (at step 5), not a checkpoint" in r.stderr
     assert f"model.name_or_path={out / 'final'}" in r.stderr
-    r = run_cli("train", cfg, "--resume", out / "nowhere")
-    assert r.returncode == 2 and "no such checkpoint directory" in r.stderr, r.stderr[-3000:]
     assert snapshot(out) == before
     # a damaged final/ is not a finished run: the last checkpoint goes on and writes it again
     (out / "final" / "modules.json").write_text("[]")
@@ -79,18 +77,18 @@ def test_ctrl_c_on_a_single_process_checkpoints_and_exits_75(tmp_path, tiny_mode
 def test_a_resume_on_changed_files_ends_its_schedule_with_its_epochs(tmp_path, tiny_model):
     """--allow-data-change on other files restarts the epoch on them: the lr decays to zero at the
     end of the new data, not early (the abandoned rows' samples were counted, the last steps ran at 0)."""
-    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(96))
+    data = write_jsonl(tmp_path / "t.jsonl", quick_triplets(48))
     cfg = tiny_config(tmp_path, tiny_model, data, training={"max_steps": -1, "epochs": 2, "warmup_steps": 0},
-                      checkpoint={"steps": 15, "keep_last": 5})
+                      checkpoint={"steps": 8, "keep_last": 5})
     out = tmp_path / "run"
-    r = run_cli("train", cfg)
+    r = run_cli("train", cfg)  # 6 steps an epoch: step 8 is 2 steps into the second
     assert r.returncode == 0, r.stderr[-3000:]
-    write_jsonl(data, quick_triplets(160)[32:])  # other files: 128 rows
-    r = run_cli("train", cfg, "--resume", out / "checkpoints" / "step-15", "--allow-data-change",
+    write_jsonl(data, quick_triplets(112)[48:])  # other files: 64 rows
+    r = run_cli("train", cfg, "--resume", out / "checkpoints" / "step-8", "--allow-data-change",
                 f"output_dir={tmp_path / 'resumed'}")
     assert r.returncode == 0 and "epoch 1 restarts" in r.stderr, r.stderr[-3000:]
     lrs = [m["lr"] for m in read_metrics(tmp_path / "resumed") if "loss" in m]
-    assert len(lrs) == 128 // 8 and lrs[-1] == 0.0 and all(lr > 0 for lr in lrs[:-1]), lrs
+    assert len(lrs) == 64 // 8 and lrs[-1] == 0.0 and all(lr > 0 for lr in lrs[:-1]), lrs
     assert all(a > b for a, b in zip(lrs, lrs[1:])), lrs  # still decaying, step after step
 
 
