@@ -129,7 +129,7 @@ def mine_options(args):
 
     from .tools.mine import MineOptions
 
-    for flag in ("num_negatives", "range_max", "batch_size", "block_size"):
+    for flag in ("num_negatives", "range_max", "batch_size", "block_size", "max_seq_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             return None, f"--{flag.replace('_', '-')} must be at least 1 (got {value})"

@@ -77,6 +77,9 @@ def test_mine_never_writes_over_an_input_or_an_existing_file(capsys, tmp_path, t
     (tmp_path / "sub").mkdir()
     one_line(capsys, main(base + ["--out", str(tmp_path / "sub")]), "a directory; --format jsonl writes a file")
     assert digest(pairs) == before
+    for bad in ("0", "-4"):  # 0 silently meant the model's own length
+        one_line(capsys, main(base + ["--out", str(tmp_path / "m.jsonl"), "--max-seq-length", bad]),
+                 f"--max-seq-length must be at least 1 (got {bad})")
     # an earlier output: kept unless --overwrite
     out = tmp_path / "mined.jsonl"
     out.write_text("earlier\n")
