@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from .exit_codes import BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 log = logging.getLogger("dist_embed")
 
@@ -72,8 +72,20 @@ def train_worker_args(args) -> list[str]:
             + (["--resume-or-start-fresh"] if args.resume_or_start_fresh else []))
 
 
+def train_args_problem(args) -> str | None:
+    """Options that mean nothing without the one they qualify (a silently ignored flag)."""
+    if args.resume_or_start_fresh and args.resume != "latest":
+        return "--resume-or-start-fresh qualifies --resume latest (pass both, or neither)"
+    if args.allow_data_change and not args.resume:
+        return "--allow-data-change qualifies --resume (a fresh run reads whatever data it is given)"
+    return None
+
+
 def run_train(args, cfg=None) -> int:
     """Train in this process (alone, or as one rank of a launched job)."""
+    problem = train_args_problem(args)
+    if problem:
+        return error(problem)
     cfg = cfg if cfg is not None else load_config_or_say(args)
     if cfg is None:
         return EXIT_BAD_INPUT
@@ -108,6 +120,7 @@ def add_mine_arguments(mn: argparse.ArgumentParser) -> None:
     mn.add_argument("--max-seq-length", type=int, default=None, help="truncation (default: the model's)")
     mn.add_argument("--block-size", type=int, default=512, help="anchors per unit of work and of resume")
     mn.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad rows: stop or skip+count")
+    mn.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input)")
 
 
 def mine_options(args):
@@ -116,7 +129,7 @@ def mine_options(args):
 
     from .tools.mine import MineOptions
 
-    for flag in ("num_negatives", "range_max", "batch_size", "block_size"):
+    for flag in ("num_negatives", "range_max", "batch_size", "block_size", "max_seq_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             return None, f"--{flag.replace('_', '-')} must be at least 1 (got {value})"
@@ -133,17 +146,52 @@ def mine_options(args):
         if not sep or ours not in ("anchor", "positive"):
             return None, f"--columns {item!r}: expected anchor=NAME or positive=NAME"
         columns[ours] = theirs
+    problem = mine_out_problem(args)
+    if problem:
+        return None, problem
     opt = MineOptions(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
                       max_score=args.max_score, min_score=args.min_score, absolute_margin=args.absolute_margin,
                       relative_margin=args.relative_margin, batch_size=args.batch_size, block=args.block_size)
     return opt, columns
 
 
+def output_overlaps(out: str, inputs: list[tuple[str, str | None]]) -> str | None:
+    """Why ``--out`` would write over an input (``inputs``: (what, path) pairs): it is one, lies
+    inside an input directory, or holds one; None if it does none of these."""
+    target = Path(out).resolve()
+    for what, given in inputs:
+        if not given or not Path(given).exists():
+            continue
+        inp = Path(given).resolve()
+        if target == inp or (inp.is_dir() and inp in target.parents) or target in inp.parents:
+            return f"--out {out}: it {'is' if target == inp else 'holds or lies inside'} {what} ({given})"
+    return None
+
+
+def mine_out_problem(args) -> str | None:
+    """Why ``--out`` cannot take the mined rows (None if it can): never an input (the data, the
+    corpus, the model) or a place inside one, never an existing file or directory unless
+    ``--overwrite``; a jsonl output is a file."""
+    out = Path(args.out).resolve()
+    problem = output_overlaps(args.out, [("the data", args.data), ("--corpus", args.corpus), ("--model", args.model)])
+    if problem:
+        return f"{problem}; write the mined rows to a new path"
+    if args.format == "jsonl" and out.is_dir():
+        return f"--out {args.out}: a directory; --format jsonl writes a file (or use --format shards)"
+    if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
+        return f"--out {args.out}: already exists; choose a new path, or pass --overwrite to replace it"
+    return None
+
+
 def run_mine(args) -> int:
     """Mine in this process: alone, or as one rank of a launched job (every rank a share)."""
+    import signal
+
     from .data.readers import DataError
     from .distributed import finish, init_distributed
+    from .engine.stops import STOPS
     from .engine.worker import write_marker
+    from .tools.mine import MiningStopped
     from .model.encoder import ModelError
     from .outputs.tracking import setup_logging
 
@@ -158,9 +206,14 @@ def run_mine(args) -> int:
         from .tools.mine import mine
 
         summary = mine(state, model=args.model, data=args.data, out=out, corpus_file=args.corpus, opt=opt,
-                       columns=columns, on_error=args.on_error, fmt=args.format, max_seq_length=args.max_seq_length)
+                       columns=columns, on_error=args.on_error, fmt=args.format, max_seq_length=args.max_seq_length,
+                       stop_requested=lambda: STOPS.signum is not None)
         if state.is_main:
             print(json.dumps(summary))
+    except MiningStopped as e:
+        if state.is_main:
+            log.warning("mining stopped by %s: %s", signal.Signals(STOPS.signum or signal.SIGTERM).name, e)
+        code = EXIT_PREEMPTED
     except (DataError, ModelError, OSError) as e:
         line = os_error(e) if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else \
             (str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -172,7 +225,7 @@ def run_mine(args) -> int:
         log.exception("mining failed")
         code = EXIT_FAILED
     if state.enabled:
-        finish(state, code, sync=code == EXIT_OK)
+        finish(state, code, sync=code in (EXIT_OK, EXIT_PREEMPTED))
     return code
 
 
@@ -192,14 +245,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
 
 
 def begin(argv: list[str] | None) -> None:
-    """A process's first act: ``train`` records stop signals from this moment (a run acts on them,
-    never dies of them); other commands started by our launcher (signals held pending) get the
-    default action back."""
+    """A process's first act: ``train`` and ``mine`` record stop signals from this moment (a run
+    checkpoints, mining ends after whole blocks: both exit 75 and continue when run again, never
+    die of them); other commands started by our launcher (signals held pending) get the default
+    action back."""
     import signal
 
     from .engine.stops import STOP_SIGNALS, STOPS
 
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["train"]:
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["mine"]):
         STOPS.install()
     elif inside_launched_job():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -212,9 +266,9 @@ def end(code: int, argv: list[str] | None) -> int:
     if argv is None:  # the process's own command, about to exit
         import signal
 
-        from .engine.stops import STOP_SIGNALS
+        from .engine.stops import STOP_SIGNALS, TERMINAL_SIGNALS
 
-        for s in STOP_SIGNALS:
+        for s in STOP_SIGNALS + tuple(TERMINAL_SIGNALS):
             signal.signal(s, signal.SIG_IGN)
     return code
 

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from dist_embed.commands import (add_mine_arguments, add_train_arguments, begin, end, error, inside_launched_job,
-                                 load_config_or_say, mine_options, os_error, parse, run_mine, run_train,
-                                 train_worker_args)
+                                 load_config_or_say, mine_options, os_error, output_overlaps, parse, run_mine,
+                                 run_train, train_args_problem, train_worker_args)
 from dist_embed.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 
 log = logging.getLogger("dist_embed")
@@ -40,22 +40,31 @@ def cmd_train(args) -> int:
         return error("--nnodes > 1 needs --master-addr and --master-port (the same on every node)")
     if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
         return error(f"--node-rank must be from 0 to {args.nnodes - 1} (got {args.node_rank})")
+    if train_args_problem(args):
+        return error(train_args_problem(args))
     cfg = load_config_or_say(args)
     if cfg is None:
         return EXIT_BAD_INPUT
     if not launching:
         return run_train(args, cfg)
     from dist_embed.config import ConfigError
-    from dist_embed.outputs.run_dir import CLAIMED_ENV, claim
+    from dist_embed.outputs.run_dir import CLAIMED_ENV, RunComplete, already_complete, claim
 
     from .local import launch_local
 
     node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0))
+    done = already_complete(cfg.output_dir, args.resume)  # every node's launcher: none starts workers then
+    if done:
+        print(f"dist-embed: {done}", file=sys.stderr)
+        return EXIT_OK
     if node_rank == 0:  # one launcher holds the output_dir for the whole job (its workers skip the claim)
         try:
             claim(cfg.output_dir, args.resume, args.overwrite)
         except ConfigError as e:
             return error(str(e))
+        except RunComplete as e:  # finished between the look above and the lock
+            print(f"dist-embed: {e}", file=sys.stderr)
+            return EXIT_OK
     os.environ[CLAIMED_ENV] = "1"
     return launch_local(args.nproc or 1, train_worker_args(args), cfg.output_dir, nnodes=args.nnodes,
                         node_rank=node_rank, master_addr=args.master_addr, master_port=args.master_port,
@@ -90,6 +99,10 @@ def cmd_mine(args) -> int:
     if args.ray_address:
         from dataclasses import asdict
 
+        from dist_embed.engine.stops import STOPS
+
+        STOPS.uninstall()  # Ctrl-C ends the submission here as usual; Ray stops its workers
+
         from .ray import submit_mine
 
         def absolute(p):
@@ -101,10 +114,14 @@ def cmd_mine(args) -> int:
             "corpus_file": absolute(args.corpus), "opt": asdict(opt), "columns": columns, "on_error": args.on_error,
             "fmt": args.format, "max_seq_length": args.max_seq_length}, use_gpu=args.use_gpu)
     if args.nproc and args.nproc > 1 and not inside_launched_job():
-        from .local import launch_local
+        from dist_embed.engine.stops import STOPS
+
+        from .local import LauncherSignals, launch_local
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        return launch_local(args.nproc, without_launch_options(args.argv), str(out.parent))
+        # stop signals (recorded since main) go to the workers: they stop after a block, exit 75
+        return launch_local(args.nproc, without_launch_options(args.argv), str(out.parent),
+                            signals=LauncherSignals(STOPS.signum).install())
     return run_mine(args)
 
 
@@ -115,6 +132,8 @@ def cmd_eval(args) -> int:
     from dist_embed.outputs.tracking import setup_logging
 
     setup_logging(0)
+    if args.batch_size < 1:
+        return error(f"--batch-size must be at least 1 (got {args.batch_size})")
     results = {}
     try:
         enc = Encoder.from_pretrained(args.model)
@@ -122,6 +141,8 @@ def cmd_eval(args) -> int:
             name, sep, path = spec.partition("=")
             if not sep:
                 name, path = Path(spec).name.split(".")[0], spec
+            if not name or not path:
+                return error(f"--sts {spec!r}: expected [NAME=]PATH of an STS file or dataset")
             data = load_sts(path, name)
             results.update({f"eval/{name}/{k}": v for k, v in evaluate_sts(enc, data, args.batch_size).items()})
     except (DataError, ModelError, FileNotFoundError, OSError, ValueError) as e:
@@ -157,6 +178,9 @@ def cmd_prepare(args) -> int:
         if value is not None and value < 1:
             print(f"dist-embed: error: --{flag.replace('_', '-')} must be at least 1 (got {value})", file=sys.stderr)
             return EXIT_BAD_INPUT
+    problem = output_overlaps(args.out, [("a source", src) for src in args.sources])
+    if problem:  # shards written among the sources would change what the sources' directory reads as
+        return error(f"{problem}; write the shards to a directory of their own")
     try:
         prepare(args.sources, Path(args.out), fmt=args.format, subset=args.subset, split=args.split,
                 shard_rows=args.shard_rows, block_rows=args.block_rows, tokenizer_name=args.tokenizer,

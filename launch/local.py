@@ -30,7 +30,7 @@ from dist_embed.outputs.run_outputs import STEP_FILE_ENV
 from .control import Coordinator, Member, Mismatch, Unjoined, Verdict
 from .supervise import decide, one_line, read_step, settle, stop_workers, supervise
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
 
 
@@ -52,7 +52,8 @@ def child_pids(pid: int) -> list[int]:
 
 class LauncherSignals:
     """Stop signals the launcher receives, recorded from its start and forwarded to every worker
-    (SIGINT, Ctrl-C, as SIGTERM): a signal that arrives before the workers exist reaches them too."""
+    (SIGINT, Ctrl-C, and SIGHUP, a closed terminal, as SIGTERM): a signal that arrives before the
+    workers exist reaches them too."""
 
     def __init__(self, already: int | None = None):
         self.got: list[int] = [already] if already is not None else []
@@ -75,7 +76,7 @@ class LauncherSignals:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    p.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                    p.send_signal(signal.SIGTERM if signum in (signal.SIGINT, signal.SIGHUP) else signum)
                 except ProcessLookupError:
                     pass
 

@@ -82,6 +82,8 @@ def test_every_row_exactly_once_per_epoch_and_equal_batches(tmp_path, tiny_model
     epoch0, epoch1 = sum(per_step[:7], []), sum(per_step[7:], [])
     assert sorted(epoch0) == list(range(101)) and sorted(epoch1) == list(range(101))
     assert epoch0 != epoch1  # reshuffled
+    # each step is labelled with the epoch its rows belong to (the last one too, not the next epoch)
+    assert all([rec["epoch"] for rec in recs] == [0] * 7 + [1] * 7 for recs in logs.values())
 
 
 def test_global_no_duplicates_across_ranks(tmp_path, tiny_model):

@@ -10,6 +10,9 @@ step, then checks:
 - no hang: every run ends well inside a hard timeout (the process group gives up after 20 s);
 - every row exactly once (per epoch) in the chain of steps that made the final weights;
 - with no-duplicates, no text twice in any global batch (across ranks);
+- global batches are full while rows can fill them (on the sharded plane: each rank's slice), at the
+  start, after a resume and after a resume at another world size alike (one case in every draw is
+  the sharded plane with no-duplicates resumed at another world size);
 - resuming at the stop step gives the uninterrupted run's losses and weights (dropout on too);
 - resuming at another world size continues the lr curve by samples and ends at zero;
 - for DDP with dropout off on the global plane, the run equals one process with the whole global batch.
@@ -53,7 +56,15 @@ def draw(case: int) -> dict:
             "epochs": rng.choice([1, 1, 2]), "max_steps": rng.choice([-1, -1, rng.randint(2, 6)]),
             "mini_batch": rng.randint(1, 4), "resume_world": rng.choice([world, world, world, rng.randint(1, 3)]),
             "stop_draw": rng.random(), "rows_seed": rng.randrange(10**6),
-            "plane": rng.choice(["auto", "sharded"]), "mix": rng.random() < 0.3}
+            "plane": rng.choice(["auto", "sharded"]), "mix": rng.random() < 0.3,
+            "dedup_buffer": rng.choice([4, None])} | (sharded_world_change(rng, world, global_batch) if case == 2 else {})
+
+
+def sharded_world_change(rng: random.Random, world: int, global_batch: int) -> dict:
+    """No-duplicates on the sharded plane, resumed at another world size, with enough rows for the
+    resume to land mid-epoch (where global batches must still be full)."""
+    return {"plane": "sharded", "no_duplicates": True, "grad_accum": 1, "dedup_buffer": None, "max_steps": -1,
+            "rows": rng.randint(4, 8) * global_batch, "resume_world": rng.choice([w for w in (1, 2, 3) if w != world])}
 
 
 def make_rows(n: int, cols: int, loss: str, seed: int) -> list[dict]:
@@ -62,8 +73,11 @@ def make_rows(n: int, cols: int, loss: str, seed: int) -> list[dict]:
     out = []
     for i in range(n):
         t = rng.choice(pool)
+        first = "anchor" if loss != "cosine" else "sentence1"
         if rng.random() < 0.2 and out:  # repeated texts, for the no-duplicates batcher to defer
-            t = dict(t, anchor=rng.choice(out)["anchor" if loss != "cosine" else "sentence1"])
+            t = dict(t, anchor=rng.choice(out)[first])
+        elif rng.random() < 0.25 and out:  # an anchor with several positives, in consecutive rows
+            t = dict(t, anchor=out[-1][first])
         if loss == "cosine":
             out.append({"sentence1": t["anchor"], "sentence2": t["positive"], "score": round(rng.random(), 3)})
             continue
@@ -91,7 +105,7 @@ def config(tmp: Path, model: Path, train, c: dict) -> Path:
         "output_dir": str(tmp / "unused"),
         "model": {"name_or_path": str(model), "max_seq_length": 32, **({} if c["dropout"] else {"dropout": 0.0})},
         "data": {"train": train, "shuffle_buffer": 16, "no_duplicates": c["no_duplicates"],
-                 "dedup_buffer": 4, "num_workers": c["workers"], "plane": c["plane"]},
+                 "dedup_buffer": c["dedup_buffer"], "num_workers": c["workers"], "plane": c["plane"]},
         "loss": {"name": c["loss"], "mini_batch_size": c["mini_batch"]},
         "training": {"batch_size": c["batch"], "max_steps": c["max_steps"], "epochs": c["epochs"], "lr": 1e-3,
                      "warmup_ratio": 0.3, "log_steps": 1, "seed": 11, "grad_accum": c["grad_accum"],
@@ -105,11 +119,13 @@ def config(tmp: Path, model: Path, train, c: dict) -> Path:
     return path
 
 
-def run(cfg: Path, out: Path, world: int, *args) -> None:
+def run(cfg: Path, out: Path, world: int, *args) -> str:
+    """Train; the data plane the run used."""
     extra = ["--nproc", str(world)] if world > 1 else []
     r = run_cli("train", cfg, f"output_dir={out}", *extra, *args, env={"DIST_EMBED_LOG_ROW_IDS": "1"},
                 timeout=HARD_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
+    return "sharded" if "(sharded data plane)" in r.stderr else "global"
 
 
 def chain_rows(logs: dict, upto: int | None = None, after: int | None = None, index=lambda d, i: i) -> list[int]:
@@ -130,6 +146,33 @@ def assert_no_text_twice(logs: dict, rows: list[dict], index, note: str) -> None
         assert len(texts) == len(set(texts)), (s, note)
 
 
+def assert_full_batches(logs: dict, rows: list[dict], index, c: dict, plane: str, note: str) -> None:
+    """Global batches are full while rows can fill them: a global batch (the sharded plane: a rank's
+    slice) is short only when every row trained after it in the same epoch and data set (the
+    sharded plane: by that rank) repeats one of its texts (without no-duplicates: when none is)."""
+    from dist_embed.data.batching import split_sizes
+
+    world = len(logs)
+    share = split_sizes(c["batch"] * world, world)
+
+    def texts(d, i):
+        return {v for k, v in rows[index(d, i)].items() if k != "score"}
+
+    for s in range(len(logs[0])):
+        batch = {t for r in logs for d, i in zip(logs[r][s]["datasets"], logs[r][s]["rows"]) for t in texts(d, i)}
+        sizes = [len(logs[r][s]["rows"]) for r in range(world)]
+        data_set = next(d for r in logs for d in logs[r][s]["datasets"])
+        short = [r for r in range(world) if sizes[r] < share[r]] if plane == "sharded" else \
+            (list(range(world)) if sum(sizes) < sum(share) else [])
+        for r in short:
+            later = [(d, i) for q in ([r] if plane == "sharded" else range(world)) for rec in logs[q][s + 1:]
+                     if rec["epoch"] == logs[q][s]["epoch"] for d, i in zip(rec["datasets"], rec["rows"])
+                     if d == data_set]
+            free = [i for d, i in later if not c["no_duplicates"] or batch.isdisjoint(texts(d, i))]
+            assert not free, (f"step {logs[r][s]['step']}: rank {r} took {sizes[r]} of {share[r]} rows, though "
+                              f"rows {free[:5]} could have joined", note)
+
+
 def lrs(out: Path) -> dict[int, float]:
     return {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
 
@@ -143,7 +186,8 @@ def test_drill(tmp_path, tiny_model, case):
     data, index = write_data(tmp_path, rows, c)
     cfg = config(tmp_path, tiny_model, data, c)
     straight = tmp_path / "straight"
-    run(cfg, straight, c["world"])
+    plane = run(cfg, straight, c["world"])
+    full_checked = c["grad_accum"] == 1 and not (c["no_duplicates"] and c["dedup_buffer"])  # no cap to hit
     losses = train_losses(straight)
     steps = max(losses)
     epochs = c["epochs"] if c["max_steps"] <= 0 else None
@@ -154,6 +198,8 @@ def test_drill(tmp_path, tiny_model, case):
         assert ids == Counter({i: epochs for i in range(c["rows"])}), note
     if c["no_duplicates"] and c["grad_accum"] == 1:
         assert_no_text_twice(read_row_log(straight), rows, index, note)
+    if full_checked:
+        assert_full_batches(read_row_log(straight), rows, index, c, plane, note)
     final_lr = lrs(straight)[steps]
     assert final_lr == pytest.approx(0.0, abs=1e-12), note
 
@@ -161,7 +207,7 @@ def test_drill(tmp_path, tiny_model, case):
         stop = 1 + int(c["stop_draw"] * (steps - 1))  # 1 .. steps-1
         ckpt = straight / "checkpoints" / f"step-{stop}"
         resumed = tmp_path / "resumed"
-        run(cfg, resumed, c["resume_world"], "--resume", ckpt)
+        resumed_plane = run(cfg, resumed, c["resume_world"], "--resume", ckpt)
         rest = train_losses(resumed)
         chain = chain_rows(read_row_log(straight), upto=stop, index=index) + \
             chain_rows(read_row_log(resumed), after=stop, index=index)
@@ -169,6 +215,8 @@ def test_drill(tmp_path, tiny_model, case):
             assert Counter(chain) == Counter({i: epochs for i in range(c["rows"])}), note
         if c["no_duplicates"] and c["grad_accum"] == 1:
             assert_no_text_twice(read_row_log(resumed), rows, index, note)
+        if full_checked:
+            assert_full_batches(read_row_log(resumed), rows, index, c, resumed_plane, note)
         if c["resume_world"] == c["world"]:
             assert sorted(rest) == list(range(stop + 1, steps + 1)), note
             for s in rest:

@@ -53,12 +53,22 @@ def st_card(tmp_path_factory, tiny_model):
     return (out / "final" / "README.md").read_text()
 
 
+def table_rows(text: str, first_line: str) -> list[list[str]]:
+    """The cells of the Markdown table that starts at ``first_line``: cut at unescaped ``|``."""
+    lines = text.splitlines()
+    start = lines.index(first_line)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines[start:end]]
+
+
 def test_card_has_every_section_and_yaml_key_sentence_transformers_writes(tmp_path, tiny_model, st_card):
     rows = quick_triplets(64)
+    # texts a sample table must hold in one cell each: a line break, a column separator, markup
+    rows[0] = dict(rows[0], anchor="A man | a woman\nplay <b>guitar</b>\r\nin a band.")
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
     dev = tmp_path / "dev.tsv"
     dev.write_text("sentence1\tsentence2\tscore\n" + "".join(
-        f"{r['anchor']}\t{r['positive']}\t{s}\n" for r, s in zip(rows[:20], [0.2, 0.9] * 10)))
+        f"{r['anchor']}\t{r['positive']}\t{s}\n" for r, s in zip(quick_triplets(20), [0.2, 0.9] * 10)))
     cfg = tiny_config(tmp_path, tiny_model, data, model={"dropout": 0.1}, training={"max_steps": 4, "batch_size": 16},
                       eval={"sts": [{"name": "dev", "path": str(dev)}], "steps": 2})
     r = run_cli("train", cfg)
@@ -67,6 +77,10 @@ def test_card_has_every_section_and_yaml_key_sentence_transformers_writes(tmp_pa
     ours, ours_heads = card_parts(ours_text)
     theirs, their_heads = card_parts(st_card)
     print("sentence-transformers' sections:", sorted(their_heads))
+    # a card without its sections (another layout, a failed render) would make the comparison empty
+    assert {"## Model Details", "## Usage", "## Training Details", "### Training Logs",
+            "### Framework Versions", "## Citation"} <= their_heads, sorted(their_heads)
+    assert len(their_heads) >= 15 and len(theirs) >= 5, (sorted(their_heads), sorted(theirs))
     assert their_heads - ours_heads == set(), "sections sentence-transformers writes and we do not"
     assert set(theirs) - set(ours) == set(), "YAML keys sentence-transformers writes and we do not"
     # every evaluator metric (4 similarities x pearson/spearman), in the header and the body
@@ -80,6 +94,9 @@ def test_card_has_every_section_and_yaml_key_sentence_transformers_writes(tmp_pa
     assert ours["widget"] and all(w["source_sentence"] in texts and set(w["sentences"]) <= texts
                                   for w in ours["widget"])  # widget examples drawn from the training data
     assert "dataset_size:64" in ours["tags"] and "loss:MultipleNegativesRankingLoss" in ours["tags"]
+    samples = table_rows(ours_text, "| anchor | positive |")
+    assert len(samples) == 2 + 3 and all(len(r) == 2 for r in samples), samples  # header, rule, 3 rows
+    assert samples[2][0].strip() == "A man &#124; a woman<br>play &lt;b&gt;guitar&lt;/b&gt;<br>in a band."
     for needle in ("| Epoch | Step | Training Loss | dev spearman_cosine |", "Training Time", "- Transformers:",
                    "#### MultipleNegativesRankingLoss", "* Columns: <code>anchor</code>, <code>positive</code>",
                    "min: ", "\"scale\": 20.0"):

@@ -96,12 +96,18 @@ def test_report_summary_and_plot(monitored_run):
 
 
 def test_wandb_without_key_or_mode_runs_offline_and_says_where(tmp_path, tiny_model, triplets):
+    """Offline without a key, its files where the user's WANDB_DIR says (else OUTPUT_DIR/wandb:
+    the resume test below)."""
     cfg = tiny_config(tmp_path, tiny_model, triplets, training={"max_steps": 1},
                       logging={"wandb": {"project": "p"}})
-    r = run_cli("train", cfg, env={"WANDB_API_KEY": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")})
+    elsewhere = tmp_path / "wandb-files"
+    elsewhere.mkdir()
+    r = run_cli("train", cfg, env={"WANDB_API_KEY": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
+                                   "WANDB_DIR": str(elsewhere)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "W&B: no API key found; logging offline" in r.stderr
-    assert f"wandb sync {tmp_path / 'run' / 'wandb'}" in r.stderr
+    assert f"wandb sync {elsewhere / 'wandb'}" in r.stderr
+    assert list((elsewhere / "wandb").glob("offline-run-*")) and not (tmp_path / "run" / "wandb").exists()
 
 
 def test_wandb_and_metrics_hold_one_history_after_a_resume(tmp_path, tiny_model, triplets):

@@ -158,6 +158,10 @@ def test_resume_with_another_world_size_neither_repeats_nor_loses_rows(tmp_path,
     rest = chain_rows(read_row_log(second))
     ids = [i for rows in list(done.values()) + list(rest.values()) for i in rows]
     assert Counter(ids) == Counter(range(120))
+    # the model card tells the chain as it ran, not the last run's world size as the whole run's
+    card = (second / "final" / "README.md").read_text()
+    assert "- `world_size`: 2 (steps 1-3), 1 (steps 4-)" in card, card
+    assert "- `global_batch_size`: 16 (steps 1-3), 8 (steps 4-)" in card
 
 
 def start(cfg, out, *args, env=None) -> subprocess.Popen:

@@ -21,6 +21,7 @@ from dist_embed.data.loader import PlanSpec
 from dist_embed.data.pieces import PieceSource, merge_counts, scan_counts
 from dist_embed.data.readers import Source
 from dist_embed.data.rows import Row, Schema
+from dist_embed.data.batching import split_sizes
 from dist_embed.data.sharded import LocalExchange, ReadAhead, ShardedPlanner, Sharding, first_wins, sharded_planner
 
 from conftest import quick_triplets, write_jsonl
@@ -48,9 +49,10 @@ class ThreadExchange:
                 ex.barrier.wait()
                 return got
 
-            def lost(self, hashes, priority):
+            def lost(self, hashes, priority, fixed_below=None):
                 parts = self._all((hashes, priority))
-                lost = first_wins(np.concatenate([h for h, _ in parts]), np.concatenate([p for _, p in parts]))
+                lost = first_wins(np.concatenate([h for h, _ in parts]), np.concatenate([p for _, p in parts]),
+                                  fixed_below)
                 start = sum(len(h) for h, _ in parts[:rank])
                 return lost[start:start + len(hashes)]
 
@@ -72,9 +74,38 @@ def corpus(n: int, rng: random.Random, repeats: float = 0.15) -> list[dict]:
     return rows
 
 
-def spec_for(path: Path, global_batch: int, no_duplicates: bool = True, shuffle_buffer: int = 50) -> PlanSpec:
+def spec_for(path: Path, global_batch: int, no_duplicates: bool = True, shuffle_buffer: int = 50,
+             dedup_buffer: int | None = None) -> PlanSpec:
     return PlanSpec(Source(str(path)), Schema.for_loss("mnrl"), {}, "raise", 11, global_batch, True, shuffle_buffer,
-                    no_duplicates, None, plane="sharded")
+                    no_duplicates, dedup_buffer, plane="sharded")
+
+
+def scale_shaped(n: int, rng: random.Random) -> list[dict]:
+    """Rows as the scale corpus has them: an anchor with 1-4 positives in consecutive rows."""
+    pool = [t for r in quick_triplets() for t in r.values()]
+    rows = []
+    while len(rows) < n:
+        anchor = rng.choice(pool)
+        for _ in range(min(rng.choice((1, 1, 2, 2, 3, 4)), n - len(rows))):
+            pos, neg = rng.sample(pool, 2)
+            rows.append({"anchor": anchor, "positive": pos, "negative": neg})
+    return rows
+
+
+def assert_full_slices(out, batch: int, note: str, no_duplicates: bool = True) -> None:
+    """Global batches are full while rows can fill them: a rank's slice is short of its share only
+    when every row the rank trains later in the epoch repeats a text of that global batch (without
+    no-duplicates: when it trains no later row at all)."""
+    world = len(out)
+    share = split_sizes(batch, world)
+    for s in range(len(out[0])):
+        texts = {t for o in out for row in o[s][0] for t in row.texts}
+        for r, o in enumerate(out):
+            if len(o[s][0]) < share[r]:
+                later = [row for b, _ in o[s + 1:] for row in b]
+                free = [row.row_id for row in later if not no_duplicates or texts.isdisjoint(row.texts)]
+                assert not free, (note, f"step {s}, rank {r}: {len(o[s][0])} of {share[r]} rows, though "
+                                        f"rows {free[:5]} could have joined")
 
 
 def write_format(tmp_path: Path, fmt: str, rows: list[dict], rng: random.Random) -> Path:
@@ -197,6 +228,7 @@ def test_ranks_plan_every_row_once_with_no_text_twice_in_a_global_batch(tmp_path
     out, _ = run_ranks(spec, src, table, world, batch)
     steps = len(out[0])
     assert all(len(o) == steps for o in out), note  # every rank takes every step: none hangs
+    assert_full_slices(out, batch, note, spec.no_duplicates)
     seen = []
     for s in range(steps):
         sizes = out[0][s][1]
@@ -287,6 +319,25 @@ def test_resume_at_the_same_or_another_world_size_trains_every_row_once(tmp_path
     rest, _ = run_ranks(spec2, src, table, other, spec2.global_batch, states=states)
     ids = [r.row_id for o in first for b, _ in o for r in b] + [r.row_id for o in rest for b, _ in o for r in b]
     assert Counter(ids) == Counter(range(len(rows))), f"seed {SEED} case {case}: {world} -> {other} ranks"
+    assert_full_slices(rest, spec2.global_batch, f"seed {SEED} case {case}: {world} -> {other} ranks")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "shards"])
+def test_a_resume_at_another_world_size_keeps_global_batches_full(tmp_path, fmt):
+    """2 ranks stopped mid-epoch, 3 resume: their buffered rows are dealt into the new ranks' shuffle
+    buffers (taken in reading order, an anchor's consecutive rows clashed batch after batch: global
+    batches of 15-23 rows instead of 24, and a step budget that trained fewer rows)."""
+    rng = random.Random(SEED)
+    rows = scale_shaped(3000, rng)
+    path = write_format(tmp_path, fmt, rows, rng)
+    spec2, spec3 = spec_for(path, 16, shuffle_buffer=400), spec_for(path, 24, shuffle_buffer=400)
+    src, table, _ = pieces_of(spec2, 2)
+    first, states = run_ranks(spec2, src, table, 2, 16, steps=6)
+    states = [json.loads(json.dumps(s)) for s in states]
+    rest, _ = run_ranks(spec3, src, table, 3, 24, states=states, steps=40)
+    sizes = [sum(len(o[s][0]) for o in rest) for s in range(len(rest[0]))]
+    assert sizes == [24] * 40, f"seed {SEED}, {fmt}: {sizes}"
+    assert_full_slices(rest, 24, f"seed {SEED}, {fmt}")
 
 
 def test_a_rank_reads_only_its_pieces(tmp_path, monkeypatch):

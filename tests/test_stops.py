@@ -1,7 +1,7 @@
 """Stops at any moment and one run per output directory, with real processes and real signals.
 
 The signal drill draws its cases from a seed (printed; DIST_EMBED_DRILL_SEED replays one): world
-size 1-3, SIGTERM or SIGUSR1, and a moment anywhere from the launcher's first instant to the final
+size 1-3, SIGTERM, SIGUSR1, SIGINT (Ctrl-C) or SIGHUP, and a moment anywhere from the launcher's first instant to the final
 save. Every case must end in exit 75 with a usable checkpoint (or, before the first step, nothing
 to save), or exit 0 with the final model; and the chain of runs that made the weights must train
 every row exactly once.
@@ -49,7 +49,9 @@ def test_a_signal_at_any_moment_stops_cleanly_and_the_run_completes(tmp_path, ti
     rng = random.Random(SEED * 100 + case)
     # from 0.1 s: in its first ~50 ms the Python interpreter runs none of our code yet, and a signal
     # then ends the process as the OS default does (nothing is written by then)
-    world, sig, delay = rng.choice([1, 2, 3]), rng.choice([signal.SIGTERM, signal.SIGUSR1]), rng.uniform(0.1, 14)
+    world, delay = rng.choice([1, 2, 3]), rng.uniform(0.1, 14)
+    # SIGINT: Ctrl-C; SIGHUP: the terminal closed; alone or to a launcher
+    sig = rng.choice([signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP])
     note = f"(replay: DIST_EMBED_DRILL_SEED={SEED}, case {case}: world {world}, {sig.name} after {delay:.2f}s)"
     print(note)
     cfg = rows_config(tmp_path, tiny_model, batch=4 if world == 1 else 2)

@@ -32,7 +32,8 @@ class Backend(Protocol):
     - ``note_batch``: sees each micro-batch before its forward (the DDP path marks the word-embedding
       rows it touches); ``rescale_grads``: an epoch that ended mid-accumulation;
     - ``step(loss)``: reduce, clip, optimizer step (or skip), schedule; -> ``StepResult``;
-    - ``save``/``load``: the training state in a checkpoint's ``training_state/``; ``weight_parts``:
+    - ``save``/``load``: the training state in a checkpoint's ``training_state/`` (exact whatever dtype
+      the checkpoint's model is stored in); ``weight_parts``:
       the whole weights in pieces (gathered module by module under ZeRO-3); ``evaluating()``: the
       encoder to evaluate with, as a context; ``collective_eval``: every rank must run the same
       evaluation forwards (ZeRO-3); ``describe``: what a checkpoint may be resumed under.
@@ -56,7 +57,7 @@ class Backend(Protocol):
 
     def step(self, loss, timer=None) -> StepResult: ...
 
-    def save(self, directory: Path, is_main: bool) -> None: ...
+    def save(self, directory: Path, is_main: bool, model_dtype: torch.dtype = torch.float32) -> None: ...
 
     def load(self, checkpoint: Path, directory: Path) -> None: ...
 

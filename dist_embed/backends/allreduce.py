@@ -18,6 +18,9 @@ from ..model.lora import ADAPTER_FILE, adapter_state, is_lora, load_adapter_stat
 from . import StepResult
 from .optim import make_adamw, step_unless
 
+# training_state/: the fp32 weights, beside a model stored in half precision (model.save_dtype)
+MASTER_FILE = "master_weights.safetensors"
+
 
 class AutogradBackward:
     """How gradients reach the parameters on the DDP path: autograd, with the fp16 GradScaler if
@@ -102,27 +105,40 @@ class AllReduceBackend:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def save(self, directory: Path, is_main: bool) -> None:
-        if is_main and is_lora(self.encoder.transformer):  # the adapters: resume continues them exactly
-            from safetensors.torch import save_file
+    def save(self, directory: Path, is_main: bool, model_dtype: torch.dtype = torch.float32) -> None:
+        """The optimizer, schedule (and fp16 scaler) state; the adapters under LoRA; and when the
+        checkpoint's model is stored in half precision (``model_dtype``), the trained weights as
+        fp32 too (``MASTER_FILE``): a resume continues from the weights training held, exactly."""
+        if not is_main:
+            return
+        from safetensors.torch import save_file
 
+        lora = is_lora(self.encoder.transformer)
+        if lora:  # the adapters: resume continues them exactly
             save_file(adapter_state(self.encoder.transformer), str(directory / ADAPTER_FILE))
-        if is_main:
-            ckpt.save_tensors(self.optimizer.state_dict(), directory / "optimizer.pt")
-            ckpt.save_tensors(self.scheduler.state_dict(), directory / "scheduler.pt")
-            if self.scaler is not None:
-                ckpt.save_tensors(self.scaler.state_dict(), directory / "scaler.pt")
+        if model_dtype != torch.float32:
+            master = {f"st_dense.{k}": v.detach().cpu().clone() for k, v in self.encoder.st_dense.state_dict().items()}
+            if not lora:  # under LoRA the base is frozen: it comes from model.name_or_path again
+                master.update(self.encoder.state_for_saving())
+            if master:
+                save_file(master, str(directory / MASTER_FILE), metadata={"format": "pt"})
+        ckpt.save_tensors(self.optimizer.state_dict(), directory / "optimizer.pt")
+        ckpt.save_tensors(self.scheduler.state_dict(), directory / "scheduler.pt")
+        if self.scaler is not None:
+            ckpt.save_tensors(self.scaler.state_dict(), directory / "scaler.pt")
 
     def load(self, checkpoint: Path, directory: Path) -> None:
-        if is_lora(self.encoder.transformer):  # base weights as loaded; the adapters (and any Dense
-            from safetensors.torch import load_file  # head, trained in full) from the checkpoint
+        from safetensors.torch import load_file
 
+        master = directory / MASTER_FILE
+        weights = load_file(str(master)) if master.is_file() else self.encoder.saved_weights(checkpoint)
+        if is_lora(self.encoder.transformer):  # base weights as loaded; the adapters (and any Dense
+            # head, trained in full) from the checkpoint
             load_adapter_state(self.encoder.transformer, load_file(str(directory / ADAPTER_FILE)))
-            self.encoder.st_dense.load_state_dict({k.removeprefix("st_dense."): v for k, v in
-                                                   self.encoder.saved_weights(checkpoint).items()
+            self.encoder.st_dense.load_state_dict({k.removeprefix("st_dense."): v for k, v in weights.items()
                                                    if k.startswith("st_dense.")}, strict=True)
         else:
-            self.encoder.load_weights(self.encoder.saved_weights(checkpoint))
+            self.encoder.load_weights(weights)
         self.optimizer.load_state_dict(ckpt.load_tensors(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_tensors(directory / "scheduler.pt"))
         if self.scaler is not None and (directory / "scaler.pt").exists():

@@ -283,8 +283,9 @@ class DeepSpeedBackend:
         if self.stage == 3:
             self.engine.empty_partition_cache()
 
-    def save(self, directory: Path, is_main: bool) -> None:
-        """Every rank writes its shards of the optimizer/model state under ``directory``."""
+    def save(self, directory: Path, is_main: bool, model_dtype: torch.dtype = torch.float32) -> None:
+        """Every rank writes its shards of the optimizer/model state under ``directory`` (they hold
+        the fp32 master weights: the model's stored dtype, ``model_dtype``, does not matter here)."""
         self.engine.save_checkpoint(str(directory), tag=STATE_TAG, client_state={}, save_latest=False)
         if is_main:
             ckpt.save_tensors(self.scheduler.state_dict(), directory / "scheduler.pt")

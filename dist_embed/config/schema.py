@@ -36,6 +36,9 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     revision: str | None = None
     lora: LoraSpec | None = None
+    # the dtype checkpoints and final/ store the weights in (training always keeps fp32 master
+    # weights); "auto": the starting checkpoint's (a bf16 model stays a bf16 model)
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 FORMAT = Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf", "wds"]

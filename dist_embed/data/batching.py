@@ -275,10 +275,12 @@ def text_hashes(rows, width: int) -> np.ndarray:
     return out
 
 
-def first_wins(hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
-    """For each (hash, priority) entry: True where another entry of the same hash has a lower
-    priority (it loses). Entries of one candidate share a priority and never lose to each other."""
-    lost = np.zeros(len(hashes), dtype=bool)
+def first_wins(hashes: np.ndarray, priority: np.ndarray, fixed_below: int | None = None) -> np.ndarray:
+    """For each (hash, priority) entry: nonzero where another entry of the same hash has a lower
+    priority (it loses): 1, or 2 when that entry's priority is below ``fixed_below`` (a row the
+    batch already holds: the loser cannot join it at all). Entries of one candidate share a
+    priority and never lose to each other."""
+    lost = np.zeros(len(hashes), dtype=np.int8)
     if not len(hashes):
         return lost
     order = np.lexsort((priority, hashes))
@@ -286,5 +288,75 @@ def first_wins(hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
     head = np.ones(len(h), dtype=bool)
     head[1:] = h[1:] != h[:-1]
     best = np.maximum.accumulate(np.where(head, np.arange(len(h)), 0))  # each entry's group start
-    lost[order] = p > p[best]
+    code = (p > p[best]).astype(np.int8)
+    if fixed_below is not None:
+        code[(code > 0) & (p[best] < fixed_below)] = 2
+    lost[order] = code
     return lost
+
+
+# ---------------------------------------------------------------------------------------------
+# global no-duplicates without the texts: ranks exchange fixed-size hashes of their candidate rows
+#
+# Each text of each candidate is hashed (64 bits, xxhash; 0 is reserved). A hash is owned by rank
+# ``hash % world``: every rank sends each hash with the candidate's priority to its owner (one
+# all-to-all), the owner marks every occurrence but the one of lowest priority as lost, and the
+# marks go back the same way (a second all-to-all). A candidate with a lost text waits for a later
+# batch. Priorities are ``(class, rank, index)``, so the outcome depends only on what the ranks
+# proposed, never on timing; and each rank handles about its own number of hashes, whatever the
+# world size (an all-gather would hand every rank the whole global batch's hashes). A third tiny
+# collective (an all-gather of two numbers per rank) tells every rank the slice sizes (the rule
+# itself, ``text_hashes`` and ``first_wins``, is batching.py's).
+
+
+class LocalExchange:
+    """One rank alone (world 1), or one rank of a simulated world (benchmarks): the owner's work
+    is done here on this rank's own hashes."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def lost(self, hashes: np.ndarray, priority: np.ndarray, fixed_below: int | None = None) -> np.ndarray:
+        return first_wins(hashes, priority, fixed_below)
+
+    def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:
+        return [tuple(values)] * self.world if self.world > 1 else [tuple(values)]
+
+
+class GlooExchange:
+    """The real thing between ranks, on a CPU (gloo) group of its own: the planner may run in a
+    loader thread while the training thread uses the other groups."""
+
+    def __init__(self, group, rank: int, world: int):
+        self.group, self.rank, self.world = group, rank, world
+
+    def lost(self, hashes: np.ndarray, priority: np.ndarray, fixed_below: int | None = None) -> np.ndarray:
+        """``first_wins`` over every rank's entries, each decided by the hash's owner."""
+        import torch
+        import torch.distributed as dist
+
+        owner = (hashes % np.uint64(self.world)).astype(np.int64)
+        order = np.argsort(owner, kind="stable")
+        send_counts = np.bincount(owner, minlength=self.world)
+        recv_counts = torch.zeros(self.world, dtype=torch.int64)
+        dist.all_to_all_single(recv_counts, torch.from_numpy(send_counts.astype(np.int64)), group=self.group)
+        recv = recv_counts.tolist()
+        payload = np.stack([hashes[order].view(np.int64), priority[order]], axis=1)
+        got = torch.empty((sum(recv), 2), dtype=torch.int64)
+        dist.all_to_all_single(got, torch.from_numpy(np.ascontiguousarray(payload)), recv, send_counts.tolist(),
+                               group=self.group)
+        got = got.numpy()
+        verdict = first_wins(got[:, 0].view(np.uint64), got[:, 1], fixed_below).astype(np.int64)
+        back = torch.empty(len(hashes), dtype=torch.int64)
+        dist.all_to_all_single(back, torch.from_numpy(verdict), send_counts.tolist(), recv, group=self.group)
+        lost = np.zeros(len(hashes), dtype=np.int8)
+        lost[order] = back.numpy()
+        return lost
+
+    def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:
+        import torch
+        import torch.distributed as dist
+
+        out = [torch.zeros(len(values), dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor(values, dtype=torch.int64), group=self.group)
+        return [tuple(t.tolist()) for t in out]

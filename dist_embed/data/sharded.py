@@ -4,12 +4,13 @@ Per epoch the data set's pieces (data/pieces.py) are put in a seeded order and d
 in turn (rank r takes every world-th piece), so a rank never opens another rank's pieces. A rank
 streams its pieces through its own shuffle buffer; each global batch is the union of the ranks'
 slices, cut in lockstep: every rank proposes its next candidates, the ranks exchange hashes of
-their texts (below: no text twice in the global batch, decided by a rule that depends only on
-what was proposed), and each rank keeps its first ``slice`` candidates that lost no text.
-A candidate that lost waits (deferred) for a later batch; nothing is dropped. Slices hold
-``split_sizes(global batch, world)[rank]`` rows while every rank has rows; at an epoch's end a
-slice can be short or empty, as in the global plane. Within a rank, its next pieces can be read
-ahead by processes of its own (``ReadAhead``).
+their texts (batching.py: no text twice in the global batch, decided by a rule that depends only
+on what was proposed), and each rank keeps its first ``slice`` candidates that lost no text; a
+rank still short proposes again, in further rounds, until its slice is full or no row of its
+own could join. A candidate that lost waits (deferred) for a later batch; nothing is dropped.
+Slices hold ``split_sizes(global batch, world)[rank]`` rows while their rank has rows that can
+join; at an epoch's end a slice can be short or empty, as in the global plane. Within a rank,
+its next pieces can be read ahead by processes of its own (``ReadAhead``).
 
 A rank's state between two batches (its queue of pieces and the position in the current one, its
 shuffle buffer and RNG, its deferred rows) is saved per rank: at the same world size a resume
@@ -32,74 +33,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .batching import ShuffleBuffer, first_wins, rng_from_json, split_sizes, text_hashes
+from .batching import (GlooExchange, LocalExchange, ShuffleBuffer, first_wins, rng_from_json,  # noqa: F401
+                       split_sizes, text_hashes)
 from .pieces import Piece
-
-
-# ---------------------------------------------------------------------------------------------
-# global no-duplicates without the texts: ranks exchange fixed-size hashes of their candidate rows
-#
-# Each text of each candidate is hashed (64 bits, xxhash; 0 is reserved). A hash is owned by rank
-# ``hash % world``: every rank sends each hash with the candidate's priority to its owner (one
-# all-to-all), the owner marks every occurrence but the one of lowest priority as lost, and the
-# marks go back the same way (a second all-to-all). A candidate with a lost text waits for a later
-# batch. Priorities are ``(round, rank, index)``, so the outcome depends only on what the ranks
-# proposed, never on timing; and each rank handles about its own number of hashes, whatever the
-# world size (an all-gather would hand every rank the whole global batch's hashes). A third tiny
-# collective (an all-gather of two numbers per rank) tells every rank the slice sizes (the rule
-# itself, ``text_hashes`` and ``first_wins``, is batching.py's).
-
-
-class LocalExchange:
-    """One rank alone (world 1), or one rank of a simulated world (benchmarks): the owner's work
-    is done here on this rank's own hashes."""
-
-    def __init__(self, rank: int = 0, world: int = 1):
-        self.rank, self.world = rank, world
-
-    def lost(self, hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
-        return first_wins(hashes, priority)
-
-    def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:
-        return [tuple(values)] * self.world if self.world > 1 else [tuple(values)]
-
-
-class GlooExchange:
-    """The real thing between ranks, on a CPU (gloo) group of its own: the planner may run in a
-    loader thread while the training thread uses the other groups."""
-
-    def __init__(self, group, rank: int, world: int):
-        self.group, self.rank, self.world = group, rank, world
-
-    def lost(self, hashes: np.ndarray, priority: np.ndarray) -> np.ndarray:
-        import torch
-        import torch.distributed as dist
-
-        owner = (hashes % np.uint64(self.world)).astype(np.int64)
-        order = np.argsort(owner, kind="stable")
-        send_counts = np.bincount(owner, minlength=self.world)
-        recv_counts = torch.zeros(self.world, dtype=torch.int64)
-        dist.all_to_all_single(recv_counts, torch.from_numpy(send_counts.astype(np.int64)), group=self.group)
-        recv = recv_counts.tolist()
-        payload = np.stack([hashes[order].view(np.int64), priority[order]], axis=1)
-        got = torch.empty((sum(recv), 2), dtype=torch.int64)
-        dist.all_to_all_single(got, torch.from_numpy(np.ascontiguousarray(payload)), recv, send_counts.tolist(),
-                               group=self.group)
-        got = got.numpy()
-        verdict = first_wins(got[:, 0].view(np.uint64), got[:, 1]).astype(np.int64)
-        back = torch.empty(len(hashes), dtype=torch.int64)
-        dist.all_to_all_single(back, torch.from_numpy(verdict), send_counts.tolist(), recv, group=self.group)
-        lost = np.zeros(len(hashes), dtype=bool)
-        lost[order] = back.numpy().astype(bool)
-        return lost
-
-    def gather(self, values: tuple[int, int]) -> list[tuple[int, int]]:
-        import torch
-        import torch.distributed as dist
-
-        out = [torch.zeros(len(values), dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(out, torch.tensor(values, dtype=torch.int64), group=self.group)
-        return [tuple(t.tolist()) for t in out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +175,7 @@ class ShardedPlanner:
     inside it, keeping ``at`` right after the last row), ``exchange`` talks to the other ranks."""
 
     SPARE = 1.25  # candidates proposed per slice row: room for rows deferred by a clash
+    SPAN = 1 << 40  # priorities: more than the candidates any rank proposes for a batch
 
     def __init__(self, pieces: list[Piece], rows_of: Callable, exchange, *, epoch: int, seed: int, shuffle: bool,
                  shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None, global_batch: int, width: int,
@@ -301,11 +238,13 @@ class ShardedPlanner:
     def _pull(self):
         return self.shuffle.pull(self._next_row) if self.shuffle.size else self._next_row()
 
-    def _candidates(self, n: int) -> list:
+    def _candidates(self, n: int, held: int = 0) -> list:
+        """Up to ``n`` rows to propose: deferred ones first, then new ones while fewer than
+        ``max_deferred`` rows wait (``held``: this batch's own that will wait too)."""
         out = []
         while self.deferred and len(out) < n:
             out.append(self.deferred.popleft())
-        while len(out) < n and len(self.deferred) <= self.max_deferred:  # a full queue: only the waiting rows
+        while len(out) < n and len(self.deferred) + held <= self.max_deferred:  # full: only the waiting rows
             row = self._pull()
             if row is None:
                 break
@@ -318,46 +257,81 @@ class ShardedPlanner:
         if self.complete:
             return None
         want = split_sizes(global_batch, self.world)[self.rank]
-        cands = self._candidates(int(want * self.SPARE) + 1 if self.no_duplicates else want)
-        keep = list(range(len(cands)))
         if self.no_duplicates:
-            keep = self._clean(cands, want)
-        take = keep[:want]
-        clean = set(keep)
+            take, back, sizes, anyone_left = self._fill(want)
+        else:
+            take, back = self._candidates(want), []
+            sizes, anyone_left, _ = self._sizes(len(take), self._left([]))
         # what is not taken waits, in order: the unused clean candidates, then those that lost a text
-        back = [cands[i] for i in keep[want:]] + [cands[i] for i in range(len(cands)) if i not in clean]
         self.deferred.extendleft(reversed(back))
-        left = bool(self.deferred or self.shuffle.buffer or self.current or self.queue)
-        sizes, anyone_left = [], False
-        for n, more in self.ex.gather((len(take), int(left))):
-            sizes.append(n)
-            anyone_left |= bool(more)
+        left = self._left([])
         if not sum(sizes):
             if anyone_left:  # cannot happen: the first candidate of the lowest-priority rank always wins
                 raise RuntimeError("no-duplicates planning made no progress")
             self.complete = True
             return None
-        rows = [cands[i] for i in take]
         self.rows_done += sum(sizes)
         self.batches_done += 1
         if len(take) < want and left:
             self.short = (self.short[0] + 1, self.short[1] + (len(take) == 1))
         self.complete = (self.total is not None and self.rows_done >= self.total) or not anyone_left
-        return Slice(rows, sizes, self.width)
+        return Slice(take, sizes, self.width)
 
-    def _clean(self, cands: list, want: int) -> list[int]:
-        """Indices of this rank's candidates that lost no text to a candidate of lower priority:
-        (round, rank, index), where round 0 is each rank's first ``want`` candidates."""
+    def _left(self, held: list) -> bool:
+        return bool(held or self.deferred or self.shuffle.buffer or self.current or self.queue)
+
+    def _sizes(self, taken: int, left: bool, more: bool = False) -> tuple[list[int], bool, bool]:
+        """Every rank's slice size, whether any rank has rows left, and whether any rank could
+        still fill its slice in another round."""
+        sizes, anyone_left, again = [], False, False
+        for n, has_left, has_more in self.ex.gather((taken, int(left), int(more))):
+            sizes.append(n)
+            anyone_left |= bool(has_left)
+            again |= bool(has_more)
+        return sizes, anyone_left, again
+
+    def _fill(self, want: int) -> tuple[list, list, list[int], bool]:
+        """This rank's slice with no text twice in the global batch, in rounds: each rank short of
+        its slice proposes about 1.25 rows per missing row (deferred ones first), and keeps the
+        candidates that lost no text to a candidate of lower priority (the rows already taken
+        always win). A candidate that lost to a taken row cannot join this batch; one that lost to
+        another candidate offers itself again in the next round. Rounds go on while some rank is
+        short and anyone proposed new rows or took some: so a slice is short only when every row
+        its rank could offer (within ``dedup_buffer``) repeats a text of the batch.
+        Returns (taken, the rest in the order to wait, every rank's slice size, anyone left)."""
+        taken: list = []
+        waiting: list = []  # this batch's candidates not taken, in proposal order
+        blocked: set[int] = set()  # ids of those that lost to a taken row
+        while True:
+            need = want - len(taken)
+            fresh = self._candidates(int(need * self.SPARE) + 1, held=len(waiting)) if need > 0 else []
+            offer = [c for c in waiting if id(c) not in blocked] + fresh if need > 0 else []
+            codes = self._lost(taken + offer, len(taken), need)[len(taken):]
+            clean = [c for c, v in zip(offer, codes) if not v]
+            added, spare = clean[:need], clean[need:]
+            blocked.update(id(c) for c, v in zip(offer, codes) if v == 2)
+            gone = {id(c) for c in added}
+            taken += added
+            waiting = [c for c in waiting + fresh if id(c) not in gone]
+            more = len(taken) < want and bool(added or fresh)
+            sizes, anyone_left, again = self._sizes(len(taken), self._left(waiting), more)
+            if not again:  # what waits: the unused clean candidates first, then those that lost
+                unused = {id(c) for c in spare}
+                return taken, spare + [c for c in waiting if id(c) not in unused], sizes, anyone_left
+
+    def _lost(self, cands: list, fixed: int, need: int) -> list[int]:
+        """For each candidate: 0 if it lost no text to a candidate of lower priority (any rank's:
+        (class, rank, index), class 0 the rows already taken, 1 each rank's first ``need`` new
+        candidates, 2 the rest), 2 if it lost one to a taken row, else 1."""
         if not cands:
-            self.ex.lost(np.zeros(0, np.uint64), np.zeros(0, np.int64))
+            self.ex.lost(np.zeros(0, np.uint64), np.zeros(0, np.int64), self.world * self.SPAN)
             return []
         hashes = text_hashes(cands, self.width)
-        span = max(int(want * self.SPARE) + 1, 1)
         idx = np.arange(len(cands), dtype=np.int64)
-        prio = (idx >= want).astype(np.int64) * (self.world * span) + self.rank * span + idx
-        lost = self.ex.lost(hashes.reshape(-1), np.repeat(prio, hashes.shape[1]))
-        lost = lost.reshape(hashes.shape).any(axis=1)
-        return [i for i in range(len(cands)) if not lost[i]]
+        cls = np.where(idx < fixed, 0, np.where(idx < fixed + need, 1, 2)).astype(np.int64)
+        prio = cls * (self.world * self.SPAN) + self.rank * self.SPAN + idx
+        lost = self.ex.lost(hashes.reshape(-1), np.repeat(prio, hashes.shape[1]), self.world * self.SPAN)
+        return lost.reshape(hashes.shape).max(axis=1).tolist()
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -373,17 +347,22 @@ class ShardedPlanner:
 
 def _redeal(states: list[dict], rank: int, world: int, seed: int, epoch: int) -> dict:
     """This rank's share of what ``states`` (every rank of a run at another world size, in rank
-    order) had left: the pieces not finished (each continues from its position) and the rows
-    waiting in buffers, each dealt round robin. Every new rank computes the same deal."""
+    order) had left: the pieces not finished (each continues from its position), the rows that
+    waited for a batch without a clash (deferred: they go first, as they would have) and the rows
+    of the shuffle buffers, each dealt round robin. The buffers' rows go into this rank's shuffle
+    buffer, to be drawn at random as before: taken in the order they were read, neighbours that
+    share a text (an anchor with several positives) would clash batch after batch and close the
+    batches short. Every new rank computes the same deal."""
     work = []
     for s in states:
         if s.get("current"):
             work.append(list(s["current"]))
         work += [list(item) for item in s.get("queue", [])]
-    rows = [r for s in states for r in s.get("deferred", []) + s.get("shuffle", {}).get("buffer", [])]
+    deferred = [r for s in states for r in s.get("deferred", [])]
+    buffered = [r for s in states for r in s.get("shuffle", {}).get("buffer", [])]
     first = states[0]
     return {"rows_done": first.get("rows_done", 0), "batches_done": first.get("batches_done", 0),
             "short": first.get("short", [0, 0]), "complete": first.get("complete", False),
-            "queue": work[rank::world], "current": None, "deferred": rows[rank::world],
+            "queue": work[rank::world], "current": None, "deferred": deferred[rank::world],
             "shuffle": {"rng": random.Random(seed * 1_000_003 + epoch * 104_729 + 31 * world + rank).getstate(),
-                        "buffer": [], "draining": False}}
+                        "buffer": buffered[rank::world], "draining": False}}

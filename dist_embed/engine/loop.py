@@ -57,6 +57,7 @@ def loop(run: Run) -> Path:
     t_start, start_step, rows_trained = time.perf_counter(), pos.step, 0
     progress = Progress(run.total_steps, pos.step, run.state.is_main, t.log_steps)
     timer, window = Timer(), Window(run.flops_per_token, peak_flops(run.state.device))
+    window.restore_losses(pos.window, run.state.is_main)  # a resumed run: the steps since the last log
     pending: list[dict] = []  # steps whose loss, grad norm, ... are still on the device
     batches = data.batches(pos, run.state, run.encoder.tokenizer, run.encoder.max_seq_length)
     done = finished(run)
@@ -98,6 +99,7 @@ def loop(run: Run) -> Path:
                 "step": pos.step + 1, "rows": step_rows, "lr": backend.scheduler.get_last_lr()[0], **info})
             pos.step += 1
             rows_trained += step_rows
+        step_epoch = pos.epoch  # the epoch this step's rows belong to (hooks get it, not the next one)
         if epoch_ended:
             warn_short_batches(run)
             pos.epoch, pos.planner_state = pos.epoch + 1, None
@@ -106,14 +108,16 @@ def loop(run: Run) -> Path:
             continue
         # -- after the step: hooks, then on log steps the step's readings (health, logs, progress) ----
         for hook in run.outputs.hooks:
-            hook.after_step(pos.step, pos.epoch, row_ids)
+            hook.after_step(pos.step, step_epoch, row_ids)
         evaluating = cfg.eval.steps and pos.step % cfg.eval.steps == 0 and not done
         saving = cfg.checkpoint.steps and pos.step % cfg.checkpoint.steps == 0 and not done
         stopping = not done and STOPS.requested(run.state)
         if pos.step % t.log_steps == 0 or done or evaluating or saving or stopping:
-            read_steps(run, pending, window, timer, progress, log_now=pos.step % t.log_steps == 0 or done or stopping)
+            read_steps(run, pending, window, timer, progress, log_now=pos.step % t.log_steps == 0 or done)
         if evaluating:
             evaluate(run)
+        if saving or stopping:  # the window's losses go into the checkpoint: logs as if never stopped
+            pos.window = window.losses(run.state)
         if saving:
             resume.save(run)
         if stopping:

@@ -27,6 +27,7 @@ class Saved:
     data: dict  # data_state.json
     data_unchanged: bool
     planner_states: list | None = None  # the sharded plane: every rank's planner state
+    epoch_rows_done: int = 0  # rows the checkpoint had trained of its epoch (before any restart of it)
 
     @property
     def sizes(self) -> list[int | None]:
@@ -61,10 +62,19 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
             return None
     else:
         path = Path(what)
+        if not path.is_dir():
+            raise ConfigError(f"--resume {path}: no such checkpoint directory (give 'latest' or a "
+                              f"{ckpt_root}/step-N directory)")
         problem = ckpt.verify(path)
         if problem:
             raise ConfigError(f"--resume {path}: {problem}")
     sd = path / ckpt.STATE_DIR
+    if not (sd / "trainer.json").is_file():
+        step = ckpt.manifest_info(path).get("step")
+        what = f"a finished model (at step {step})" if step is not None else "a model without training state"
+        raise ConfigError(f"--resume {path}: {what}, not a checkpoint: there is no training state to continue "
+                          f"from (checkpoints are {ckpt_root}/step-N). To train it further, start a new run from "
+                          f"it with model.name_or_path={path}")
     meta = json.loads((sd / "trainer.json").read_text())
     if not (sd / "data_state.json").is_file():
         raise ConfigError(f"--resume {path}: no data_state.json (a checkpoint of an older dist_embed); start a "
@@ -81,6 +91,7 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
                               f"({what_changed}); resuming would not continue the same data order. Use the "
                               "original data and settings, or pass --allow-data-change to continue anyway")
         log.warning("--allow-data-change: resuming on changed data (%s)", what_changed)
+        rows_done = (data["planner"] or {}).get("rows_done", 0)
         if {"source", "names"} & set(changed):
             data["planner"] = None  # reader offsets mean nothing in other files: restart this epoch
             log.warning("the data files changed: epoch %d restarts from the beginning of the new data", data["epoch"])
@@ -88,7 +99,20 @@ def read_checkpoint(ckpt_root: Path, what: str, plan: MixSpec, allow_data_change
     if data.get("plane") == "sharded" and data["planner"] is not None:
         states = [json.loads((sd / f"data_state-rank{r}.json").read_text())["planner"]
                   for r in range(meta["world_size"])]
-    return Saved(path, meta, data, not changed, states)
+    return Saved(path, meta, data, not changed, states, rows_done if changed else 0)
+
+
+def schedule_on_changed_data(saved: Saved, training, rows: int, schedule):
+    """An epoch run resumed on changed data (--allow-data-change): the schedule ends when the rest
+    of the run on the new data ends, from the samples trained up to the checkpoint's epoch start;
+    an epoch restarted on the new files (its first rows abandoned) continues from that start,
+    so neither is its lr spent early nor its last steps trained at lr 0."""
+    from .schedule import Schedule
+
+    start = saved.meta["schedule"]["samples"] - saved.epoch_rows_done
+    if saved.data["planner"] is None:  # the epoch restarts: its abandoned rows are trained again
+        saved.meta["schedule"]["samples"] = start
+    return Schedule(start + (training.epochs - saved.data["epoch"]) * rows, schedule.warmup)
 
 
 def check_resumable(path: Path, saved: dict, saved_world: int, ours: dict, world: int) -> None:
@@ -121,6 +145,8 @@ def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> 
     if saved.planner_states and meta["world_size"] == state.world_size:
         pos.planner_state = saved.planner_states[state.rank]  # the sharded plane: this rank's own
     pos.history = meta.get("history", [])
+    pos.window = meta.get("window")  # the first log record averages the same steps as without the stop
+    pos.worlds = [list(w) for w in meta.get("worlds") or [[1, meta["world_size"], meta["global_batch"]]]]
     if len(meta.get("dataset_rows") or []) == len(pos.dataset_rows):
         pos.dataset_rows = list(meta["dataset_rows"])
     rng_file = sd / f"rng-rank{state.rank}.pt"
@@ -184,7 +210,7 @@ def save(run, final: bool = False) -> Path:
         if run.data.sharding is not None:
             (sd / f"data_state-rank{state.rank}.json").write_text(json.dumps({"planner": pos.planner_state},
                                                                               default=json_without_ids))
-        run.backend.save(sd, state.is_main)  # DeepSpeed: every rank writes its shards
+        run.backend.save(sd, state.is_main, run.save_dtype)  # DeepSpeed: every rank writes its shards
     lora = run.cfg.model.lora
     adapter = None
     if final and lora is not None and lora.export == "adapter":
@@ -197,7 +223,7 @@ def save(run, final: bool = False) -> Path:
         for _ in parts or ():  # every rank takes part in each module's gather
             pass
     if state.is_main:
-        run.encoder.save(tmp, parts, run.cfg.checkpoint.max_shard_size)
+        run.encoder.save(tmp, parts, run.cfg.checkpoint.max_shard_size, dtype=run.save_dtype)
         if adapter is not None:
             # the adapter alone: transformers (so sentence-transformers) loads the base model it names
             from ..model.lora import write_adapter
@@ -215,10 +241,12 @@ def save(run, final: bool = False) -> Path:
             (sd / "trainer.json").write_text(json.dumps({
                 "step": pos.step, "epoch": pos.epoch, "world_size": state.world_size,
                 "global_batch": run.data.global_batch, "backend": run.backend.describe(),
+                "save_dtype": str(run.save_dtype).removeprefix("torch."),
                 "schedule": {"samples": pos.samples, "samples_per_step": pos.samples_per_step,
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
-                "history": pos.history, "dataset_rows": pos.dataset_rows}, indent=1))
+                "history": pos.history, "dataset_rows": pos.dataset_rows, "window": pos.window,
+                "worlds": pos.worlds}, indent=1))
             # the data position: the planner's state after the last batch trained (the global plane:
             # the same on every rank; the sharded plane: rank 0's here, every rank's in its own file)
             sharding = run.data.sharding
@@ -229,7 +257,7 @@ def save(run, final: bool = False) -> Path:
                 default=json_without_ids))
     barrier(state)
     if state.is_main:
-        ckpt.commit(tmp, target)
+        ckpt.commit(tmp, target, {"step": pos.step})
         if not final:
             protect = set()
             metric = run.cfg.checkpoint.keep_best
@@ -251,5 +279,6 @@ def write_card(run, directory: Path) -> None:
     final_metrics = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("eval/")}
     card = render(encoder=run.encoder, base_model=run.cfg.model.name_or_path, cfg=run.cfg, losses=list(run.losses),
                   data=list(run.outputs.dataset_info), metrics_path=run.outputs.out / "metrics.jsonl",
-                  step=run.pos.step, final_metrics=final_metrics, world_size=run.state.world_size)
+                  step=run.pos.step, final_metrics=final_metrics, world_size=run.state.world_size,
+                  worlds=run.pos.worlds)
     (directory / "README.md").write_text(card, encoding="utf-8")

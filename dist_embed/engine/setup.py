@@ -23,7 +23,7 @@ from ..distributed import DistState, broadcast_object
 from ..evaluation.evaluator import Evaluator
 from ..model.encoder import Encoder, ModelError
 from ..model.layout_choice import choose_layout
-from ..outputs.run_dir import CLAIMED_ENV, claim, start_afresh
+from ..outputs.run_dir import CLAIMED_ENV, RunComplete, claim, start_afresh
 from ..outputs.run_outputs import RowLog, RunOutputs, StepBeacon
 from ..outputs.tracking import MetricsWriter, rss_mib
 from .health import HealthMonitor
@@ -48,6 +48,8 @@ class Position:
     history: list = field(default_factory=list)  # eval results, for best-checkpoint and the model card
     logged_until: int = 0  # the last step a stopped run had logged (W&B has it already)
     dataset_rows: list = field(default_factory=list)  # rows trained from each dataset, whole run
+    window: dict | None = None  # the losses since the last log step (Window.losses), for the checkpoint
+    worlds: list = field(default_factory=list)  # [first step, world size, global batch] per stretch of the run
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Run:
     evaluator: Evaluator
     outputs: RunOutputs
     pos: Position
+    save_dtype: torch.dtype = torch.float32  # checkpoints' and final/'s weights (model.save_dtype)
 
     @property
     def flops_per_token(self) -> tuple[float, float]:
@@ -119,6 +122,17 @@ def load_encoder(cfg: Config, state: DistState) -> Encoder:
     return encoder
 
 
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def save_dtype(setting: str, encoder: Encoder) -> torch.dtype:
+    """``model.save_dtype``: as set, or "auto": the starting checkpoint's dtype (fp32 unless it is
+    bf16 or fp16). The weights train in fp32 either way."""
+    if setting != "auto":
+        return SAVE_DTYPES[setting]
+    return encoder.source_dtype if encoder.source_dtype in SAVE_DTYPES.values() else torch.float32
+
+
 def loader_workers(setting, state: DistState) -> int:
     """``data.num_workers``: as set, or "auto": 0 on CPU (its cores compute the step), on a GPU up
     to 4 per rank from this node's CPUs (tokenizing and laying out batches off the training thread)."""
@@ -156,15 +170,15 @@ def claim_output_dir(cfg: Config, state: DistState, resume: str | None, overwrit
     """Rank 0 claims the output_dir unless a launcher of ours did (every rank stops with its line)."""
     if os.environ.get(CLAIMED_ENV) == "1":
         return
-    problem = None
+    outcome = None
     if state.is_main:
         try:
             claim(cfg.output_dir, resume, overwrite)
-        except ConfigError as e:
-            problem = str(e)
-    problem = broadcast_object(problem, state)
-    if problem:
-        raise ConfigError(problem)
+        except (ConfigError, RunComplete) as e:
+            outcome = (type(e).__name__, str(e))
+    outcome = broadcast_object(outcome, state)
+    if outcome:
+        raise (RunComplete if outcome[0] == "RunComplete" else ConfigError)(outcome[1])
 
 
 def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,
@@ -215,6 +229,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
         raise ConfigError("data.sampler=proportional needs every dataset's size; a hub stream has none: set its "
                           "max_rows, streaming: false, or use sampler round_robin/weighted")
     schedule = Schedule.for_run(t, pos.samples_per_step, rows)
+    if saved and not saved.data_unchanged and t.max_steps <= 0:
+        schedule = resuming.schedule_on_changed_data(saved, t, rows, schedule)
     backend = make_backend(cfg, state, encoder, precision,
                            lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)), started)
     warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
@@ -237,6 +253,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                      sharding)
     if saved:
         resuming.restore(saved, backend, pos, state, out, global_batch)
+    if not pos.worlds or pos.worlds[-1][1:] != [state.world_size, global_batch]:
+        pos.worlds.append([pos.step + 1, state.world_size, global_batch])  # a chain of runs: the card says each
     wandb = None
     if state.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -256,15 +274,16 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     outputs = RunOutputs(out, MetricsWriter(out / "metrics.jsonl" if state.is_main else None, wandb), wandb,
                          hooks, infos, rss_before_model)
     run = Run(cfg, state, encoder, backend, data, losses, Embedder(layout.kind, t.length_sorted_chunks,
-              precision.autocast), schedule, health, evaluator, outputs, pos)
+              precision.autocast), schedule, health, evaluator, outputs, pos, save_dtype(cfg.model.save_dtype, encoder))
     # the model, the modules and the config live as long as the run: move them out of the garbage
     # collector's generations, so its full collections (triggered by the data pipeline's churn of
     # rows) stop walking the long-lived objects each time
     gc.freeze()
     gathered = any(getattr(getattr(loss, "inner", loss), "gather", False) for loss in losses) and state.enabled
     log.info("world size %d, device %s, %s rows (%s data plane), global batch %d, about %d optimizer steps "
-             "(warm-up %d), precision %s, %s layout, loss %s%s", state.world_size, state.device, rows,
-             plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision, layout.kind,
+             "(warm-up %d), precision %s (fp32 weights, saved as %s), %s layout, loss %s%s", state.world_size,
+             state.device, rows, plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision,
+             str(run.save_dtype).removeprefix("torch."), layout.kind,
              ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
              " with negatives gathered across ranks" if gathered else "")
     return run

@@ -1,4 +1,7 @@
-"""Stop signals: SIGTERM (preemption) and SIGUSR1 (Slurm's warning before the time limit).
+"""Stop signals: SIGTERM (preemption), SIGUSR1 (Slurm's warning before the time limit), and Ctrl-C
+(SIGINT) and a closed terminal (SIGHUP) in a process that owns them (a run started alone; our
+launcher forwards them to its workers as SIGTERM; nohup's ignored SIGHUP stays ignored): the same
+stop, a checkpoint and exit 75, never a KeyboardInterrupt or a death without a checkpoint.
 
 From the first moment of a worker's life a stop signal is recorded, never fatal: our launcher
 starts workers with these signals blocked (pending), and the worker unblocks them only once its
@@ -15,6 +18,8 @@ import threading
 log = logging.getLogger("dist_embed")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# stops too where the process has them as Python starts it (not ignored, no handler of a host's)
+TERMINAL_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL}
 
 
 class Preempted(Exception):
@@ -43,7 +48,10 @@ class StopSignals:
             return True
         if threading.current_thread() is not threading.main_thread():
             return False
-        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        # Ctrl-C and SIGHUP only where they have their default: a launcher's worker starts with
+        # SIGINT ignored, nohup ignores SIGHUP
+        owned = tuple(s for s, default in TERMINAL_SIGNALS.items() if signal.getsignal(s) == default)
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS + owned}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones arrive now
         self.installed = True
         return True

@@ -16,6 +16,7 @@ from ..data.readers import DataError
 from ..distributed import finish, init_distributed
 from ..exit_codes import (BAD_INPUT_MARKER, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED,
                           PREEMPTED_MARKER, WORKER_LOGS)
+from ..outputs.run_dir import RunComplete
 
 log = logging.getLogger("dist_embed")
 # set by our launcher for its workers: it says in one line what happened to the job, so a worker
@@ -45,6 +46,9 @@ def run_worker(cfg, resume: str | None, *, allow_data_change: bool = False, allo
     try:
         train(cfg, state, resume, allow_data_change=allow_data_change, allow_fresh_start=allow_fresh_start,
               overwrite=overwrite)
+    except RunComplete as e:  # --resume latest on a finished run: nothing to do, nothing rewritten
+        if state.is_main:
+            log.info("%s", e)
     except (ConfigError, DataError) as e:
         log.error("%s", e)
         code = EXIT_BAD_INPUT

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -41,6 +42,19 @@ def resolve_model_path(name_or_path: str) -> str:
                                     f"is not installed") from None
         return str(root / sub)
     return name_or_path
+
+
+@contextmanager
+def loading(name_or_path: str):
+    """transformers' loading errors as one ModelError line naming the model (a hub id that is not
+    cached and cannot be downloaded: offline, or a typo; a revision that does not exist)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        hint = "" if Path(name_or_path).exists() else \
+            " (a hub id that is neither cached here nor downloadable: offline, HF_HUB_OFFLINE set, or misspelt?)"
+        raise ModelError(f"{name_or_path}: cannot be loaded{hint}: {first}") from None
 
 
 def position_limit(config) -> int | None:
@@ -87,8 +101,11 @@ class Encoder(nn.Module):
 
     def __init__(self, transformer: nn.Module, tokenizer, pooling: str = "mean", normalize: bool = False,
                  max_seq_length: int = 256, extra_state: dict | None = None, st_config: dict | None = None,
-                 dense: Sequence[Dense] = ()):
+                 dense: Sequence[Dense] = (), source_dtype: torch.dtype = torch.float32):
         super().__init__()
+        # the dtype the starting checkpoint was stored in (its weights are loaded as fp32 whatever
+        # it is: model.save_dtype "auto" writes the trained model back in it)
+        self.source_dtype = source_dtype
         self.transformer = transformer
         # sentence-transformers Dense modules after pooling (trained, saved in their own folders)
         self.st_dense = nn.ModuleList(dense)
@@ -110,7 +127,8 @@ class Encoder(nn.Module):
         path = resolve_model_path(name_or_path)
         check_model_dir(path)
         st = read_st_settings(path) if os.path.isdir(path) else {}
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        with loading(name_or_path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         if dropout is not None:
             for key in DROPOUT_KEYS:
                 if isinstance(getattr(config, key, None), float):
@@ -120,8 +138,13 @@ class Encoder(nn.Module):
             import transformers
 
             model_cls = getattr(transformers, ENCODER_ONLY[config.model_type])
-        transformer = model_cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
-                                                revision=revision)
+        source_dtype = checkpoint_dtype(path, config, revision)  # before loading sets config.dtype
+        # fp32 master weights whatever the file's dtype: transformers would otherwise load a bf16 or
+        # fp16 checkpoint as it is stored (dtype "auto"), and AdamW's updates to half-precision
+        # weights mostly round away (the run's precision is autocast's business, not the weights')
+        with loading(name_or_path):
+            transformer = model_cls.from_pretrained(path, config=config, trust_remote_code=trust_remote_code,
+                                                    revision=revision, dtype=torch.float32)
         extra = {}
         # The pooler (a dense layer on [CLS]) is never used by pooled sentence embeddings; under a
         # gradient all-reduce it only costs time. Detach it but keep its weights for saving.
@@ -131,7 +154,8 @@ class Encoder(nn.Module):
             with full_parameters(transformer.pooler.parameters()):  # ZeRO-3 built it partitioned
                 extra = {f"pooler.{k}": v.detach().clone() for k, v in transformer.pooler.state_dict().items()}
             transformer.pooler = None
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        with loading(name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         limit = position_limit(config)
         msl = max_seq_length or st.get("max_seq_length") or \
             min(limit, getattr(tokenizer, "model_max_length", limit) or limit)
@@ -141,7 +165,7 @@ class Encoder(nn.Module):
         return cls(transformer, tokenizer, pooling=pooling or st.get("pooling", "mean"),
                    normalize=st.get("normalize", False) if normalize is None else normalize,
                    max_seq_length=int(msl), extra_state=extra, st_config=st.get("st_config"),
-                   dense=st.get("dense", ()))
+                   dense=[d.float() for d in st.get("dense", ())], source_dtype=source_dtype)
 
     @property
     def dim(self) -> int:
@@ -255,10 +279,11 @@ class Encoder(nn.Module):
         return weights
 
     def save(self, out_dir: str | Path, parts: Iterable[dict[str, torch.Tensor]] | None = None,
-             max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> None:
+             max_shard_size: str | int = DEFAULT_SHARD_SIZE, dtype: torch.dtype | None = None) -> None:
         """Write a complete sentence-transformers model directory (weights as safetensors only).
         ``parts``: the weights as ``state_for_saving`` keys them, in pieces (e.g. gathered from
-        ZeRO-3 one module at a time); the transformer's are written in shards of ``max_shard_size``."""
+        ZeRO-3 one module at a time); the transformer's are written in shards of ``max_shard_size``.
+        ``dtype``: the floating weights are written in it (and config.json says so); None: as held."""
         from safetensors.torch import save_file
 
         from ..config.schema import parse_size
@@ -270,16 +295,25 @@ class Encoder(nn.Module):
         parts = self.weight_parts() if parts is None else parts  # one module at a time
         state: dict[str, torch.Tensor] = {}  # the Dense modules' weights (small), kept for their folders
 
+        def cast(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in part.items()}
+
         def transformer_parts():
-            for part in parts:
+            for part in map(cast, parts):
                 state.update({k: v for k, v in part.items() if k.startswith("st_dense.")})
                 yield {k: v for k, v in part.items() if not k.startswith("st_dense.")}
-            yield {k: v.contiguous() for k, v in self.extra_state.items()}
+            yield cast({k: v.contiguous() for k, v in self.extra_state.items()})
 
         write_weights(out, transformer_parts(), parse_size(max_shard_size))
         from .lora import base_model
 
-        base_model(self.transformer).config.save_pretrained(out)
+        config = base_model(self.transformer).config
+        held = config.dtype
+        config.dtype = dtype or held  # what from_pretrained's dtype "auto" then loads it as
+        try:
+            config.save_pretrained(out)
+        finally:
+            config.dtype = held
         self.tokenizer.save_pretrained(out)
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
@@ -313,6 +347,30 @@ class Encoder(nn.Module):
         pooling.update({"pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
                         "include_prompt": True})
         return pooling
+
+
+def checkpoint_dtype(path: str, config, revision: str | None = None) -> torch.dtype:
+    """The dtype a checkpoint is stored in, as transformers' ``dtype="auto"`` reads it: the one its
+    config.json states, else the one most of its safetensors weights have; fp32 if neither says."""
+    stated = getattr(config, "dtype", None)
+    if isinstance(stated, str):
+        stated = getattr(torch, stated, None)
+    if isinstance(stated, torch.dtype) and stated.is_floating_point:
+        return stated
+    from .weights import stored_dtype
+
+    root = Path(path)
+    if not root.is_dir():  # a hub id: the snapshot directory its config was read from
+        try:
+            from transformers.utils import cached_file
+
+            root = Path(cached_file(path, "config.json", revision=revision)).parent
+        except (OSError, ValueError, TypeError):
+            return torch.float32
+    try:
+        return stored_dtype(root) or torch.float32
+    except (OSError, ValueError):
+        return torch.float32
 
 
 def _versions() -> dict:

@@ -21,6 +21,10 @@ import torch
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# safetensors' dtype names -> torch's, for the floating types a model's weights come in
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 def is_partitioned(p: torch.Tensor) -> bool:
     """A ZeRO-3 parameter: this rank holds only its partition (``ds_tensor``)."""
     return hasattr(p, "ds_id")
@@ -142,6 +146,27 @@ def weight_files(directory: Path) -> list[Path]:
         names = sorted(set(json.loads((root / INDEX).read_text())["weight_map"].values()))
         return [root / n for n in names]
     return [root / SINGLE]
+
+
+def stored_dtype(directory: Path) -> torch.dtype | None:
+    """The floating dtype most of a model's stored weights have (by element count), read from the
+    safetensors headers alone; None when the directory has no safetensors weights."""
+    from safetensors import safe_open
+
+    counts: dict[torch.dtype, int] = {}
+    for path in weight_files(directory):
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                dtype = FLOAT_DTYPES.get(piece.get_dtype())
+                if dtype is not None:
+                    n = 1
+                    for d in piece.get_shape():
+                        n *= d
+                    counts[dtype] = counts.get(dtype, 0) + n
+    return max(counts, key=counts.get) if counts else None
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -53,13 +53,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(root: Path) -> None:
+def write_manifest(root: Path, info: dict | None = None) -> None:
+    """Sizes and SHA-256 sums of every file under ``root``, and ``info`` (e.g. the step it holds)."""
     files = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             files[str(p.relative_to(root))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps({"format": 1, **(info or {}), "files": files}, indent=1), encoding="utf-8")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, root / MANIFEST)
@@ -85,6 +86,15 @@ def verify(root: Path) -> str | None:
     return None
 
 
+def manifest_info(root: Path) -> dict:
+    """What the manifest says besides the files (``{}`` if unreadable)."""
+    try:
+        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if k not in ("format", "files")} if isinstance(data, dict) else {}
+
+
 def staging_dir(final: Path) -> Path:
     return final.parent / f".tmp-{final.name}"
 
@@ -98,10 +108,10 @@ def begin(final: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, final: Path) -> None:
-    """fsync, manifest last, then rename into place (replacing an older copy at ``final``)."""
+def commit(tmp: Path, final: Path, info: dict | None = None) -> None:
+    """fsync, manifest last (with ``info``), then rename into place (replacing an older copy at ``final``)."""
     _fsync_tree(tmp)
-    write_manifest(tmp)
+    write_manifest(tmp, info)
     if final.exists():
         old = final.parent / f".old-{final.name}"
         if old.exists():

@@ -108,6 +108,22 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def cell(text) -> str:
+    """A text as one Markdown table cell: no line break, no column separator, no markup of its own."""
+    import html
+
+    out = html.escape(str(text), quote=False).replace("|", "&#124;")
+    return "<br>".join(line for line in out.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+
+
+def by_stretch(worlds: list, value) -> str:
+    """A value per stretch of a chain of runs (resumed at other world sizes): "2 (steps 1-5), 3 (steps 6-)"."""
+    if len(worlds) < 2:
+        return str(value(worlds[0]) if worlds else "-")
+    ends = [w[0] - 1 for w in worlds[1:]] + [None]
+    return ", ".join(f"{value(w)} (steps {w[0]}-{'' if end is None else end})" for w, end in zip(worlds, ends))
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"
     out = ["| " + " | ".join(header) + " |", rule]
@@ -236,16 +252,17 @@ def _dataset_section(data: DatasetInfo, loss, world_size: int, heading: str) -> 
                  for c, s in data.token_stats.items()]
     parts += [_table(["column", "type", "details"], stat_rows), ""]
     if data.sample:
-        parts += ["* Samples:", "", _table(data.columns, [[str(v).replace("|", "\\|") for v in row]
-                                                        for row in data.sample]), ""]
+        parts += ["* Samples:", "", _table([cell(c) for c in data.columns],
+                                           [[cell(v) for v in row] for row in data.sample]), ""]
     parts += [f"* Loss: `{loss_title(loss)}` with these parameters:", "", "```json",
               json.dumps(loss.card(world_size), indent=2), "```", ""]
     return parts
 
 
 def render(*, encoder, base_model: str, cfg, losses: list, data: list[DatasetInfo] | None, metrics_path: Path,
-           step: int, final_metrics: dict, world_size: int) -> str:
-    """The card; ``losses``: each training dataset's loss object (engine.losses), in order."""
+           step: int, final_metrics: dict, world_size: int, worlds: list | None = None) -> str:
+    """The card; ``losses``: each training dataset's loss object (engine.losses), in order;
+    ``worlds``: [first step, world size, global batch] of each stretch of a chain of runs."""
     import torch
     import transformers
 
@@ -263,8 +280,9 @@ def render(*, encoder, base_model: str, cfg, losses: list, data: list[DatasetInf
     defaults = type(t)()
     all_hp = t.model_dump()
     non_default = {k: v for k, v in all_hp.items() if getattr(defaults, k) != v}
-    hp_all = {"per_device_train_batch_size": t.batch_size, "world_size": world_size,
-              "global_batch_size": t.batch_size * world_size, **all_hp,
+    worlds = worlds or [[1, world_size, t.batch_size * world_size]]
+    hp_all = {"per_device_train_batch_size": t.batch_size, "world_size": by_stretch(worlds, lambda w: w[1]),
+              "global_batch_size": by_stretch(worlds, lambda w: w[2]), **all_hp,
               "no_duplicates_batching": cfg.data.no_duplicates, "optimizer": "AdamW",
               "lr_scheduler": "linear warm-up, then linear decay"}
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .checkpoint import step_dirs
+from .checkpoint import manifest_info, step_dirs, verify
 from ..config import ConfigError
 from ..exit_codes import BAD_INPUT_MARKER, PREEMPTED_MARKER
 
@@ -32,6 +32,28 @@ RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "row_ids", "config.yaml"
                "wandb_run_id", "wandb", "report.png", "train.sbatch", "ray", PREEMPTED_MARKER, BAD_INPUT_MARKER)
 FRESH_START_CLEARS = ("metrics.jsonl", "wandb_run_id", PREEMPTED_MARKER, BAD_INPUT_MARKER)
 _held: list[int] = []  # lock file descriptors kept open for the life of this process
+
+
+class RunComplete(Exception):
+    """``--resume latest`` on a run whose final model is written: nothing to do (exit 0, nothing
+    rewritten). Every launcher passes ``--resume latest``, so a requeued or resubmitted job that
+    already finished ends here instead of training its last steps again."""
+
+
+def already_complete(output_dir: str, resume: str | None) -> str | None:
+    """With ``--resume latest``: what to say if the run in ``output_dir`` is complete (an intact
+    ``final/``), else None. A damaged final/ is not complete: the run goes on from its checkpoint."""
+    final = Path(output_dir) / "final"
+    if resume != "latest" or not final.is_dir():
+        return None
+    problem = verify(final)
+    if problem:
+        log.warning("%s is not usable (%s): resuming from the latest checkpoint, which writes it again", final, problem)
+        return None
+    step = manifest_info(final).get("step")
+    return (f"run already complete (final/ at step {step if step is not None else '?'}): nothing to do; pass "
+            "--overwrite to train it again from the start, or start a new run from it with "
+            f"model.name_or_path={final}")
 
 
 def output_dir_problem(path: str) -> str | None:
@@ -83,7 +105,8 @@ def take_lock(out: Path) -> None:
 
 def claim(output_dir: str, resume: str | None, overwrite: bool) -> None:
     """Make ``output_dir`` this run's (ConfigError, one line, if it cannot be): writable, locked,
-    and either free of another run's checkpoints, resumed (``--resume``), or cleared (``--overwrite``)."""
+    and either free of another run's checkpoints, resumed (``--resume``), or cleared (``--overwrite``).
+    RunComplete: ``--resume latest`` and the run has finished."""
     out = Path(output_dir)
     problem = output_dir_problem(output_dir)
     if problem:
@@ -91,6 +114,9 @@ def claim(output_dir: str, resume: str | None, overwrite: bool) -> None:
     if overwrite and resume:
         raise ConfigError("--overwrite starts the run over and --resume continues it: pass one of them")
     take_lock(out)
+    done = already_complete(output_dir, resume)
+    if done:
+        raise RunComplete(done)
     if overwrite:
         for name in RUN_OUTPUTS:
             path = out / name

@@ -148,6 +148,7 @@ class Window:
 
     def reset(self) -> None:
         self.loss, self.n, self.samples, self.real, self.padded = 0.0, 0, 0, 0, 0
+        self.steps = 0  # steps timed in this window by this process (n may hold a resumed run's too)
         self.by_dataset: dict[int, list] = {}  # dataset -> [local loss sum, micro-batches with a finite loss]
         self.t0 = time.perf_counter()
 
@@ -168,6 +169,7 @@ class Window:
 
     def add_step(self, loss: float, rows: int) -> None:
         self.samples += rows
+        self.steps += 1
         if math.isfinite(loss):
             self.loss += loss
             self.n += 1
@@ -194,7 +196,7 @@ class Window:
         total = sum(phases.values()) or 1.0
         rec = {"loss": self.loss / self.n, "samples_per_second": self.samples / elapsed,
                "tokens_per_second": real / elapsed, "padding_ratio": 1 - real / max(padded, 1),
-               "seconds_per_step": elapsed / self.n, "gather_seconds_per_step": gather / self.n}
+               "seconds_per_step": elapsed / max(self.steps, 1), "gather_seconds_per_step": gather / max(self.steps, 1)}
         if self.flops and self.peak:
             rec["mfu"] = rec["tokens_per_second"] * self.flops[0] / (self.peak * state.world_size)
             rec["mfu_non_embedding"] = rec["tokens_per_second"] * self.flops[1] / (self.peak * state.world_size)
@@ -203,6 +205,25 @@ class Window:
         rec.update(peak_memory(state))
         self.reset()
         return rec
+
+
+    def losses(self, state) -> dict:
+        """The window's losses so far, for a checkpoint (all ranks call it: the per-dataset sums are
+        summed over ranks): a resumed run's first record then averages the same steps."""
+        from ..distributed import all_reduce_sum
+
+        names = sorted(self.by_dataset)
+        local = read_all([x for d in names for x in self.by_dataset[d]])
+        sums = all_reduce_sum(local[0::2], state) if names else []
+        return {"loss": self.loss, "n": self.n,
+                "datasets": {str(d): [s, c] for d, s, c in zip(names, sums, local[1::2])}}
+
+    def restore_losses(self, saved: dict | None, is_main: bool) -> None:
+        """The losses a checkpoint's window held (``losses``); rank 0 holds the datasets' sums."""
+        if not saved:
+            return
+        self.loss, self.n = saved["loss"], saved["n"]
+        self.by_dataset = {int(d): [s if is_main else 0.0, c] for d, (s, c) in saved["datasets"].items()}
 
 
 def rss_mib() -> float:

@@ -51,8 +51,10 @@ class WandbRun:
                 log.info("W&B: no API key found; logging offline")
         id_file = out_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        # W&B's files: where the user's WANDB_DIR says, else beside the run's other outputs
+        files = os.environ.get("WANDB_DIR") or str(out_dir)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
-                              tags=list(cfg.tags) or None, mode=mode, dir=str(out_dir), id=run_id, resume="allow",
+                              tags=list(cfg.tags) or None, mode=mode, dir=files, id=run_id, resume="allow",
                               config={**resolved_config, "system": system_info(world_size)})
         id_file.write_text(run_id + "\n")
         self.mode = mode

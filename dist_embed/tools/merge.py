@@ -54,7 +54,8 @@ def merge_adapter_dir(adapter_dir: str | Path, out: str | Path, overwrite: bool 
     Encoder(model, AutoTokenizer.from_pretrained(str(root)), pooling=st.get("pooling", start.pooling),
             normalize=st.get("normalize", start.normalize),
             max_seq_length=st.get("max_seq_length", start.max_seq_length),
-            extra_state=start.extra_state, st_config=st.get("st_config"), dense=st.get("dense", ())).save(staging)
+            extra_state=start.extra_state, st_config=st.get("st_config"), dense=st.get("dense", ())).save(
+        staging, dtype=start.source_dtype)  # merged in fp32, stored as the base model is
     if (root / "README.md").is_file():
         shutil.copyfile(root / "README.md", staging / "README.md")
     if dest.exists():  # --overwrite (checked above)

@@ -114,10 +114,20 @@ def _fingerprint(model: str, pairs, corpus, opt: MineOptions) -> str:
     return h.hexdigest()
 
 
+class MiningStopped(Exception):
+    """A stop signal ended mining after whole blocks: a rerun of the same command continues."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"{done} of {total} blocks mined and kept; run the same command again to continue")
+        self.done, self.total = done, total
+
+
 def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = None, opt: MineOptions,
          columns: dict[str, str] | None = None, on_error: str = "raise", fmt: str = "jsonl",
-         max_seq_length: int | None = None, progress: bool = True) -> dict:
-    """Every rank calls this. Returns a summary (rank 0) of what was written."""
+         max_seq_length: int | None = None, progress: bool = True, stop_requested=lambda: False) -> dict:
+    """Every rank calls this. Returns a summary (rank 0) of what was written. ``stop_requested``:
+    whether a stop signal arrived; then each rank ends after its current block and every rank
+    raises MiningStopped (the blocks written stay for a rerun)."""
     import time
 
     import torch.distributed as dist
@@ -129,6 +139,9 @@ def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = N
     pairs = read_pairs(data, columns or {}, on_error)
     corpus = list(dict.fromkeys([p for _, p in pairs] + (read_corpus(corpus_file) if corpus_file else [])))
     parts = out.parent / f".{out.name}.parts"
+    if state.is_main:
+        log.info("mining %d anchors against %d candidate texts, in %d blocks of %d", len(pairs), len(corpus),
+                 math.ceil(len(pairs) / opt.block), opt.block)
     key = _fingerprint(model, pairs, corpus, opt)
     if state.is_main:
         state_file = parts / "state.json"
@@ -154,8 +167,11 @@ def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = N
     for a, p in pairs:
         positives_of.setdefault(a, set()).add(p)
     k = min(opt.range_max + max(len(v) for v in positives_of.values()) + 1, len(corpus))
-    n_embedded = 0
+    n_embedded, stopped = 0, False
     for b in todo:
+        if stop_requested():
+            stopped = True
+            break
         block = pairs[b * opt.block:(b + 1) * opt.block]
         anchors = encoder.encode([a for a, _ in block], batch_size=opt.batch_size, prompt_name="query")
         n_embedded += len(block)
@@ -172,12 +188,14 @@ def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = N
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t_embed
-    counts = [n_embedded]
+    counts, stops = [n_embedded], [stopped]
     if state.enabled:
         gathered: list = [None] * state.world_size
-        dist.all_gather_object(gathered, n_embedded)
-        counts = gathered
+        dist.all_gather_object(gathered, (n_embedded, stopped))
+        counts, stops = [n for n, _ in gathered], [s for _, s in gathered]
         dist.barrier()
+    if any(stops):
+        raise MiningStopped(sum((parts / f"block-{b:06d}.jsonl").is_file() for b in blocks), len(blocks))
     if not state.is_main:
         return {}
     written = dropped = 0
@@ -192,11 +210,18 @@ def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = N
                 row = {"anchor": a, "positive": p, **{f"negative_{j + 1}": n for j, n in enumerate(negs)}}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 written += 1
-    if fmt == "shards":
+    if fmt == "shards":  # written beside, then put in place: an earlier output (--overwrite) goes whole
         from .prepare import prepare
 
-        prepare([str(tmp_out)], out, fmt="jsonl", progress=progress)
+        staging = out.parent / f".{out.name}.tmp-shards"
+        shutil.rmtree(staging, ignore_errors=True)
+        prepare([str(tmp_out)], staging, fmt="jsonl", progress=progress)
         tmp_out.unlink()
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(staging, out)
     else:
         os.replace(tmp_out, out)
     shutil.rmtree(parts, ignore_errors=True)
