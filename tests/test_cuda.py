@@ -114,7 +114,7 @@ def _trainer_parts(precision: str, dropout: float):
     enc = Encoder.from_pretrained(str(minilm_dir()), dropout=dropout).cuda().train()
     training = SimpleNamespace(layout="auto", pack_length="auto", layout_bucket=0, lr=5e-5, max_grad_norm=1.0,
                                precision=precision)
-    spec = choose_layout(enc, "cuda", precision, training)
+    spec = choose_layout(enc, training, Precision.for_device(precision, state.device).varlen(enc.transformer.config))
     cfg = SimpleNamespace(training=training, distributed=SimpleNamespace(bucket_mb=25.0))
     prec = Precision(precision, "cuda")
     backend = AllReduceBackend(cfg, state, enc, prec, param_groups(enc, 0.01), lambda o: lambda_lr(o, lambda: 1.0))

@@ -1,10 +1,10 @@
-"""DeepSpeed ZeRO (stages 1-3, optional offload) through accelerate, behind the same loop as our DDP path.
+"""DeepSpeed ZeRO (stages 1-3, optional offload) through accelerate, behind the same loop as our all-reduce path.
 
 What stays ours: the global batch plan, gathered negatives (our autograd all-gather), the losses,
 the LR schedule, health checks, the checkpoint layout. What DeepSpeed owns: gradient reduction and
 partitioning, the optimizer step (and its fp16 loss scaling), clipping, and its sharded state.
 
-Three details make it exact (tests compare against the DDP path):
+Three details make it exact (tests compare against the all-reduce path):
 - our losses are "this rank's share of the global mean", so the gradients must be SUMMED over ranks;
   DeepSpeed averages, so every loss handed to it is multiplied by the world size;
 - one optimizer step runs several backward passes (grad accumulation, cached-MNRL replays), so the
@@ -35,7 +35,7 @@ from . import StepResult
 log = logging.getLogger(__name__)
 
 STATE_TAG = "deepspeed"  # training_state/deepspeed/: the engine's own (sharded) checkpoint
-BETAS, EPS = [0.9, 0.999], 1e-8  # torch AdamW defaults, what the DDP path uses
+BETAS, EPS = [0.9, 0.999], 1e-8  # torch AdamW defaults, what the all-reduce path uses
 
 
 def _set_default_extension_dir() -> None:
@@ -67,7 +67,7 @@ def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, pr
 
     Filled: batch sizes, gradient accumulation, clipping, precision, optimizer lr/betas/eps/weight
     decay, ZeRO bucket sizes (from the hidden size, as accelerate does). A ``scheduler`` section is
-    refused: the warm-up/decay schedule is ours (training.warmup_*), shared with the DDP path.
+    refused: the warm-up/decay schedule is ours (training.warmup_*), shared with the all-reduce path.
     """
     t = cfg.training
     ds = copy.deepcopy(raw)

@@ -136,6 +136,9 @@ class DataConfig(_Section):
     # the sharded plane: processes per rank that read (parse, validate) its next pieces ahead of
     # its planner; "auto": as num_workers' auto (none on CPU)
     read_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # batches planned, received from the workers and pinned in a background thread, ahead of the
+    # step; "auto": on a GPU (whose step runs while the host prepares), not on CPU (its cores train)
+    prefetch: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _check_mix(self) -> "DataConfig":
