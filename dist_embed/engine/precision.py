@@ -82,8 +82,9 @@ class Precision:
                                                   "(padded or packed texts)")
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """fp16 only: dynamic loss scaling (fp16 gradients underflow without it)."""
-        return torch.amp.GradScaler("cuda") if self.name == "fp16" else None
+        """fp16 only: dynamic loss scaling (fp16 gradients underflow without it). fp16 runs on CUDA
+        (``for_device``); the scaler follows the precision's device so tests can run its path on CPU."""
+        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
 
     def fill_deepspeed(self, ds: dict, origin: str) -> None:
         """DeepSpeed's bf16/fp16 sections from ours ("auto" filled; a contradiction is a ConfigError)."""

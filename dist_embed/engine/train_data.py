@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
+from ..data.batch import pins
 from ..data.layout import LayoutSpec
 from ..data.loader import MixSpec, PlanSpec, RankLoader, prefetch
 from ..data.sharded import Sharding
@@ -40,7 +41,7 @@ class TrainData:
         epoch. Each epoch's loader iterator starts in the calling (training) thread; with
         ``prefetch`` its batches are then planned, received and pinned in a background thread."""
         loader = RankLoader(tokenizer, max_length, self.global_batch, state.rank, state.world_size, self.num_workers,
-                            pin_memory=state.device.type == "cuda", balance=self.balance, layout=self.layout)
+                            pin_memory=pins(state.device), balance=self.balance, layout=self.layout)
         try:
             while True:
                 epoch = pos.epoch

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.batch import to_device
 from ..data.layout import Packed, Unpadded
-from ..families import family, is_causal, position_limit
+from ..families import family, is_causal, position_limit, takes_layout
 from .st_modules import POOLING_KEYS, Dense, ModelError, check_model_dir, read_st_settings  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ class Encoder(nn.Module):
         self.st_config = dict(st_config or {})
         # decoders build a key/value cache in every forward unless told not to (and its update can
         # upcast the values): an embedder never decodes, so no forward of ours asks for one
-        self.forward_options = {"use_cache": False} if is_causal(transformer.config) else {}
+        self.causal = is_causal(transformer.config)
+        self.forward_options = {"use_cache": False} if self.causal else {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
@@ -178,15 +179,34 @@ class Encoder(nn.Module):
                                       return_dict=True, **self.forward_options).last_hidden_state
             emb = pool_tokens(states.reshape(-1, states.shape[-1])[inputs.slot], inputs.counts, self.pooling)
         else:
-            names = ("input_ids", "attention_mask", "token_type_ids")
+            names = ("input_ids", "token_type_ids")
             out = self.transformer(**{k: v for k, v in inputs.items() if k in names}, return_dict=True,
-                                   **self.forward_options)
+                                   attention_mask=self._padded_mask(inputs["attention_mask"]), **self.forward_options)
             emb = pool(out.last_hidden_state, inputs["attention_mask"], self.pooling)
         for dense in self.st_dense:
             emb = dense(emb)
         if self.normalize:
             emb = F.normalize(emb.float(), p=2, dim=-1)
         return emb
+
+    def _padded_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of a padded forward. Where the family takes our layouts and the
+        attention applies boolean masks, a 4D mask built here on the device: transformers returns
+        it as given, where from the 2D mask it would first read it back (``padding_mask.all()``: can
+        the mask be skipped?), a wait for the GPU in every forward. Elsewhere the 2D mask."""
+        from .layout_choice import MASK_AWARE
+
+        config = self.transformer.config
+        if getattr(config, "_attn_implementation", None) not in MASK_AWARE or not (
+                takes_layout(config, "packed") or takes_layout(config, "unpadded")):
+            return attention_mask
+        keys = attention_mask.bool()[:, None, None, :]  # [texts, 1, 1, length]: real keys only
+        if not self.causal:  # bidirectional: every query sees its text's real tokens
+            return keys
+        n = attention_mask.shape[1]
+        causal = torch.ones((n, n), dtype=torch.bool, device=keys.device).tril()
+        # a left-padded text's padding rows would see no key (NaN): they see themselves
+        return (keys & causal) | torch.eye(n, dtype=torch.bool, device=keys.device)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded to the longest text, truncated to max_seq_length: the training batches' path."""
