@@ -69,7 +69,8 @@ class HostReads(TorchFunctionMode):
         self.device = WeakIdKeyDictionary()
         self.pinned = WeakIdKeyDictionary()
         self.off = 0
-        self.largest = 0  # the most elements of one tensor made while watching (see ``largest_made``)
+        self.square_at: int | None = None  # if set: record tensors made with two dims of at least this
+        self.squares: list[tuple] = []
 
     # -- what lives on the device ------------------------------------------------------------------
 
@@ -173,7 +174,8 @@ class _Propagate(TorchDispatchMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     owner.device[t] = True
-                    owner.largest = max(owner.largest, t.numel())
+                    if owner.square_at and sum(d >= owner.square_at for d in t.shape) >= 2:
+                        owner.squares.append((str(func), tuple(t.shape)))
         return out
 
 

@@ -188,10 +188,11 @@ def build_model(cfg: Config, state: DistState, precision: Precision) -> tuple[En
     return encoder, layout
 
 
-def compile_encoder(encoder: Encoder) -> None:
+def compile_encoder(encoder: Encoder, **options) -> None:
     """``training.compile``: the transformer compiled in place (the weights keep their names), with
-    dynamic shapes, so a batch's token count or longest text never forces a recompile."""
-    encoder.transformer.compile(dynamic=True)
+    dynamic shapes, so a batch's token count or longest text never forces a recompile (tests count
+    them). ``options``: more of torch.compile's (tests pick a backend)."""
+    encoder.transformer.compile(dynamic=True, **options)
 
 
 def plan_data(cfg: Config, state: DistState, encoder: Encoder, layout: LayoutSpec, resume: str | None,
