@@ -138,15 +138,14 @@ def test_the_unpadded_path_builds_no_quadratic_mask(tmp_path, tiny_model, monkey
 
     from dist_embed.engine.setup import enable_checkpointing
     from dist_embed.model.layout_choice import choose_layout
+    from dist_embed.model.varlen import VARLEN_ATTENTION
     from test_decoder import make_decoder
 
     path = tiny_model if arch == "bert" else make_decoder(tmp_path / "m", arch, "left")[0]
     enc = Encoder.from_pretrained(str(path), dropout=0.0).train()
     if arch != "bert":
         enable_checkpointing(enc.transformer)
-    spec = choose_layout(enc, AUTO, GPU.varlen(enc.transformer.config))
-    from dist_embed.model.varlen import VARLEN_ATTENTION
-
+    assert choose_layout(enc, AUTO, GPU.varlen(enc.transformer.config)).kind == "unpadded"
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda *a, **k: pytest.fail("packed detection ran"))
     monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, VARLEN_ATTENTION,
                         lambda *a, **k: pytest.fail("a mask was built"))
@@ -327,3 +326,59 @@ def test_compiled_training_matches_eager_in_one_graph(tiny_model, layout):
         replay = enc(batches[0].layout)
     assert torch.equal(first, replay.detach())
     torch._dynamo.reset()
+
+
+# -- the loader's threads and processes ----------------------------------------------------------------
+
+
+def test_loader_workers_start_once_from_the_training_thread(tmp_path, tiny_model, triplets, monkeypatch):
+    """With loader workers and batches prefetched in a background thread (a GPU's defaults), the
+    DataLoader's workers are forked once for the whole run, from the training thread, and live
+    across epochs: before, each epoch made a DataLoader inside the prefetch thread and forked its
+    workers from there (fork in a process with threads: only the forking thread survives)."""
+    import threading
+
+    from torch.utils.data import dataloader
+
+    from dist_embed.config import load_config
+    from dist_embed.distributed import DistState
+    from dist_embed.engine.loop import loop
+    from dist_embed.engine.setup import build_run
+    from conftest import tiny_config
+
+    started = []
+    real = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def spy(self, loader):
+        started.append(threading.current_thread().name)
+        real(self, loader)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", spy)
+    cfg = load_config(tiny_config(tmp_path, tiny_model, triplets, data={"num_workers": 1, "prefetch": True},
+                                  training={"max_steps": -1, "epochs": 2, "batch_size": 50, "log_steps": 4}))
+    run = build_run(cfg, DistState())
+    loop(run)
+    assert run.pos.epoch == 2 and run.pos.step == 8
+    assert started == [threading.main_thread().name], started
+
+
+# -- the GPU run's script ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["pass", "fail", "no gpu"])
+def test_device_checks_exit_with_the_outcome_of_the_checks(tmp_path, outcome):
+    """benchmarks/device_checks.sh exits 0 only when its tests pass (before: 0 whatever they did),
+    and refuses to report success on a machine where torch sees no GPU."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    test = tmp_path / "test_probe.py"
+    test.write_text(f"def test_probe():\n    assert {outcome != 'fail'}\n")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE": "cuda" if outcome == "no gpu" else "cpu",
+           "TESTS": str(test), "BENCH": "0", "PY": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "device_checks.sh")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert (r.returncode == 0) == (outcome == "pass"), r.stdout[-3000:] + r.stderr[-3000:]
+    assert ("nothing checked" in r.stdout) == (outcome == "no gpu")

@@ -17,7 +17,7 @@ import torch
 
 from dist_embed.data.rows import Row
 
-from conftest import MULTILINGUAL, quick_triplets, step_parts, tiny_config, write_jsonl
+from conftest import MULTILINGUAL, quick_triplets, step_parts, tiny_config
 from flash_on_cpu import flash_kernel_on_cpu
 from host_reads import DEVICE, HostReads
 
