@@ -82,7 +82,7 @@ class HostReads(TorchFunctionMode):
             elif isinstance(obj, torch.optim.Optimizer):
                 tensors = [t for st in obj.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
             else:
-                tensors = [obj]
+                tensors = [obj] if isinstance(obj, torch.Tensor) else []
             for t in tensors:
                 self.device[t] = True
 

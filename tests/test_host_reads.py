@@ -189,8 +189,6 @@ def test_the_loop_reads_back_only_on_log_steps(tmp_path, tiny_model, triplets, p
     planes; the sharded one with batches prefetched in a background thread (as on a GPU)."""
     from dist_embed.config import load_config
     from dist_embed.distributed import DistState
-    from dist_embed.engine import loop as loop_module
-    from dist_embed.engine import resume
     from dist_embed.engine.setup import build_run
 
     cfg = load_config(tiny_config(tmp_path, tiny_model, triplets, model={"dropout": 0.1},
@@ -199,6 +197,16 @@ def test_the_loop_reads_back_only_on_log_steps(tmp_path, tiny_model, triplets, p
                                   training={"max_steps": 7, "log_steps": 3, "batch_size": 6}, checkpoint={"steps": 4}))
     run = build_run(cfg, DistState(device=DEVICE))
     assert run.data.plan.specs[0].plane == plane and run.data.prefetch == prefetch
+    events = loop_watched(run)
+    assert run.pos.step == 7
+    assert not events, f"seed {SEED}: " + "\n".join(events)
+
+
+def loop_watched(run) -> list[str]:
+    """``loop(run)`` under the sentinel, paused where the loop reads on purpose."""
+    from dist_embed.engine import loop as loop_module
+    from dist_embed.engine import resume
+
     with HostReads() as reads:
         reads.watch(run.encoder)
         real = {name: getattr(loop_module, name) for name in ("read_steps", "evaluate", "warn_short_batches")}
@@ -221,5 +229,43 @@ def test_the_loop_reads_back_only_on_log_steps(tmp_path, tiny_model, triplets, p
             for name, fn in real.items():
                 setattr(loop_module, name, fn)
             resume.save = real_save
-    assert run.pos.step == 7
-    assert not reads.events, f"seed {SEED}: " + "\n".join(reads.events)
+    return reads.events
+
+
+def deepspeed_worker(config: str) -> None:
+    """A one-process DeepSpeed run under the sentinel (run by the test below in a process of its
+    own: DeepSpeed and accelerate keep process-wide state); prints the events as a JSON line."""
+    import json
+    from dataclasses import replace
+
+    from dist_embed.config import load_config
+    from dist_embed.distributed import init_distributed
+    from dist_embed.engine.setup import build_run
+
+    state = replace(init_distributed(group_of_one=True), device=DEVICE)
+    run = build_run(load_config(config), state)
+    print(json.dumps(loop_watched(run)))
+
+
+@pytest.mark.slow
+def test_a_deepspeed_step_reads_back_only_inside_deepspeed(tmp_path, tiny_model, triplets):
+    """The DeepSpeed backend (ZeRO-2; cached MNRL, several backward passes per step): our side of
+    its step reads nothing back (before, it read the loss and the norm every step). What DeepSpeed
+    reads itself (its overflow check, its norm) is its own."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cfg = tiny_config(tmp_path, tiny_model, triplets, loss={"name": "cached_mnrl", "mini_batch_size": 3},
+                      training={"max_steps": 4, "log_steps": 4, "batch_size": 6, "grad_accum": 2},
+                      distributed={"backend": "deepspeed",
+                                   "deepspeed_config": str(REPO / "configs" / "deepspeed" / "zero2.json")})
+    code = "import sys; sys.path.insert(0, 'tests'); import test_host_reads as t; t.deepspeed_worker(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-c", code, str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    events = json.loads(r.stdout.strip().splitlines()[-1])
+    ours = [e for e in events if "deepspeed/" not in e.split(" at ", 1)[1]]
+    assert not ours, "\n".join(ours)

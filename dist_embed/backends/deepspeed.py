@@ -241,8 +241,9 @@ class DeepSpeedBackend:
 
     def step(self, loss, timer=None) -> StepResult:
         """DeepSpeed reduces, clips and steps; it skips a step whose gradients are not finite (and
-        lowers the fp16 loss scale). DeepSpeed reads its overflow flag on the host itself, so the
-        values here are plain numbers."""
+        lowers the fp16 loss scale). DeepSpeed reads its overflow flag on the host itself; what we
+        add reads nothing back: the norm and whether the loss was finite stay tensors where they
+        are (the loop reads them on log steps)."""
         import math
 
         scale = self.loss_scale()
@@ -250,10 +251,10 @@ class DeepSpeedBackend:
         if not self._engine_steps_scheduler:
             self.scheduler.step()
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        norm = float("nan") if norm is None else norm.detach() if isinstance(norm, torch.Tensor) else norm
         if not self.engine.was_step_applied():
             return StepResult(norm, False, (scale, self.loss_scale()) if scale is not None else None)
-        return StepResult(norm, math.isfinite(float(loss)))
+        return StepResult(norm, torch.isfinite(loss) if isinstance(loss, torch.Tensor) else math.isfinite(loss))
 
     def loss_scale(self) -> float | None:
         return getattr(self.engine.optimizer, "loss_scale", None) if self.config["fp16"]["enabled"] else None
