@@ -10,10 +10,11 @@ the sentinel keeps track of which tensors would live on the device (the watched 
 parameters and buffers, everything computed from them, and whatever is copied or created on the
 step's device ``DEVICE``) and records each such read or copy with the line of ours that made it.
 
-``DEVICE`` is cpu:0: a CPU device the sentinel tells apart from the host's ``cpu`` in ``.to()``
-and factory calls (a CPU tensor itself reports plain ``cpu``). Pinning is simulated while the
-sentinel runs (``pin_memory`` on a CPU-only build raises): ``pin_memory`` returns a copy marked
-pinned, ``is_pinned`` reads the mark, and ``data.batch.pins`` answers for ``DEVICE`` as for CUDA.
+A step runs on ``DEVICE`` (cpu:0). Tensors made with a device named (``device=...``, a copy
+``.to(...)``) are device tensors, and a host tensor's ``.to(<a CPU device>)`` is a copy to the
+device: in a step that is ``.to(x.device)`` for some device tensor x; host code names no device. Pinning is simulated while the sentinel runs (``pin_memory`` on a CPU-only build
+raises): ``pin_memory`` returns a copy marked pinned, ``is_pinned`` reads the mark, and
+``data.batch.pins`` answers for CPU devices as for CUDA.
 """
 from __future__ import annotations
 
@@ -75,9 +76,12 @@ class HostReads(TorchFunctionMode):
     # -- what lives on the device ------------------------------------------------------------------
 
     def watch(self, *objects) -> None:
-        """Modules (their parameters and buffers), optimizers (their state) or tensors on the device."""
+        """Modules (their parameters and buffers), optimizers (their state), fp16 loss scalers or
+        tensors on the device."""
         for obj in objects:
-            if isinstance(obj, torch.nn.Module):
+            if isinstance(obj, torch.amp.GradScaler):
+                tensors = [t for t in (obj._scale, obj._growth_tracker) if t is not None]
+            elif isinstance(obj, torch.nn.Module):
                 tensors = list(obj.parameters()) + list(obj.buffers())
             elif isinstance(obj, torch.optim.Optimizer):
                 tensors = [t for st in obj.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
@@ -118,16 +122,24 @@ class HostReads(TorchFunctionMode):
                 self._check_move(src, DEVICE, kwargs.get("non_blocking", len(args) > 2 and args[2]))
             elif self.on_device(src) and not self.on_device(dst):
                 self.record("read", "copy_ to the host")
-        elif func in FROM_PYTHON_DATA and _target_device((), kwargs) == DEVICE:
+        elif func in FROM_PYTHON_DATA and _target_device((), kwargs) is not None and not (
+                args and self.on_device(args[0])):
             self.record("blocking copy", f"{func.__name__}(..., device=...) from host data")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        named = kwargs.get("device") is not None or (func in (T.to, T.cuda) and _target_device(args[1:], {}))
+        if named and isinstance(out, torch.Tensor) and not (args and out is args[0]):
+            # made with a device named (``torch.full(..., device=x.device)``): in a step that is the
+            # GPU; host code names none
+            self.device[out] = True
+        return out
 
     def _check_move(self, src, target, non_blocking) -> None:
         if target is None or not isinstance(src, torch.Tensor):
             return
-        # (a device tensor's ``.to(cpu)`` looks like ``.to(x.device)`` here, every tensor being on
-        # the CPU: copies to the host are caught where the host reads them, and as ``.cpu()``)
-        if target == DEVICE and not self.on_device(src):
+        # every tensor being on the CPU here, a host tensor's ``.to(cpu)`` is ``.to(x.device)`` of some
+        # device tensor x: a copy to the device. (A device tensor's ``.to(cpu)`` looks the same: copies
+        # to the host are caught where the host reads them, and as ``.cpu()``.)
+        if target.type == "cpu" and not self.on_device(src):
             if not non_blocking:
                 self.record("blocking copy", "to the device without non_blocking=True")
             elif src not in self.pinned:
@@ -174,8 +186,10 @@ class _Propagate(TorchDispatchMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     owner.device[t] = True
-                    if owner.square_at and sum(d >= owner.square_at for d in t.shape) >= 2:
-                        owner.squares.append((str(func), tuple(t.shape)))
+        if owner.square_at:  # any tensor made, on the device or not (a mask starts from an arange)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and sum(d >= owner.square_at for d in t.shape) >= 2:
+                    owner.squares.append((str(func), tuple(t.shape)))
         return out
 
 
@@ -195,7 +209,7 @@ def _simulated_pinning(owner: HostReads):
         return self in owner.pinned
 
     T.pin_memory, T.is_pinned = pin_memory, is_pinned
-    batch_module.pins = lambda device: device == DEVICE or real_pins(device)
+    batch_module.pins = lambda device: device.type == "cpu" or real_pins(device)  # every CPU device: "the GPU"
     try:
         yield
     finally:

@@ -92,12 +92,12 @@ def steps_under_sentinel(enc, backend, loss, embedder, batches, guide=None) -> l
 
     state = DistState(device=DEVICE)
     window = Window()
+    value, _ = forward_backward(backend.model, batches[0], loss, embedder, state, grads=backend)
+    backend.step(value)
     with HostReads() as reads:
         with reads.paused():
             pinned = [b.map_arrays(torch.Tensor, torch.Tensor.pin_memory) for b in batches]  # what the loader does
-            value, _ = forward_backward(backend.model, pinned[0], loss, embedder, state, grads=backend)
-            backend.step(value)
-        reads.watch(enc, backend.optimizer, *([guide] if guide is not None else []))
+        reads.watch(enc, backend.optimizer, *[x for x in (guide, backend.scaler) if x is not None])
         for b in pinned[1:]:
             value, info = forward_backward(backend.model, b, loss, embedder, state, grads=backend)
             window.add_batch(b, value)
