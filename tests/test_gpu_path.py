@@ -250,7 +250,7 @@ def test_a_step_adds_nothing_in_a_run_dependent_order(tiny_model, layout, poolin
 def test_pooling_of_layouts_equals_pooling_of_padded_columns():
     """``pool_tokens`` (segment reductions over unpadded tokens) and ``pool`` (fixed-shape
     reductions over padded columns, left or right padding): the same embeddings and gradients."""
-    from dist_embed.model.encoder import pool, pool_tokens
+    from dist_embed.model.pooling import pool, pool_tokens
 
     rng = np.random.default_rng(SEED)
     for left in (False, True):

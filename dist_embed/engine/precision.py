@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError
 from ..families import head_dim
-from ..model.varlen import VarlenChoice
+from ..model.varlen import KERNEL_DTYPES, VarlenChoice
 
 log = logging.getLogger("dist_embed")
 
@@ -26,7 +26,7 @@ def varlen_kernel_problem(device_type: str, dtype: torch.dtype | None, head_size
     of the device, the autocast dtype and the head size, so tests decide it without a GPU."""
     if device_type != "cuda":
         return f"flash attention's varlen kernel runs on CUDA only, not {device_type}"
-    if dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in KERNEL_DTYPES:
         return "flash attention's varlen kernel takes bf16/fp16, and training.precision=fp32 computes in fp32"
     if capability is not None and tuple(capability) < FLASH_MIN_CAPABILITY:
         return f"flash attention needs a GPU of compute capability >= 8.0, this one is {capability[0]}.{capability[1]}"
