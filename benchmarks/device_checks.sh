@@ -28,7 +28,7 @@ if [ "$DEVICE" = cuda ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda
   exit 1
 fi
 echo "== CUDA tests"
-timeout "${TEST_TIMEOUT:-270}" $PY -m pytest -q -p no:cacheprovider -rfEs "$TESTS" 2>&1 | tee "$OUT/cuda_tests.txt" | tail -25
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider -rfEs "$TESTS" 2>&1 | tee "$OUT/cuda_tests.txt" | tail -25
 tests_rc=${PIPESTATUS[0]}
 bench_rc=0
 if [ "${BENCH:-1}" != 0 ]; then
