@@ -176,7 +176,7 @@ def profile_step(model: str, precision: str, device: str, batch: int, data: Path
                              f"training.batch_size={batch}"])
     encoder = load_encoder(cfg, state)
     prec = Precision.for_device(precision, state.device)
-    spec = choose_layout(encoder, state.device.type, precision, cfg.training)
+    spec = choose_layout(encoder, cfg.training, prec.varlen(encoder.transformer.config))
     backend = make_backend(cfg, state, encoder, prec, lambda opt: lambda_lr(opt, lambda: 1.0))
     rows = [json.loads(line) for line in open(data)]
     batches = [collate([Row(j, (r["anchor"], r["positive"], r["negative"]), None)

@@ -170,7 +170,9 @@ def all_reduce_grads(params: list[torch.nn.Parameter], state: DistState, bucket_
         weight, used = sparse_rows  # ``used`` on the host: the union is found without a device read
         mask = used.to(torch.uint8)
         dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=state.control)
-        idx = mask.nonzero().squeeze(1).to(weight.grad.device, non_blocking=True)
+        from .data.batch import to_device
+
+        idx = to_device(mask.nonzero().squeeze(1), weight.grad.device)  # pinned: the copy does not wait
         rows = weight.grad.index_select(0, idx)
         dist.all_reduce(rows, op=dist.ReduceOp.SUM)
         weight.grad.index_copy_(0, idx, rows)

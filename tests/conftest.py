@@ -202,12 +202,14 @@ class StepCase:
         from types import SimpleNamespace
 
         from dist_embed.data.loader import collate
+        from dist_embed.engine.precision import Precision
         from dist_embed.model.layout_choice import choose_layout
 
         spec = None
         if self.layout != "padded":
-            spec = choose_layout(encoder, device_type, precision, SimpleNamespace(
-                layout=self.layout, pack_length=self.row_len, layout_bucket=self.bucket))
+            varlen = Precision(precision, device_type).varlen(encoder.transformer.config)
+            spec = choose_layout(encoder, SimpleNamespace(layout=self.layout, pack_length=self.row_len,
+                                                          layout_bucket=self.bucket), varlen)
         return collate(rows, encoder.tokenizer, encoder.max_seq_length, spec)
 
     def step(self, encoder, batch, state=None):

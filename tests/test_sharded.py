@@ -414,8 +414,8 @@ def test_the_gloo_exchange_marks_what_one_rank_holding_everything_would(tmp_path
 def test_one_two_and_three_ranks_train_every_row_once_and_resume_across_world_sizes(tmp_path, tiny_model):
     """Real training on the sharded plane (gloo ranks): at 1, 2 and 3 ranks every row once per
     epoch and no text twice in a global batch; a 2-rank run resumed mid-epoch by 2 ranks continues
-    the very same batches (its pieces read ahead by reader processes), by 3 ranks the rest of the
-    epoch, each row once."""
+    the very same batches (its pieces read ahead by reader processes, its batches planned in a
+    prefetch thread, as on a GPU), by 3 ranks the rest of the epoch, each row once."""
     from conftest import run_cli, tiny_config
     from test_distributed import read_row_log
 
@@ -449,7 +449,9 @@ def test_one_two_and_three_ranks_train_every_row_once_and_resume_across_world_si
     assert sorted(i for s in two for i in s) == list(range(len(rows))), f"seed {SEED}: world 2"
     stop = rng.randrange(1, len(two) - 1)
     ckpt = tmp_path / "w2" / "checkpoints" / f"step-{stop}"
-    same = train("again2", 2, "--resume", ckpt, "data.read_workers=1")  # read ahead by a process per rank
+    # read ahead by a process per rank; planned (the gloo exchange included), tokenized by a loader
+    # worker and handed over in a background thread while the training thread runs its collectives
+    same = train("again2", 2, "--resume", ckpt, "data.read_workers=1", "data.prefetch=true", "data.num_workers=1")
     assert same == two[stop:], f"seed {SEED}: stop {stop}"
     other = train("then3", 3, "--resume", ckpt)
     assert sorted(i for s in two[:stop] + other for i in s) == list(range(len(rows))), f"seed {SEED}: stop {stop}"

@@ -103,6 +103,7 @@ def test_laid_out_embeddings_equal_one_text_at_a_time(tiny_model, pooling, norma
     rounding the token count up to a bucket): each text's embedding is the one it gets alone."""
     from dist_embed.data.layout import LayoutSpec, build
     from dist_embed.data.batch import map_arrays
+    from dist_embed.engine.precision import Precision
     from dist_embed.model.layout_choice import choose_layout
     import numpy as np
     from types import SimpleNamespace
@@ -112,7 +113,8 @@ def test_laid_out_embeddings_equal_one_text_at_a_time(tiny_model, pooling, norma
     cols = [[r["anchor"] for r in rows], [r["positive"] for r in rows]]
     with torch.no_grad():
         alone = [torch.cat([enc(enc.tokenize([t])) for t in col]) for col in cols]
-        spec = choose_layout(enc, "cpu", "fp32", SimpleNamespace(layout=kind, pack_length=row_len, layout_bucket=bucket))
+        varlen = Precision("fp32", "cpu").varlen(enc.transformer.config)
+        spec = choose_layout(enc, SimpleNamespace(layout=kind, pack_length=row_len, layout_bucket=bucket), varlen)
         assert isinstance(spec, LayoutSpec) and spec.kind == kind
         layout = map_arrays(build([enc.tokenize(c) for c in cols], spec), np.ndarray, torch.from_numpy)
         emb = enc(layout)
@@ -208,17 +210,20 @@ def test_eager_attention_is_never_packed(tiny_model):
     from types import SimpleNamespace
 
     from dist_embed.config import ConfigError
+    from dist_embed.engine.precision import Precision
     from dist_embed.model.layout_choice import can_pack, can_unpad, choose_layout
 
     enc = Encoder.from_pretrained(str(tiny_model), dropout=0.0).eval()
     enc.transformer.set_attn_implementation("eager")
     assert not can_pack(enc) and not can_unpad(enc)
     for device in ("cpu", "cuda"):  # "auto" falls back to padding wherever it runs
-        assert choose_layout(enc, device, "bf16", SimpleNamespace(layout="auto", pack_length="auto",
-                                                                  layout_bucket=0)).kind == "padded"
+        varlen = Precision("bf16", device).varlen(enc.transformer.config)
+        assert choose_layout(enc, SimpleNamespace(layout="auto", pack_length="auto", layout_bucket=0),
+                             varlen).kind == "padded"
     for kind in ("packed", "unpadded"):
         with pytest.raises(ConfigError, match=f"training.layout={kind}"):
-            choose_layout(enc, "cpu", "fp32", SimpleNamespace(layout=kind, pack_length="auto", layout_bucket=0))
+            choose_layout(enc, SimpleNamespace(layout=kind, pack_length="auto", layout_bucket=0),
+                          Precision("fp32", "cpu").varlen(enc.transformer.config))
 
 
 # -- XLM-R / RoBERTa: SentencePiece tokenizer through the fast path, packing with their position offset

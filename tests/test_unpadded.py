@@ -53,8 +53,7 @@ def test_unpadded_and_packed_layouts_place_every_token_once():
         for i, text in enumerate(texts):  # each text: its own tokens, positions from the offset
             a, b = cu[i], cu[i + 1]
             assert (lay.input_ids[a:b] == text).all() and (lay.position_ids[a:b] == np.arange(b - a) + offset).all()
-            assert (lay.owner[a:b] == i).all(), note
-        assert len(lay.owner) == sum(lengths)
+        assert sum(lay.lengths) == sum(lengths) and lay.cu_seqlens[len(texts)] == sum(lengths), note  # fillers last
         first, last = sorted(rng.choice(len(texts) + 1, 2, replace=False))
         sub = sub_unpadded(lay, int(first), int(last))
         for j, i in enumerate(range(first, last)):
@@ -62,7 +61,8 @@ def test_unpadded_and_packed_layouts_place_every_token_once():
         packed = build(cols, LayoutSpec("packed", pad_id=0, position_offset=offset, row_len="auto"))
         flat = packed.input_ids.reshape(-1)
         assert (flat[packed.slot] == np.concatenate(texts)).all(), note
-        assert (packed.segment.reshape(-1)[packed.slot] == packed.owner).all(), note
+        owner = np.repeat(np.arange(len(texts)), lengths)  # text after text, as the pooling reads them
+        assert (packed.segment.reshape(-1)[packed.slot] == owner).all(), note
 
 
 def test_token_ranges_cover_every_text_once_within_the_budget():
@@ -137,7 +137,7 @@ def test_attention_dropout_keeps_its_rate_over_unpadded_tokens():
     """The reference varlen attention drops attention probabilities with probability p and scales
     the rest by 1 / (1 - p), as BERT's attention dropout does: uniform attention over L tokens with
     one-hot values makes every output entry (kept / (1 - p)) / L, so the zeros count the drops."""
-    from dist_embed.model.varlen import varlen_attention
+    from dist_embed.model.varlen import reference_attention
 
     torch.manual_seed(SEED)
     lengths, p, heads = [37, 64, 5, 90], 0.1, 4
@@ -145,7 +145,7 @@ def test_attention_dropout_keeps_its_rate_over_unpadded_tokens():
     width = max(lengths)
     q = k = torch.zeros(sum(lengths), heads, 8)
     v = torch.cat([torch.eye(n, width)[:, None, :].expand(n, heads, width) for n in lengths])  # token t -> e_t
-    out = varlen_attention(q, k, v, cu, width, dropout=p)
+    out = reference_attention(q, k, v, cu, dropout=p)
     kept = torch.cat([(out[a:a + n, :, :n] * n * (1 - p)).reshape(-1) for a, n in zip(cu[:-1].tolist(), lengths)])
     assert torch.allclose(kept[kept > 0.5], torch.ones_like(kept[kept > 0.5]), atol=1e-5)  # survivors scaled
     rate = float((kept < 0.5).float().mean())

@@ -1,5 +1,5 @@
-"""How a model is trained across processes: our DDP path (ddp.py) or DeepSpeed ZeRO 1-3 (deepspeed.py),
-behind the one small ``Backend`` interface the loop uses."""
+"""How a model is trained across processes: our bucketed all-reduce (allreduce.py) or DeepSpeed ZeRO
+1-3 (deepspeed.py), behind the one small ``Backend`` interface the loop uses; the optimizer (optim.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ class Backend(Protocol):
     - ``model``: what every training forward goes through (the encoder, or DeepSpeed's engine);
     - ``backward``/``backward_cached``/``backward_outputs``: the three kinds of backward pass of a step
       (a loss of the parameters; cached MNRL's loss of cached embeddings; a replayed mini-batch);
-    - ``note_batch``: sees each micro-batch before its forward (the DDP path marks the word-embedding
+    - ``note_batch``: sees each micro-batch before its forward (the all-reduce path marks the word-embedding
       rows it touches); ``rescale_grads``: an epoch that ended mid-accumulation;
     - ``step(loss)``: reduce, clip, optimizer step (or skip), schedule; -> ``StepResult``;
     - ``save``/``load``: the training state in a checkpoint's ``training_state/`` (exact whatever dtype
@@ -39,6 +39,8 @@ class Backend(Protocol):
       evaluation forwards (ZeRO-3); ``describe``: what a checkpoint may be resumed under.
 
     ``start_backend`` runs before the model is built: under ZeRO-3 the model is then built partitioned.
+    ``make_backend`` runs after the model is final (attention switched, compiled): the optimizer
+    and DeepSpeed's engine hold the parameters as they will train.
     """
 
     model: torch.nn.Module
@@ -69,7 +71,7 @@ class Backend(Protocol):
 
 
 def start_backend(cfg, state, precision):
-    """What must exist before the model is built (None for DDP): DeepSpeed's Accelerator, after
+    """What must exist before the model is built (None for the all-reduce path): DeepSpeed's Accelerator, after
     which ZeRO-3 builds models partitioned across the ranks."""
     if cfg.distributed.backend != "deepspeed":
         return None

@@ -23,8 +23,8 @@ MASTER_FILE = "master_weights.safetensors"
 
 
 class AutogradBackward:
-    """How gradients reach the parameters on the DDP path: autograd, with the fp16 GradScaler if
-    any; our bucketed all-reduce sums them afterwards. (DeepSpeedBackend has the same three methods.)"""
+    """How gradients reach the parameters on the all-reduce path: autograd, with the fp16 GradScaler
+    if any; our bucketed all-reduce sums them afterwards. (DeepSpeedBackend has the same three methods.)"""
 
     def __init__(self, scaler=None):
         self.scaler = scaler
@@ -84,11 +84,11 @@ class AllReduceBackend:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.training.max_grad_norm
-        grads = [p.grad for p in self.params if p.grad is not None]
         if max_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            norms = [torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(norms))
         bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(torch.as_tensor(loss, device=grad_norm.device))
         scale = None
         if self.scaler is not None:

@@ -1,10 +1,10 @@
-"""DeepSpeed ZeRO (stages 1-3, optional offload) through accelerate, behind the same loop as our DDP path.
+"""DeepSpeed ZeRO (stages 1-3, optional offload) through accelerate, behind the same loop as our all-reduce path.
 
 What stays ours: the global batch plan, gathered negatives (our autograd all-gather), the losses,
 the LR schedule, health checks, the checkpoint layout. What DeepSpeed owns: gradient reduction and
 partitioning, the optimizer step (and its fp16 loss scaling), clipping, and its sharded state.
 
-Three details make it exact (tests compare against the DDP path):
+Three details make it exact (tests compare against the all-reduce path):
 - our losses are "this rank's share of the global mean", so the gradients must be SUMMED over ranks;
   DeepSpeed averages, so every loss handed to it is multiplied by the world size;
 - one optimizer step runs several backward passes (grad accumulation, cached-MNRL replays), so the
@@ -35,7 +35,7 @@ from . import StepResult
 log = logging.getLogger(__name__)
 
 STATE_TAG = "deepspeed"  # training_state/deepspeed/: the engine's own (sharded) checkpoint
-BETAS, EPS = [0.9, 0.999], 1e-8  # torch AdamW defaults, what the DDP path uses
+BETAS, EPS = [0.9, 0.999], 1e-8  # torch AdamW defaults, what the all-reduce path uses
 
 
 def _set_default_extension_dir() -> None:
@@ -67,7 +67,7 @@ def fill_ds_config(raw: dict, cfg: Config, world_size: int, hidden_size: int, pr
 
     Filled: batch sizes, gradient accumulation, clipping, precision, optimizer lr/betas/eps/weight
     decay, ZeRO bucket sizes (from the hidden size, as accelerate does). A ``scheduler`` section is
-    refused: the warm-up/decay schedule is ours (training.warmup_*), shared with the DDP path.
+    refused: the warm-up/decay schedule is ours (training.warmup_*), shared with the all-reduce path.
     """
     t = cfg.training
     ds = copy.deepcopy(raw)
@@ -241,8 +241,9 @@ class DeepSpeedBackend:
 
     def step(self, loss, timer=None) -> StepResult:
         """DeepSpeed reduces, clips and steps; it skips a step whose gradients are not finite (and
-        lowers the fp16 loss scale). DeepSpeed reads its overflow flag on the host itself, so the
-        values here are plain numbers."""
+        lowers the fp16 loss scale). DeepSpeed reads its overflow flag on the host itself; what we
+        add reads nothing back: the norm and whether the loss was finite stay tensors where they
+        are (the loop reads them on log steps)."""
         import math
 
         scale = self.loss_scale()
@@ -250,10 +251,10 @@ class DeepSpeedBackend:
         if not self._engine_steps_scheduler:
             self.scheduler.step()
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        norm = float("nan") if norm is None else norm.detach() if isinstance(norm, torch.Tensor) else norm
         if not self.engine.was_step_applied():
             return StepResult(norm, False, (scale, self.loss_scale()) if scale is not None else None)
-        return StepResult(norm, math.isfinite(float(loss)))
+        return StepResult(norm, torch.isfinite(loss) if isinstance(loss, torch.Tensor) else math.isfinite(loss))
 
     def loss_scale(self) -> float | None:
         return getattr(self.engine.optimizer, "loss_scale", None) if self.config["fp16"]["enabled"] else None

@@ -139,6 +139,9 @@ class DataConfig(_Section):
     # the sharded plane: processes per rank that read (parse, validate) its next pieces ahead of
     # its planner; "auto": as num_workers' auto (none on CPU)
     read_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # batches planned, received from the workers and pinned in a background thread, ahead of the
+    # step; "auto": on a GPU (whose step runs while the host prepares), not on CPU (its cores train)
+    prefetch: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _check_mix(self) -> "DataConfig":
@@ -191,9 +194,10 @@ class TrainingConfig(_Section):
     # packed rows: "auto": as wide as the batch's longest text (least attention work); N > 0: rows
     # of N tokens (wider if a text is); 0: no packing (auto then means padded off CUDA)
     pack_length: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    # torch.compile the encoder (unpadded: the token count is rounded up to a multiple of
-    # layout_bucket with filler texts, so few shapes recompile)
+    # torch.compile the encoder, with dynamic shapes: one graph for every token count
     compile: bool = False
+    # unpadded: the token count rounded up to a multiple of this with filler texts (0: off); compile
+    # needs none (dynamic shapes), and cached MNRL's mini-batches are never rounded
     layout_bucket: int = Field(default=0, ge=0)
     # CPU only: dropout masks from a vectorised uniform draw instead of torch's element-wise
     # bernoulli_ (same distribution, faster steps). GPUs keep their fused kernels.

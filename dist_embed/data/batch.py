@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable
 
+import torch
+
 
 @dataclass
 class Batch:
@@ -29,7 +31,7 @@ class Batch:
 
     def map_arrays(self, kind: type, fn: Callable) -> "Batch":
         """This batch with ``fn`` applied to every array of type ``kind`` it holds (numpy <-> torch
-        between loader processes, pinning, device moves)."""
+        between loader processes, pinning)."""
         return map_arrays(self, kind, fn)
 
 
@@ -44,3 +46,22 @@ def map_arrays(obj, kind: type, fn: Callable):
     if isinstance(obj, list):
         return [map_arrays(v, kind, fn) for v in obj]
     return obj
+
+
+def pins(device: torch.device) -> bool:
+    """Whether host tensors bound for ``device`` are pinned first: a copy from pageable memory
+    to a GPU waits for the device, one from pinned memory does not."""
+    return device.type == "cuda"
+
+
+def to_device(obj, device: torch.device):
+    """``obj`` (a tensor, or dicts, lists and dataclasses of them, e.g. a layout) on ``device``
+    without the host waiting: the one way a step moves host arrays. A host tensor is pinned first
+    where ``pins`` says so (the loader already pinned a batch's), then copied with
+    ``non_blocking=True``."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu" and pins(device) and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return map_arrays(obj, torch.Tensor, move)

@@ -19,18 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# absolute position embeddings and an attention that takes our layouts: RoBERTa-type models number
-# positions from padding_idx + 1 (HF's create_position_ids_from_input_ids): ``position_offset``
-ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert")
-ROBERTA_TYPE = ("roberta", "xlm-roberta", "camembert")
-DECODERS = ("llama", "qwen2", "qwen3", "mistral")  # rotary positions, causal attention: unpadded only
-
 
 @dataclass(frozen=True)
 class LayoutSpec:
     kind: str  # "unpadded" | "packed" | "padded"
     pad_id: int = 0
-    position_offset: int = 0  # the position id of a text's first token
+    position_offset: int = 0  # the position id of a text's first token (families.position_offset)
     row_len: int | str = "auto"  # packed: tokens per row ("auto": the batch's longest text)
     bucket: int = 0  # unpadded: total tokens rounded up to a multiple of this with filler texts (0: exact)
     max_filler: int = 128  # unpadded: the longest filler text (within the model's positions)
@@ -42,14 +36,9 @@ class Unpadded:
     position_ids: object  # [T] int64
     cu_seqlens: object  # [S + 1] int32: where each sequence starts (the texts, then filler texts)
     max_seqlen: int  # the longest sequence (flash attention's bound)
-    owner: object  # [R] int64: the text of each real token (R = real tokens, the first R of T)
-    counts: object  # [N] int64: tokens of each text
+    counts: object  # [N] int64: tokens of each text (the real tokens are the first sum(counts) of T)
     lengths: tuple  # the same counts on the host: sub-batches (cached MNRL) cut without a device read
     column_sizes: tuple  # texts per column, in order
-
-    @property
-    def real(self) -> int:
-        return int(sum(self.lengths))
 
 
 @dataclass
@@ -58,17 +47,9 @@ class Packed:
     position_ids: object  # [rows, width] int64
     segment: object  # [rows, width] int64: the text each cell holds, -1 for padding
     slot: object  # [R] int64: where each real token sits in the flattened rows, text after text
-    owner: object  # [R] int64
     counts: object  # [N] int64
     lengths: tuple
     column_sizes: tuple
-
-
-def position_offset(config) -> int:
-    """The position id of a text's first token: 0 (BERT, decoders), padding_idx + 1 (RoBERTa, XLM-R)."""
-    if getattr(config, "model_type", "") in ROBERTA_TYPE:
-        return int(getattr(config, "pad_token_id", 1) or 0) + 1
-    return 0
 
 
 def flatten(features: list[dict]) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -94,11 +75,11 @@ def build(features: list[dict], spec: LayoutSpec) -> Unpadded | Packed | None:
     first = np.cumsum(lengths) - lengths
     within = np.arange(len(tokens), dtype=np.int64) - first[owner]  # each token's place in its text
     if spec.kind == "unpadded":
-        return _unpadded(tokens, lengths, owner, within, sizes, spec)
+        return _unpadded(tokens, lengths, within, sizes, spec)
     return _packed(tokens, lengths, owner, within, sizes, spec)
 
 
-def _unpadded(tokens, lengths, owner, within, sizes, spec: LayoutSpec) -> Unpadded:
+def _unpadded(tokens, lengths, within, sizes, spec: LayoutSpec) -> Unpadded:
     seq = [int(n) for n in lengths]
     total = len(tokens)
     fill = (-total) % spec.bucket if spec.bucket else 0
@@ -112,7 +93,7 @@ def _unpadded(tokens, lengths, owner, within, sizes, spec: LayoutSpec) -> Unpadd
         longest = 1 << (longest - 1).bit_length()
     return Unpadded(input_ids=np.concatenate([tokens, np.full(fill, spec.pad_id, np.int64)]),
                     position_ids=np.concatenate([within, filler_pos]) + spec.position_offset,
-                    cu_seqlens=cu, max_seqlen=longest, owner=owner,
+                    cu_seqlens=cu, max_seqlen=longest,
                     counts=lengths.astype(np.int64), lengths=tuple(seq), column_sizes=sizes)
 
 
@@ -136,7 +117,7 @@ def _packed(tokens, lengths, owner, within, sizes, spec: LayoutSpec) -> Packed:
     segment[slot] = owner
     shape = (len(rows), width)
     return Packed(input_ids=input_ids.reshape(shape), position_ids=(positions + spec.position_offset).reshape(shape),
-                  segment=segment.reshape(shape), slot=slot, owner=owner, counts=lengths.astype(np.int64),
+                  segment=segment.reshape(shape), slot=slot, counts=lengths.astype(np.int64),
                   lengths=tuple(seq), column_sizes=sizes)
 
 
@@ -169,5 +150,5 @@ def sub_unpadded(layout: Unpadded, first: int, last: int) -> Unpadded:
     a, b = sum(lens[:first]), sum(lens[:last])
     cu = layout.cu_seqlens[first:last + 1] - layout.cu_seqlens[first]
     return Unpadded(input_ids=layout.input_ids[a:b], position_ids=layout.position_ids[a:b], cu_seqlens=cu,
-                    max_seqlen=max(lens[first:last], default=1), owner=layout.owner[a:b] - first,
-                    counts=layout.counts[first:last], lengths=tuple(lens[first:last]), column_sizes=(last - first,))
+                    max_seqlen=max(lens[first:last], default=1), counts=layout.counts[first:last],
+                    lengths=tuple(lens[first:last]), column_sizes=(last - first,))

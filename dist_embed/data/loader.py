@@ -252,35 +252,71 @@ class _PlanSampler(Sampler):
                    "dataset": dataset}
 
 
-def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer,
-                 max_length: int,
-                 num_workers: int = 0, pin_memory: bool = False, balance: bool = False,
-                 layout: LayoutSpec | None = None) -> Iterator[tuple[Batch, dict]]:
-    """(this rank's tokenized batch, planner state after it) for the rest of the planner's epoch.
+class RankLoader:
+    """This rank's tokenized batches, epoch after epoch, each with the planner state after it.
 
+    With ``num_workers``, one DataLoader for the whole run: its worker processes are forked once,
+    from the thread that starts the first epoch (the training thread: forking from a helper thread
+    is unsafe), and persist across epochs; each epoch hands its planner to the sampler. ``epoch``
+    starts the epoch's iterator in the calling thread; its batches may then be pulled from another
+    (``prefetch``). Without workers the batches are made where they are pulled, no DataLoader.
     ``balance``: the rows of each global batch are dealt out to ranks by text length first
     (``balanced_order``); which rank holds a row does not change the loss."""
-    states: dict[int, dict] = {}
-    sampler = _PlanSampler(planner, global_batch, rank, world, balance, states)
-    if not num_workers:  # made in this process: no DataLoader and no tensor <-> numpy round trip
-        tokenize = _Tokenize(tokenizer, max_length, layout)
-        for plan in sampler:
-            item = tokenize[plan]
-            if pin_memory:
+
+    def __init__(self, tokenizer, max_length: int, global_batch: int, rank: int = 0, world: int = 1,
+                 num_workers: int = 0, pin_memory: bool = False, balance: bool = False,
+                 layout: LayoutSpec | None = None):
+        self.tokenize = _Tokenize(tokenizer, max_length, layout)
+        self.sampler = _PlanSampler(None, global_batch, rank, world, balance, {})
+        self.pin_memory, self.loader = pin_memory, None
+        if num_workers:
+            # the collate function runs where the batch was made (a worker): tensors -> numpy, zero-copy;
+            # our own generator: starting the loader must not draw from the global torch RNG (that
+            # would shift every dropout mask after a resume)
+            self.loader = DataLoader(self.tokenize, batch_size=None, sampler=self.sampler, num_workers=num_workers,
+                                     collate_fn=partial(Batch.map_arrays, kind=torch.Tensor, fn=torch.Tensor.numpy),
+                                     generator=torch.Generator().manual_seed(0), prefetch_factor=4,
+                                     persistent_workers=True)
+
+    def epoch(self, planner: EpochPlanner | MixPlanner) -> Iterator[tuple[Batch, dict]]:
+        """The rest of ``planner``'s epoch; the loader's iterator (and at the first epoch its
+        workers) starts now, in this thread."""
+        states: dict[int, dict] = {}
+        self.sampler.planner, self.sampler.states = planner, states
+        if self.loader is None:
+            return self._in_process(states)
+        return self._from_workers(iter(self.loader), states)  # iter(): now, in this thread
+
+    def _from_workers(self, items: Iterator[Batch], states: dict) -> Iterator[tuple[Batch, dict]]:
+        to_tensor = (lambda a: torch.from_numpy(a).pin_memory()) if self.pin_memory else torch.from_numpy
+        for item in items:
+            yield item.map_arrays(np.ndarray, to_tensor), states.pop(item.index)
+
+    def _in_process(self, states: dict) -> Iterator[tuple[Batch, dict]]:
+        for plan in self.sampler:
+            item = self.tokenize[plan]
+            if self.pin_memory:
                 item = item.map_arrays(torch.Tensor, torch.Tensor.pin_memory)
             yield item, states.pop(item.index)
-        return
-    # the collate function runs where the batch was made (a worker): tensors -> numpy, zero-copy
-    to_arrays = partial(Batch.map_arrays, kind=torch.Tensor, fn=torch.Tensor.numpy)
-    # our own generator: creating the loader's iterator must not draw from the global torch RNG
-    # (that would shift every dropout mask after a resume)
-    kwargs = dict(batch_size=None, sampler=sampler, num_workers=num_workers, collate_fn=to_arrays,
-                  generator=torch.Generator().manual_seed(0))
-    if num_workers:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
-    to_tensor = (lambda a: torch.from_numpy(a).pin_memory()) if pin_memory else torch.from_numpy
-    for item in DataLoader(_Tokenize(tokenizer, max_length, layout), **kwargs):
-        yield item.map_arrays(np.ndarray, to_tensor), states.pop(item.index)
+
+    def close(self) -> None:
+        """Stop the worker processes (they would otherwise live until the loader is collected)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+        self.loader = None
+
+
+def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: int, world: int, tokenizer,
+                 max_length: int, num_workers: int = 0, pin_memory: bool = False, balance: bool = False,
+                 layout: LayoutSpec | None = None) -> Iterator[tuple[Batch, dict]]:
+    """(this rank's tokenized batch, planner state after it) for the rest of one planner's epoch
+    (a ``RankLoader`` of one epoch: tests, benchmarks)."""
+    loader = RankLoader(tokenizer, max_length, global_batch, rank, world, num_workers, pin_memory, balance, layout)
+    try:
+        yield from loader.epoch(planner)
+    finally:
+        loader.close()
 
 
 # batches made ahead in a background thread: planning the next global batch, receiving it from a

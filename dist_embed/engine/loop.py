@@ -58,6 +58,9 @@ def loop(run: Run) -> Path:
     progress = Progress(run.total_steps, pos.step, run.state.is_main, t.log_steps)
     timer, window = Timer(), Window(run.flops_per_token, peak_flops(run.state.device))
     window.restore_losses(pos.window, run.state.is_main)  # a resumed run: the steps since the last log
+    # what the host's time in forward_backward is: the computation on a CPU; on a GPU only queueing
+    # the work (it runs asynchronously, and the wait for it shows as "sync" on log steps)
+    busy = "compute" if run.state.device.type == "cpu" else "launch"
     pending: list[dict] = []  # steps whose loss, grad norm, ... are still on the device
     batches = data.batches(pos, run.state, run.encoder.tokenizer, run.encoder.max_seq_length)
     done = finished(run)
@@ -75,7 +78,7 @@ def loop(run: Run) -> Path:
             backend.note_batch(batch)
             micro_loss, info = forward_backward(backend.model, batch, run.losses[batch.dataset], run.embedder,
                                                 run.state, loss_scale=1.0 / t.grad_accum, grads=backend, timer=timer)
-            timer.add("compute", time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
+            timer.add(busy, time.perf_counter() - t0 - (timer.totals.get("comm", 0.0) - comm_before))
             pos.planner_state = planner_state
             step_loss = step_loss + micro_loss
             micro += 1
@@ -175,8 +178,8 @@ def read_steps(run: Run, pending: list[dict], window: Window, timer: Timer, prog
     t0 = time.perf_counter()
     values = read_all([rec.get(k) for rec in pending for k in KEYS])
     timer.add("sync", time.perf_counter() - t0)
-    for i, rec in enumerate(pending):
-        got = dict(zip(KEYS, values[i * len(KEYS):(i + 1) * len(KEYS)]))
+    readings = [dict(zip(KEYS, values[i * len(KEYS):(i + 1) * len(KEYS)])) for i in range(len(pending))]
+    for rec, got in zip(pending, readings):
         step, loss = rec["step"], got["loss"]
         if got["scale_before"] is not None and got["scale_after"] < got["scale_before"]:
             report_events(run, [run.health.fp16_skipped(step, got["scale_before"], got["scale_after"])])
@@ -187,7 +190,7 @@ def read_steps(run: Run, pending: list[dict], window: Window, timer: Timer, prog
         window.add_step(loss, rec["rows"])
         progress.update(step, {"loss": loss, "lr": rec["lr"], "samples/s": window.rate()})
     if pending and log_now:
-        log_window(run, window, timer, pending[-1]["lr"], values[-len(KEYS) + 1])
+        log_window(run, window, timer, pending[-1]["lr"], readings[-1]["grad_norm"])
     pending.clear()
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..data.batch import to_device
 from ..distributed import DistState, gather_with_grad
 
 
@@ -142,12 +143,12 @@ class MultipleNegativesRanking:
         labels = torch.arange(n, device=device) + offset
         mask = None
         if self.mask_same_text:
-            keys = [text_keys(col).to(device) for col in texts]
+            keys = [to_device(text_keys(col), device) for col in texts]
             cands = torch.cat([gather(k) for k in keys[1:]])
             mask = keys[1][:, None] == cands[None, :]
         if self.guide is not None:
             with torch.no_grad():
-                g = [torch.from_numpy(self.guide.model.encode(col)).to(device) for col in texts]
+                g = [self.guide.model.embed_texts(col) for col in texts]  # on the device, never read back
                 cands = F.normalize(torch.cat([gather(x) for x in g[1:]]), dim=-1)
                 sims = F.normalize(g[0], dim=-1) @ cands.T
                 pos = sims.gather(1, labels[:, None]) if n else sims[:, :1]
@@ -183,7 +184,7 @@ class CosineSimilarity:
     key, title = "cosine", "CosineSimilarityLoss"
 
     def prepare(self, embs, batch, state, timer=None):
-        scores = batch.scores.to(embs[0].device) if batch.scores is not None else embs[0].new_zeros(0)
+        scores = to_device(batch.scores, embs[0].device) if batch.scores is not None else embs[0].new_zeros(0)
         return embs, {"labels": scores / self.score_max, "count": batch.global_size, "candidates": None}
 
     def score(self, embs, ctx) -> torch.Tensor:

@@ -152,7 +152,7 @@ def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> 
     rng_file = sd / f"rng-rank{state.rank}.pt"
     if meta["world_size"] == state.world_size:
         if rng_file.exists():
-            ckpt.set_rng_state(ckpt.load_tensors(rng_file))
+            ckpt.set_rng_state(ckpt.load_tensors(rng_file), state.device)
     else:
         log.warning("resuming a %d-process run with %d processes: global batch %d -> %d; the rest of epoch %d "
                     "is cut into batches of the new size from the saved data position (no row repeated or "
@@ -206,7 +206,7 @@ def save(run, final: bool = False) -> Path:
         if state.is_main:
             sd.mkdir(parents=True, exist_ok=True)
         barrier(state)
-        ckpt.save_tensors(ckpt.rng_state(), sd / f"rng-rank{state.rank}.pt")
+        ckpt.save_tensors(ckpt.rng_state(state.device), sd / f"rng-rank{state.rank}.pt")
         if run.data.sharding is not None:
             (sd / f"data_state-rank{state.rank}.json").write_text(json.dumps({"planner": pos.planner_state},
                                                                               default=json_without_ids))

@@ -1,8 +1,9 @@
 """Setup: everything a training run is made of, built complete from the config (the loop is in
 loop.py): the output directory claimed, the precision checked, the losses (with their guide
-models), the backend, the model, the data plan and sizes, a checkpoint to resume from, the
-schedule, the evaluator and the outputs, in that order, so that a bad setting fails before heavy
-work. Nothing is patched onto the run after it is built; the loop moves only its ``Position``.
+models), the model as it will train (attention switched for its layout, compiled), the data plan
+and sizes, a checkpoint to resume from, the schedule and the backend, the evaluator and the
+outputs, in that order, so that a bad setting fails before heavy work. Nothing is patched onto the
+run after it is built; the loop moves only its ``Position``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from ..backends import Backend, make_backend, start_backend
 from ..config import Config, ConfigError, dump_config
+from ..data.layout import LayoutSpec
 from ..distributed import DistState, broadcast_object
 from ..evaluation.evaluator import Evaluator
 from ..model.encoder import Encoder, ModelError
@@ -181,27 +183,41 @@ def claim_output_dir(cfg: Config, state: DistState, resume: str | None, overwrit
         raise (RunComplete if outcome[0] == "RunComplete" else ConfigError)(outcome[1])
 
 
-def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,
-              allow_fresh_start: bool = False, overwrite: bool = False) -> Run:
-    from . import resume as resuming
-
-    claim_output_dir(cfg, state, resume, overwrite)  # before any heavy work
-    out, d, t = Path(cfg.output_dir), cfg.data, cfg.training
-    precision = Precision.for_device(t.precision, state.device)
-    torch.manual_seed(t.seed + state.rank)
-    random.seed(t.seed + state.rank)
-    losses = build_losses(cfg, state)
-    started = start_backend(cfg, state, precision)
-    rss_before_model = rss_mib()
+def build_model(cfg: Config, state: DistState, precision: Precision) -> tuple[Encoder, LayoutSpec]:
+    """The encoder as it will train, and how batches are laid out for it: loaded, its attention
+    switched for the layout (``choose_layout``, with the precision's word on the varlen kernel),
+    compiled if asked. All of it before the backend holds the parameters (the optimizer and
+    DeepSpeed's engine see the final modules)."""
+    t = cfg.training
     encoder = load_encoder(cfg, state)
     too_wide = sorted({dim for ds in cfg.datasets for dim in ds.loss.matryoshka_dims or [] if dim > encoder.dim})
     if too_wide:
         raise ConfigError(f"loss.matryoshka_dims: {too_wide} wider than the model's {encoder.dim}-dimensional "
                           "embeddings")
+    layout = choose_layout(encoder, t, precision.varlen(encoder.transformer.config))
+    if t.compile:
+        if cfg.distributed.backend == "deepspeed":
+            raise ConfigError("training.compile: not with distributed.backend=deepspeed (its hooks wrap the modules)")
+        compile_encoder(encoder)
+    return encoder, layout
 
+
+def compile_encoder(encoder: Encoder, **options) -> None:
+    """``training.compile``: the transformer compiled in place (the weights keep their names), with
+    dynamic shapes, so a batch's token count or longest text never forces a recompile (tests count
+    them). ``options``: more of torch.compile's (tests pick a backend)."""
+    encoder.transformer.compile(dynamic=True, **options)
+
+
+def plan_data(cfg: Config, state: DistState, encoder: Encoder, layout: LayoutSpec, resume: str | None,
+              allow_data_change: bool, allow_fresh_start: bool):
+    """The data plan, each dataset's size and the checkpoint to resume from (None: a fresh start,
+    which resets the output directory): -> (TrainData, the checkpoint or None)."""
+    from . import resume as resuming
+
+    out, d, t = Path(cfg.output_dir), cfg.data, cfg.training
     global_batch = t.batch_size * state.world_size
     plan = build_plan(cfg, global_batch, encoder.tokenizer, encoder.max_seq_length, state.world_size)
-    pos = Position(samples_per_step=float(global_batch * t.grad_accum), dataset_rows=[0] * len(plan.names))
     saved = resuming.read_checkpoint(out / "checkpoints", resume, plan, allow_data_change, allow_fresh_start) \
         if resume else None
     if saved is None and state.is_main:
@@ -221,40 +237,28 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     else:
         sizes = saved.sizes if saved and saved.data_unchanged else dataset_sizes(plan, cfg)
     rows = plan.epoch_rows(sizes, global_batch)
-    if saved:
-        pos.samples_per_step = saved.meta["schedule"]["samples_per_step"]  # the schedule is the run's
     if t.max_steps <= 0 and not rows:
         raise ConfigError("data.train has a stream of unknown length: set training.max_steps")
     if d.sampler == "proportional" and len(sizes) > 1 and None in sizes:
         raise ConfigError("data.sampler=proportional needs every dataset's size; a hub stream has none: set its "
                           "max_rows, streaming: false, or use sampler round_robin/weighted")
-    schedule = Schedule.for_run(t, pos.samples_per_step, rows)
-    if saved and not saved.data_unchanged and t.max_steps <= 0:
-        schedule = resuming.schedule_on_changed_data(saved, t, rows, schedule)
-    backend = make_backend(cfg, state, encoder, precision,
-                           lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)), started)
-    warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
-    health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
-                           warmup_steps=warmup_steps)
-    dims = sorted({dim for loss in losses for dim, _ in getattr(loss, "dims", ()) if dim < encoder.dim}, reverse=True)
-    evaluator = Evaluator.from_config(cfg.eval, dims)  # on every rank: each embeds a share of the texts
     num_workers = loader_workers(d.num_workers, state)
     if num_workers and all(s.source.token_ids for s in plan.specs):
         # padding ids in the training process costs less than shipping the rows to a worker and back
         log.info("data.num_workers=%d not used: every dataset is pre-tokenized, batches are padded in-process",
                  num_workers)
         num_workers = 0
-    layout = choose_layout(encoder, state.device.type, t.precision, t)
-    if t.compile:
-        if cfg.distributed.backend == "deepspeed":
-            raise ConfigError("training.compile: not with distributed.backend=deepspeed (its hooks wrap the modules)")
-        encoder.transformer.compile(dynamic=True)  # in place: the weights keep their names
+    prefetch = d.prefetch if d.prefetch != "auto" else state.device.type == "cuda"
     data = TrainData(plan, tuple(sizes), rows, global_batch, num_workers, cfg.distributed.balance_ranks, layout,
-                     sharding)
-    if saved:
-        resuming.restore(saved, backend, pos, state, out, global_batch)
-    if not pos.worlds or pos.worlds[-1][1:] != [state.world_size, global_batch]:
-        pos.worlds.append([pos.step + 1, state.world_size, global_batch])  # a chain of runs: the card says each
+                     sharding, prefetch=bool(prefetch))
+    return data, saved
+
+
+def build_outputs(cfg: Config, state: DistState, backend: Backend, data: TrainData, losses: tuple[Loss, ...],
+                  tokenizer, pos: Position, rss_before_model: float) -> RunOutputs:
+    """Rank 0 writes the config (and DeepSpeed's, every "auto" filled) and opens W&B; every rank
+    gets its row log hook; the datasets are described for the model card."""
+    out = Path(cfg.output_dir)
     wandb = None
     if state.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -269,10 +273,47 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     if state.is_main:
         from ..outputs.model_card import describe_datasets
 
-        infos = tuple(describe_datasets(cfg, plan, sizes, losses, encoder.tokenizer))
-    hooks = tuple(h for h in (RowLog.from_env(out, state.rank), StepBeacon.from_env()) if h is not None)
-    outputs = RunOutputs(out, MetricsWriter(out / "metrics.jsonl" if state.is_main else None, wandb), wandb,
-                         hooks, infos, rss_before_model)
+        infos = tuple(describe_datasets(cfg, data.plan, list(data.sizes), losses, tokenizer))
+    return RunOutputs(out, MetricsWriter(out / "metrics.jsonl" if state.is_main else None, wandb), wandb,
+                      tuple(h for h in (RowLog.from_env(out, state.rank), StepBeacon.from_env()) if h is not None),
+                      infos, rss_before_model)
+
+
+def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow_data_change: bool = False,
+              allow_fresh_start: bool = False, overwrite: bool = False) -> Run:
+    """The whole run, in the order that fails fast: the output directory, precision, losses, the
+    backend's start, the model (``build_model``), the data and the checkpoint (``plan_data``), the
+    schedule and the backend, the restored state, the outputs (``build_outputs``)."""
+    from . import resume as resuming
+
+    claim_output_dir(cfg, state, resume, overwrite)  # before any heavy work
+    t = cfg.training
+    precision = Precision.for_device(t.precision, state.device)
+    torch.manual_seed(t.seed + state.rank)
+    random.seed(t.seed + state.rank)
+    losses = build_losses(cfg, state)
+    started = start_backend(cfg, state, precision)
+    rss_before_model = rss_mib()
+    encoder, layout = build_model(cfg, state, precision)
+    data, saved = plan_data(cfg, state, encoder, layout, resume, allow_data_change, allow_fresh_start)
+    pos = Position(samples_per_step=float(data.global_batch * t.grad_accum), dataset_rows=[0] * len(data.names))
+    if saved:
+        pos.samples_per_step = saved.meta["schedule"]["samples_per_step"]  # the schedule is the run's
+    schedule = Schedule.for_run(t, pos.samples_per_step, data.rows)
+    if saved and not saved.data_unchanged and t.max_steps <= 0:
+        schedule = resuming.schedule_on_changed_data(saved, t, data.rows, schedule)
+    backend = make_backend(cfg, state, encoder, precision,
+                           lambda opt: lambda_lr(opt, lambda: schedule.factor(pos.samples)), started)
+    warmup_steps = math.ceil(schedule.warmup / pos.samples_per_step)
+    health = HealthMonitor(cfg.health.max_bad_steps, cfg.health.plateau_steps, cfg.health.collapse_std,
+                           warmup_steps=warmup_steps)
+    dims = sorted({dim for loss in losses for dim, _ in getattr(loss, "dims", ()) if dim < encoder.dim}, reverse=True)
+    evaluator = Evaluator.from_config(cfg.eval, dims)  # on every rank: each embeds a share of the texts
+    if saved:
+        resuming.restore(saved, backend, pos, state, Path(cfg.output_dir), data.global_batch)
+    if not pos.worlds or pos.worlds[-1][1:] != [state.world_size, data.global_batch]:
+        pos.worlds.append([pos.step + 1, state.world_size, data.global_batch])  # a chain of runs: the card says each
+    outputs = build_outputs(cfg, state, backend, data, losses, encoder.tokenizer, pos, rss_before_model)
     run = Run(cfg, state, encoder, backend, data, losses, Embedder(layout.kind, t.length_sorted_chunks,
               precision.autocast), schedule, health, evaluator, outputs, pos, save_dtype(cfg.model.save_dtype, encoder))
     # the model, the modules and the config live as long as the run: move them out of the garbage
@@ -282,8 +323,8 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
     gathered = any(getattr(getattr(loss, "inner", loss), "gather", False) for loss in losses) and state.enabled
     log.info("world size %d, device %s, %s rows (%s data plane), global batch %d, about %d optimizer steps "
              "(warm-up %d), precision %s (fp32 weights, saved as %s), %s layout, loss %s%s", state.world_size,
-             state.device, rows, plan.specs[0].plane, global_batch, run.total_steps, warmup_steps, t.precision,
-             str(run.save_dtype).removeprefix("torch."), layout.kind,
+             state.device, data.rows, data.plan.specs[0].plane, data.global_batch, run.total_steps, warmup_steps,
+             t.precision, str(run.save_dtype).removeprefix("torch."), layout.kind,
              ", ".join(sorted({ds.loss.name for ds in cfg.datasets})),
              " with negatives gathered across ranks" if gathered else "")
     return run

@@ -3,16 +3,21 @@
 Kept apart from the loop so the maths of a step (plain, length-sorted chunks, packed rows, cached
 MNRL) can be tested on its own against a single big batch. The loss is an object (losses.py); how
 texts are laid out for the encoder is the ``Embedder``'s; the backward is the backend's.
+
+Nothing here reads a value back from the device: every shape and every plan (chunks, mini-batches)
+is worked out from the batch's host arrays, and host arrays reach the device only through
+``data.batch.to_device`` (pinned, non-blocking). tests/test_host_reads.py holds every loss, layout
+and backend to that.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 
-from ..data.batch import Batch
+from ..data.batch import Batch, to_device
 from ..distributed import DistState, all_reduce_sum
 from ..data.layout import Unpadded, sub_unpadded
 from ..outputs.tracking import Timer
@@ -38,21 +43,17 @@ class Embedder:
             return math.ceil(n_cols * max(sizes) / self.chunk)
         return n_cols
 
-    def embed(self, encoder, batch: Batch, feats, layout, min_forwards: int = 0) -> list[torch.Tensor]:
+    def embed(self, encoder, feats, layout, device, min_forwards: int = 0) -> list[torch.Tensor]:
+        """Each column's embeddings: from the layout already on ``device`` (one forward), or from
+        the host's padded ``feats``."""
         if layout is not None:
             return list(torch.split(encoder(layout), list(layout.column_sizes)))
-        return embed_columns(encoder, feats, self.chunk, min_forwards)
-
-
-def to_device(layout, device):
-    """A layout's arrays on ``device`` (pinned host memory: the copies do not wait)."""
-    return replace(layout, **{f.name: getattr(layout, f.name).to(device, non_blocking=True)
-                              for f in fields(layout) if isinstance(getattr(layout, f.name), torch.Tensor)})
+        return embed_columns(encoder, feats, self.chunk, device, min_forwards)
 
 
 def _slice(features: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rows ``idx`` of a tokenized column, with the padding no row of them needs cut off (on the
-    right, or on the left for left-padded decoder tokenizers)."""
+    """Rows ``idx`` of a tokenized column (host tensors), with the padding no row of them needs cut
+    off (on the right, or on the left for left-padded decoder tokenizers)."""
     out = {k: v[idx] for k, v in features.items()}
     used = torch.nonzero(out["attention_mask"].any(0)).flatten() if len(idx) else None
     if used is None or not len(used):
@@ -86,9 +87,10 @@ def token_chunks(features: dict[str, torch.Tensor], budget: int) -> list[torch.T
     return groups
 
 
-def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int,
+def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int, device,
                   min_forwards: int = 0) -> list[torch.Tensor]:
-    """Embeddings (with grad) of every padded text column, each in its row order.
+    """Embeddings (with grad) of every padded text column (``feats``: host tensors), each in its
+    row order. Chunks are cut and padded on the host, then copied to ``device``.
 
     ``chunk == 0``: one forward per column, padded to the column's longest text (what
     sentence-transformers does). ``chunk > 0``: the texts of ALL columns are pooled, sorted by length
@@ -98,7 +100,7 @@ def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int,
     as many forwards as the others where forwards communicate, e.g. ZeRO-3's weight gathering).
     """
     if not chunk:
-        return [encoder(f) for f in feats]
+        return [encoder(to_device(f, device)) for f in feats]
     lengths = torch.cat([f["attention_mask"].sum(1) for f in feats])
     col_of = torch.cat([torch.full((f["attention_mask"].shape[0],), c) for c, f in enumerate(feats)])
     row_of = torch.cat([torch.arange(f["attention_mask"].shape[0]) for f in feats])
@@ -117,10 +119,10 @@ def embed_columns(encoder, feats: list[dict[str, torch.Tensor]], chunk: int,
                     t = torch.cat([t, t.new_full((width - t.shape[0],), fill)])
                 rows.append(t)
             batch[key] = torch.stack(rows)
-        outputs.append(encoder(batch))
-    emb = torch.cat(outputs)[torch.argsort(order)]
+        outputs.append(encoder(to_device(batch, device)))
+    emb = torch.cat(outputs)[to_device(torch.argsort(order), device)]
     for _ in range(min_forwards - len(outputs)):
-        emb = emb + 0.0 * encoder(placeholder_features(encoder, emb.device)).sum()
+        emb = emb + 0.0 * encoder(placeholder_features(encoder, device)).sum()
     return list(torch.split(emb, [f["attention_mask"].shape[0] for f in feats]))
 
 
@@ -129,8 +131,9 @@ def placeholder_features(encoder, device) -> dict[str, torch.Tensor]:
     empty slice runs, so that its parameters take part in the step like everyone else's."""
     tok = encoder.tokenizer
     ids = tok("")["input_ids"] or [getattr(tok, "pad_token_id", 0) or 0]
-    ids = torch.tensor([ids], dtype=torch.long, device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    ids = torch.tensor([ids], dtype=torch.long)
+    features = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    return to_device(features, device)
 
 
 def forward_backward(encoder, batch: Batch, loss: Loss, embedder: Embedder, state: DistState, *,
@@ -153,15 +156,14 @@ def forward_backward(encoder, batch: Batch, loss: Loss, embedder: Embedder, stat
     if loss.cache is not None and not isinstance(layout, Unpadded):
         layout = None  # cached mini-batches of packed rows would need a packing each: padded columns
     layout = to_device(layout, device) if layout is not None else None
-    feats = [] if layout is not None else \
-        [{k: v.to(device, non_blocking=True) for k, v in f.items()} for f in batch.features]
+    feats = [] if layout is not None else batch.features  # host tensors: padded columns move chunk by chunk
     n_cols = batch.n_cols or len(batch.features)
     if loss.cache is not None:
         return _cached(encoder, feats, layout, n_cols, batch, loss, embedder, state, loss_scale, grads, timer)
     forwards = embedder.forwards(n_cols, batch.sizes)
     with embedder.autocast():
         if batch.rows:
-            embs = embedder.embed(encoder, batch, feats, layout, min_forwards=forwards)
+            embs = embedder.embed(encoder, feats, layout, device, min_forwards=forwards)
         else:
             embs = _empty_slice_embeddings(encoder, n_cols, forwards, device)
         value, info = compute(loss, embs, batch, state, timer)
@@ -223,7 +225,8 @@ def _cached(encoder, feats, layout, n_cols, batch: Batch, loss: Loss, embedder: 
             elif starts is not None:
                 sub = sub_unpadded(layout, starts[c] + idx[0], starts[c] + idx[1])
             else:
-                sub = _slice(feats[c], idx)
+                sub = to_device(_slice(feats[c], idx), device)
+                idx = to_device(idx, device)  # the rows' places among the column's, for the gradient
             with torch.no_grad(), embedder.autocast():
                 out = encoder(sub).float()
             if idx is not None:
@@ -232,8 +235,8 @@ def _cached(encoder, feats, layout, n_cols, batch: Batch, loss: Loss, embedder: 
         if col_parts and starts is not None:
             rep = torch.cat(col_parts)  # consecutive ranges: already in row order
         elif col_parts:
-            order = torch.cat([p[0] for p in col_plan if p[0] is not None])
-            rep = torch.cat(col_parts)[torch.argsort(order)]
+            order = torch.cat(groups)  # host row numbers, in the order they were embedded
+            rep = torch.cat(col_parts)[to_device(torch.argsort(order), device)]
         else:
             rep = torch.zeros((0, encoder.dim), device=device)
         reps.append(rep.detach().requires_grad_())

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
+from ..data.batch import pins
 from ..data.layout import LayoutSpec
-from ..data.loader import MixSpec, PlanSpec, prefetch, rank_batches
+from ..data.loader import MixSpec, PlanSpec, RankLoader, prefetch
 from ..data.sharded import Sharding
 from ..data.readers import DataError, Source
 from ..data.rows import Schema, manifest_rows, scan
@@ -28,6 +29,7 @@ class TrainData:
     balance: bool  # deal each global batch's rows out to ranks by length (distributed.balance_ranks)
     layout: LayoutSpec | None = None  # how the collate lays the texts out for the encoder
     sharding: Sharding | None = None  # the sharded plane's pieces and exchange (None: the global plane)
+    prefetch: bool = False  # batches made ahead in a background thread (data.prefetch)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -36,16 +38,21 @@ class TrainData:
     def batches(self, pos, state, tokenizer, max_length: int):
         """(this rank's micro-batch, planner state after it), epoch after epoch, from the data
         position ``pos`` (the loop moves it); (None, None) when a stream of unknown length ends an
-        epoch."""
-        while True:
-            epoch = pos.epoch
-            planner = self.plan.planner(epoch, pos.planner_state, sizes=self.sizes, sharding=self.sharding)
-            cuda = state.device.type == "cuda"
-            batches = rank_batches(planner, self.global_batch, state.rank, state.world_size, tokenizer, max_length,
-                                   self.num_workers, pin_memory=cuda, balance=self.balance, layout=self.layout)
-            yield from prefetch(batches) if cuda else batches  # one epoch at a time: ``pos`` is the loop's
-            if pos.epoch == epoch:  # the loop did not see the epoch's last row (rows unknown)
-                yield None, None
+        epoch. Each epoch's loader iterator starts in the calling (training) thread; with
+        ``prefetch`` its batches are then planned, received and pinned in a background thread."""
+        loader = RankLoader(tokenizer, max_length, self.global_batch, state.rank, state.world_size, self.num_workers,
+                            pin_memory=pins(state.device), balance=self.balance, layout=self.layout)
+        try:
+            while True:
+                epoch = pos.epoch
+                planner = self.plan.planner(epoch, pos.planner_state, sizes=self.sizes, sharding=self.sharding)
+                batches = loader.epoch(planner)
+                # one epoch at a time: the loop moves ``pos``
+                yield from prefetch(batches) if self.prefetch else batches
+                if pos.epoch == epoch:  # the loop did not see the epoch's last row (rows unknown)
+                    yield None, None
+        finally:
+            loader.close()
 
     def epoch_progress(self, pos) -> float:
         """Epochs done as a fraction (sentence-transformers logs 0.5 for half an epoch)."""

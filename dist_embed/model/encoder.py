@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batch import to_device
 from ..data.layout import Packed, Unpadded
+from ..families import family, is_causal, position_limit, takes_layout
+from .pooling import pool, pool_tokens
 from .st_modules import POOLING_KEYS, Dense, ModelError, check_model_dir, read_st_settings  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-# sentence embeddings need only the encoder of these encoder-decoder families (AutoModel would build
-# the decoder too); sentence-transformers loads them the same way
-ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 DEFAULT_SHARD_SIZE = "5GB"  # per safetensors file, as transformers' save_pretrained
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "activation_dropout", "classifier_dropout", "hidden_dropout", "attention_dropout_prob")
@@ -57,45 +57,6 @@ def loading(name_or_path: str):
         raise ModelError(f"{name_or_path}: cannot be loaded{hint}: {first}") from None
 
 
-def position_limit(config) -> int | None:
-    """Tokens a text may have: absolute position embeddings bound it (RoBERTa/XLM-R spend
-    padding_idx + 1 of them before the first token); rotary/relative models have no such table."""
-    n = getattr(config, "max_position_embeddings", None)
-    if not n or getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
-        return None
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"):
-        n -= (getattr(config, "pad_token_id", 1) or 0) + 1
-    if getattr(config, "model_type", "") in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "t5"):
-        return None  # rotary / relative positions: max_position_embeddings is a soft hint
-    return int(n)
-
-
-def pool_tokens(states: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor, mode: str) -> torch.Tensor:
-    """One embedding per text from its real tokens: ``states`` [N, D] holds the tokens of every text,
-    text after text; ``owner`` [N] says whose each token is; ``counts`` [texts] how many each has.
-    The one pooling implementation: padded batches (``pool``) and packed rows (packing.py) use it."""
-    n, dim = counts.shape[0], states.shape[-1]
-    if mode == "mean":
-        sums = torch.zeros((n, dim), dtype=states.dtype, device=states.device).index_add(0, owner, states)
-        return sums / counts.clamp(min=1).to(states.dtype)[:, None]
-    if mode == "cls":
-        return states[torch.cumsum(counts, 0) - counts]  # each text's first token
-    if mode == "lasttoken":  # decoder embedders: the last real token (left or right padding alike)
-        return states[torch.cumsum(counts, 0) - 1]
-    if mode == "max":
-        out = torch.full((n, dim), torch.finfo(states.dtype).min, dtype=states.dtype, device=states.device)
-        return out.scatter_reduce(0, owner[:, None].expand_as(states), states, reduce="amax")
-    raise ValueError(f"unknown pooling {mode!r}")
-
-
-def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pooling of a padded batch [texts, length, D] (left or right padding) over its real tokens."""
-    mask = attention_mask.bool()
-    counts = mask.sum(1)
-    owner = torch.repeat_interleave(torch.arange(mask.shape[0], device=mask.device), counts)
-    return pool_tokens(token_embeddings[mask], owner, counts, mode)
-
-
 class Encoder(nn.Module):
     """Texts -> fixed-size embeddings. ``forward`` takes tokenized features, ``encode`` raw texts."""
 
@@ -117,6 +78,10 @@ class Encoder(nn.Module):
         self.extra_state = extra_state or {}
         # sentence-transformers settings of the starting model we keep unchanged (prompts, ...)
         self.st_config = dict(st_config or {})
+        # decoders build a key/value cache in every forward unless told not to (and its update can
+        # upcast the values): an embedder never decodes, so no forward of ours asks for one
+        self.causal = is_causal(transformer.config)
+        self.forward_options = {"use_cache": False} if self.causal else {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
@@ -134,10 +99,11 @@ class Encoder(nn.Module):
                 if isinstance(getattr(config, key, None), float):
                     setattr(config, key, dropout)
         model_cls = AutoModel
-        if getattr(config, "model_type", "") in ENCODER_ONLY:  # encoder-decoder checkpoints: the encoder alone
+        fam = family(config)
+        if fam is not None and fam.encoder_class:  # encoder-decoder checkpoints: the encoder alone
             import transformers
 
-            model_cls = getattr(transformers, ENCODER_ONLY[config.model_type])
+            model_cls = getattr(transformers, fam.encoder_class)
         source_dtype = checkpoint_dtype(path, config, revision)  # before loading sets config.dtype
         # fp32 master weights whatever the file's dtype: transformers would otherwise load a bf16 or
         # fp16 checkpoint as it is stored (dtype "auto"), and AdamW's updates to half-precision
@@ -182,29 +148,51 @@ class Encoder(nn.Module):
         ``Unpadded`` through the variable-length attention, ``Packed`` rows with a block-diagonal
         mask), pooled here too so a wrapping engine (ZeRO-3) sees every parameter used."""
         if isinstance(inputs, Unpadded):
+            from .varlen import no_mask
+
             states = self.transformer(input_ids=inputs.input_ids[None], position_ids=inputs.position_ids[None],
-                                      attention_mask=None, cu_seq_lens_q=inputs.cu_seqlens,
+                                      attention_mask=no_mask(inputs.input_ids), cu_seq_lens_q=inputs.cu_seqlens,
                                       cu_seq_lens_k=inputs.cu_seqlens, max_length_q=inputs.max_seqlen,
-                                      max_length_k=inputs.max_seqlen, return_dict=True).last_hidden_state[0]
-            emb = pool_tokens(states[:inputs.owner.shape[0]], inputs.owner, inputs.counts, self.pooling)
+                                      max_length_k=inputs.max_seqlen, return_dict=True,
+                                      **self.forward_options).last_hidden_state[0]
+            emb = pool_tokens(states[:sum(inputs.lengths)], inputs.counts, self.pooling)  # fillers dropped
         elif isinstance(inputs, Packed):
             segment = inputs.segment
             # padding cells attend among themselves (a fully masked query row would give NaN)
             mask = (segment[:, :, None] == segment[:, None, :])[:, None]
             states = self.transformer(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                                       token_type_ids=torch.zeros_like(segment), attention_mask=mask,
-                                      return_dict=True).last_hidden_state
-            emb = pool_tokens(states.reshape(-1, states.shape[-1])[inputs.slot], inputs.owner, inputs.counts,
-                              self.pooling)
+                                      return_dict=True, **self.forward_options).last_hidden_state
+            emb = pool_tokens(states.reshape(-1, states.shape[-1])[inputs.slot], inputs.counts, self.pooling)
         else:
-            names = ("input_ids", "attention_mask", "token_type_ids")
-            out = self.transformer(**{k: v for k, v in inputs.items() if k in names}, return_dict=True)
+            names = ("input_ids", "token_type_ids")
+            out = self.transformer(**{k: v for k, v in inputs.items() if k in names}, return_dict=True,
+                                   attention_mask=self._padded_mask(inputs["attention_mask"]), **self.forward_options)
             emb = pool(out.last_hidden_state, inputs["attention_mask"], self.pooling)
         for dense in self.st_dense:
             emb = dense(emb)
         if self.normalize:
             emb = F.normalize(emb.float(), p=2, dim=-1)
         return emb
+
+    def _padded_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of a padded forward. Where the family takes our layouts and the
+        attention applies boolean masks, a 4D mask built here on the device: transformers returns
+        it as given, where from the 2D mask it would first read it back (``padding_mask.all()``: can
+        the mask be skipped?), a wait for the GPU in every forward. Elsewhere the 2D mask."""
+        from .layout_choice import MASK_AWARE
+
+        config = self.transformer.config
+        if getattr(config, "_attn_implementation", None) not in MASK_AWARE or not (
+                takes_layout(config, "packed") or takes_layout(config, "unpadded")):
+            return attention_mask
+        keys = attention_mask.bool()[:, None, None, :]  # [texts, 1, 1, length]: real keys only
+        if not self.causal:  # bidirectional: every query sees its text's real tokens
+            return keys
+        n = attention_mask.shape[1]
+        causal = torch.ones((n, n), dtype=torch.bool, device=keys.device).tril()
+        # a left-padded text's padding rows would see no key (NaN): they see themselves
+        return (keys & causal) | torch.eye(n, dtype=torch.bool, device=keys.device)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded to the longest text, truncated to max_seq_length: the training batches' path."""
@@ -214,10 +202,18 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64, prompt_name: str | None = None) -> np.ndarray:
-        """Embeddings as float32 numpy, in input order (batches sorted by length for speed). As
-        sentence-transformers' ``encode``: the prompt ``prompt_name`` names if the model has it
-        (``encode_query``/``encode_document`` pass "query"/"document"), else the model's default
-        prompt, goes before each text; the output is cut to ``truncate_dim`` (if set)."""
+        """Embeddings as float32 numpy, in input order. As sentence-transformers' ``encode``: the
+        prompt ``prompt_name`` names if the model has it (``encode_query``/``encode_document`` pass
+        "query"/"document"), else the model's default prompt, goes before each text; the output is
+        cut to ``truncate_dim`` (if set)."""
+        out = self.embed_texts(texts, batch_size, prompt_name).float().cpu().numpy()
+        return out[:, :self.st_config["truncate_dim"]] if self.st_config.get("truncate_dim") else out
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64, prompt_name: str | None = None) -> torch.Tensor:
+        """``encode`` without the read-back: [texts, dim] on the model's device, in input order
+        (batches sorted by length for speed; their inputs copied without the host waiting), so a
+        training step can use it (the guide model's scores) and never wait for the device."""
         prompts = self.st_config.get("prompts") or {}
         name = prompt_name if prompt_name in prompts else self.st_config.get("default_prompt_name")
         prompt = prompts.get(name or "")
@@ -226,14 +222,14 @@ class Encoder(nn.Module):
         was_training = self.training
         self.eval()
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         dev = self.device
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            feats = {k: v.to(dev) for k, v in self.tokenize([texts[i] for i in idx]).items()}
-            out[idx] = self(feats).float().cpu().numpy()
+        parts = [self(to_device(self.tokenize([texts[i] for i in order[start:start + batch_size]]), dev))
+                 for start in range(0, len(texts), batch_size)]
         self.train(was_training)
-        return out[:, :self.st_config["truncate_dim"]] if self.st_config.get("truncate_dim") else out
+        if not parts:
+            return torch.zeros((0, self.dim), device=dev)
+        back = to_device(torch.from_numpy(np.argsort(order, kind="stable")), dev)  # sorted -> input order
+        return torch.cat(parts)[back]
 
     # ------------------------------------------------------------------------------------------
     # sentence-transformers layout

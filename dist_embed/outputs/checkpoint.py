@@ -167,7 +167,9 @@ def prune(ckpt_root: Path, keep_last: int | None, protect: set[Path] = frozenset
 # training state (no pickled objects: tensors and plain containers only, loaded weights_only)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This rank's random state: CPU, Python, numpy, and its own GPU's (``device``) only, so that a
+    resume where the rank sees another number of GPUs (or another index) restores it."""
     import random
 
     import numpy as np
@@ -176,12 +178,14 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """``rng_state``'s inverse; the GPU state goes to this rank's ``device``. (Checkpoints of
+    earlier versions hold every visible GPU's state: this rank's is the one at its device's index.)"""
     import random
 
     import numpy as np
@@ -191,8 +195,14 @@ def set_rng_state(state: dict) -> None:
     if "numpy" in state:
         n = state["numpy"]
         np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _tuplify(x):
