@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from .hard_negatives import HardNegativesConfig
 from .paths import LocalPath, OutputPath, absolute_paths
 
 
@@ -136,6 +137,8 @@ class DataConfig(_Section):
     # the sharded plane: processes per rank that read (parse, validate) its next pieces ahead of
     # its planner; "auto": as num_workers' auto (none on CPU)
     read_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # hard negatives re-mined during training with the current weights (None: off; config/hard_negatives.py)
+    hard_negatives: HardNegativesConfig | None = None
 
     @model_validator(mode="after")
     def _check_mix(self) -> "DataConfig":
@@ -319,6 +322,8 @@ class Config(_Section):
         # each dataset's loss, resolved here once: its own section, else the top-level one
         self._datasets = [ds if ds.loss is not None else ds.model_copy(update={"loss": self.loss})
                           for ds in self.data.datasets()]
+        if self.data.hard_negatives is not None:
+            self.data.hard_negatives.check(self._datasets)
         return self
 
     @property

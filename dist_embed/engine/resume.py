@@ -121,6 +121,7 @@ def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> 
     if saved.planner_states and meta["world_size"] == state.world_size:
         pos.planner_state = saved.planner_states[state.rank]  # the sharded plane: this rank's own
     pos.history = meta.get("history", [])
+    pos.negatives = meta.get("negatives") or {}  # the hard-negative refresh its rows used
     if len(meta.get("dataset_rows") or []) == len(pos.dataset_rows):
         pos.dataset_rows = list(meta["dataset_rows"])
     rng_file = sd / f"rng-rank{state.rank}.pt"
@@ -218,7 +219,7 @@ def save(run, final: bool = False) -> Path:
                 "schedule": {"samples": pos.samples, "samples_per_step": pos.samples_per_step,
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
-                "history": pos.history, "dataset_rows": pos.dataset_rows}, indent=1))
+                "history": pos.history, "dataset_rows": pos.dataset_rows, "negatives": pos.negatives}, indent=1))
             # the data position: the planner's state after the last batch trained (the global plane:
             # the same on every rank; the sharded plane: rank 0's here, every rank's in its own file)
             sharding = run.data.sharding

@@ -21,6 +21,7 @@ from ..backends import Backend, make_backend, start_backend
 from ..config import Config, ConfigError, dump_config
 from ..distributed import DistState, broadcast_object
 from ..evaluation.evaluator import Evaluator
+from ..mining.refresh import Refresher
 from ..model.encoder import Encoder, ModelError
 from ..model.layout_choice import choose_layout
 from ..outputs.run_dir import CLAIMED_ENV, claim, start_afresh
@@ -48,6 +49,7 @@ class Position:
     history: list = field(default_factory=list)  # eval results, for best-checkpoint and the model card
     logged_until: int = 0  # the last step a stopped run had logged (W&B has it already)
     dataset_rows: list = field(default_factory=list)  # rows trained from each dataset, whole run
+    negatives: dict = field(default_factory=dict)  # the last hard-negative refresh: {"step", "tables": {name: dir}}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Run:
     evaluator: Evaluator
     outputs: RunOutputs
     pos: Position
+    refresher: Refresher | None = None  # hard negatives re-mined during training (data.hard_negatives)
 
     @property
     def flops_per_token(self) -> tuple[float, float]:
@@ -237,6 +240,10 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                      sharding)
     if saved:
         resuming.restore(saved, backend, pos, state, out, global_batch)
+    refresher = None
+    if d.hard_negatives is not None:  # every rank reads the data sets' texts once
+        refresher = Refresher.for_run(cfg, plan, out)
+        refresher.restore(pos, saved.path.parent.parent if saved else None, allow_data_change, state)
     wandb = None
     if state.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +263,7 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
                          tuple(h for h in (RowLog.from_env(out, state.rank),) if h is not None), infos,
                          rss_before_model)
     run = Run(cfg, state, encoder, backend, data, losses, Embedder(layout.kind, t.length_sorted_chunks,
-              precision.autocast), schedule, health, evaluator, outputs, pos)
+              precision.autocast), schedule, health, evaluator, outputs, pos, refresher)
     # the model, the modules and the config live as long as the run: move them out of the garbage
     # collector's generations, so its full collections (triggered by the data pipeline's churn of
     # rows) stop walking the long-lived objects each time

@@ -33,13 +33,14 @@ class TrainData:
     def names(self) -> tuple[str, ...]:
         return self.plan.names
 
-    def batches(self, pos, state, tokenizer, max_length: int):
+    def batches(self, pos, state, tokenizer, max_length: int, renew=None):
         """(this rank's micro-batch, planner state after it), epoch after epoch, from the data
         position ``pos`` (the loop moves it); (None, None) when a stream of unknown length ends an
-        epoch."""
+        epoch. ``renew``: each data set's hard-negative columns (mining/refresh.py), None: the data's."""
         while True:
             epoch = pos.epoch
-            planner = self.plan.planner(epoch, pos.planner_state, sizes=self.sizes, sharding=self.sharding)
+            planner = self.plan.planner(epoch, pos.planner_state, sizes=self.sizes, sharding=self.sharding,
+                                        renew=renew)
             cuda = state.device.type == "cuda"
             batches = rank_batches(planner, self.global_batch, state.rank, state.world_size, tokenizer, max_length,
                                    self.num_workers, pin_memory=cuda, balance=self.balance, layout=self.layout)
