@@ -39,9 +39,9 @@ def near_ties(rng: np.random.Generator, n: int, d: int, base: np.ndarray | None 
 def test_exact_top_k_equals_brute_force():
     print("seed", SEED)
     rng = np.random.default_rng(SEED)
-    for _ in range(12):
+    for case in range(12):
         d, n_q, n_c = int(rng.integers(2, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 120))
-        base = rng.standard_normal((5, d))
+        base = rng.standard_normal((5 if case % 3 else 1, d))  # one direction: all near-ties (an untrained model)
         keys = Keys.for_corpus(n_c)
         q = keys.quantize(torch.from_numpy(near_ties(rng, n_q, d, base)))
         c = keys.quantize(torch.from_numpy(near_ties(rng, n_c, d, base)))
@@ -55,6 +55,16 @@ def test_exact_top_k_equals_brute_force():
             assert [int(i) for i in ids[row, :n]] == [i for _, i in want]
             assert np.allclose(scores[row, :n] * unit, [s for s, _ in want], rtol=0, atol=0)
             assert (ids[row, n:] == -1).all()
+
+
+def test_a_collapsed_model_ranks_by_id():
+    """Every embedding the same (an untrained or collapsed model): all candidates tie, the whole
+    tile is scored exactly and the lowest ids win, at any chunking."""
+    keys = Keys.for_corpus(500)
+    c = keys.quantize(torch.ones(500, 16))
+    for chunk in (7, 64, 500):
+        scores, ids = keys.decode(top_k(c[:3], c, torch.arange(500), 20, keys, chunk=chunk))
+        assert (ids == np.arange(20)).all() and (scores == scores[0, 0]).all()
 
 
 def test_filters_over_many_rows_equal_one_row_at_a_time():
@@ -214,3 +224,44 @@ def test_split_search_gives_the_same_keys_at_one_two_and_three_ranks():
         assert sorted(merged) == list(range(case["n_a"]))
         assert [merged[i][0] for i in range(case["n_a"])] == whole  # the world's lists merged = one search
         assert [merged[i][1] for i in range(case["n_a"])] == pos  # each positive scored by its holder
+
+
+def test_closing_a_prefetched_stream_lets_every_ranks_producer_come_to_rest():
+    """A refresh closes each rank's batch stream and opens a new one from the consumed position.
+    Planning a batch can be a collective between the ranks' producers (the sharded plane's
+    exchange): simulated here by a barrier per item, with rank 1 slow after it (tokenizing). The
+    streams are closed after the same number of batches; every producer must have entered as many
+    collectives as its peer (else one waits forever and the next stream's collectives pair wrongly)."""
+    import threading
+    import time as _time
+
+    from dist_embed.data.loader import prefetch
+
+    collective = threading.Barrier(2, timeout=20)
+    entered = [0, 0]
+
+    def items(rank):
+        for i in range(100):
+            entered[rank] += 1
+            collective.wait()
+            if rank == 1:
+                _time.sleep(0.3)  # the slow part comes after the collective
+            yield i
+
+    step = threading.Barrier(2, timeout=20)  # the training step: consumers move in lockstep
+
+    def consume(rank, out):
+        stream = prefetch(items(rank), depth=2, settle_s=15)
+        out[rank] = [next(stream) for _ in range(3)]
+        step.wait()
+        stream.close()
+
+    got = [None, None]
+    threads = [threading.Thread(target=consume, args=(r, got)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    _time.sleep(0.5)
+    assert got == [[0, 1, 2], [0, 1, 2]]
+    assert entered[0] == entered[1] and not collective.n_waiting, entered

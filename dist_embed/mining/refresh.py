@@ -160,7 +160,8 @@ class Refresher:
         """Every rank calls it (at the same step). Returns False, changing nothing, if ``stop`` (a
         collective check of stop signals, called between chunks) cut it short: the checkpoint then
         keeps the previous negatives and a resumed run mines again at this step."""
-        from ..distributed import barrier
+        from ..distributed import all_reduce_sum, barrier
+        from ..outputs.tracking import peak_memory, rss_mib
 
         state, pos = run.state, run.pos
         every = self.cfg.every_steps
@@ -169,6 +170,7 @@ class Refresher:
                 if ix is not None and (periodic or (not ix.has_negatives and self.renewals[d] is None))]
         log.info("hard negatives: mining for %s at step %d with the current weights",
                  ", ".join(self.indexes[d].name for d in todo), pos.step)
+        rss_before = all_reduce_sum([rss_mib()], state, op=torch.distributed.ReduceOp.MAX)[0]
         t0 = time.perf_counter()
         times = {"embed": 0.0, "search": 0.0, "choose": 0.0}
         tables, stats = {}, {"texts_embedded": 0, "rows": 0, "filled_rows": 0}
@@ -205,7 +207,9 @@ class Refresher:
         rec = {"step": pos.step, "refresh/seconds": seconds, "refresh/embed_seconds": times["embed"],
                "refresh/search_seconds": times["search"], "refresh/choose_seconds": times["choose"],
                "refresh/write_seconds": time.perf_counter() - t_write, "refresh/share_of_run": share,
-               "refresh/total_seconds": self.seconds, **{f"refresh/{k}": v for k, v in stats.items()}}
+               "refresh/total_seconds": self.seconds, **{f"refresh/{k}": v for k, v in stats.items()},
+               "refresh/rss_before_mib": round(rss_before, 1),
+               **{f"refresh/{k.split('/')[1]}": v for k, v in peak_memory(state).items()}}
         run.outputs.metrics.write(rec)
         log.info("hard negatives mined at step %d for %s in %.1fs (embed %.1fs: %d texts, search %.1fs, choose %.1fs)"
                  "; %d of %d rows topped up at random (fewer candidates passed the filters); refreshes: %.1f%% of "

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 TILE_ROWS = 1024  # anchors scored at once against a corpus chunk
+RESCORE = 8192  # (anchor, candidate) pairs rescored exactly at once
 MAX_SCALE_BITS = 24  # integer embeddings up to 2**24: exact in float32 too
 
 
@@ -100,7 +101,13 @@ def tile_top_k(q: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, k: int, keys
     kth = torch.topk(s, kk, dim=1).values[:, -1:]
     rows, cols = torch.nonzero(s >= kth - 2.5 * float32_error(q.shape[1]), as_tuple=True)
     del s
-    key = keys.encode(keys.exact(q[rows], c[cols]), ids[cols])
+    if len(rows) > 4 * n * kk:  # near-ties everywhere (an untrained model): the whole tile exactly
+        with torch.autocast(q.device.type, enabled=False):
+            exact = (q.double() @ c.double().T).long()  # integer products and sums below 2**53: exact
+        out[:, :kk] = torch.topk(keys.encode(exact, ids[None, :]), kk, dim=1).values
+        return out
+    key = torch.cat([keys.encode(keys.exact(q[rows[i:i + RESCORE]], c[cols[i:i + RESCORE]]), ids[cols[i:i + RESCORE]])
+                     for i in range(0, len(rows), RESCORE)])
     counts = torch.bincount(rows, minlength=n)
     start = torch.cumsum(counts, 0) - counts
     dense = torch.full((n, int(counts.max())), -1, dtype=torch.int64, device=q.device)
