@@ -13,6 +13,9 @@ rows plus N/2 more texts in a corpus file), so a refresh embeds 1.5 N texts and 
 anchors x N candidates. Texts are SNLI / STS-B sentences from ../shared/data, joined two by two
 (seeded) where N asks for more distinct texts than the files hold.
 
+Every rank runs one thread (``REFRESH_BENCH_THREADS``): on a shared 2-core machine one process with
+two threads embedded slower than with one, so 1 rank uses one core and 2 ranks two.
+
 ``small`` is a random BERT with one of all-MiniLM-L6-v2's layers (384 wide: the search's real
 width, about 1/6 of the encoder's work): on a 2-core machine the 100k points with MiniLM would
 take hours. ``minilm`` is all-MiniLM-L6-v2 itself (use it at 10k).
@@ -31,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+THREADS = int(os.environ.get("REFRESH_BENCH_THREADS", "1"))  # per rank
 SHARED = REPO.parent / "shared" / "data"
 
 
@@ -96,7 +100,7 @@ def run_point(root: Path, model: str, n: int, world: int, data: tuple[Path, Path
            "eval": {"before_training": False}}
     path = root / f"cfg-{n}-{world}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(THREADS))
     r = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--overwrite", "--nproc", str(world)],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     if r.returncode != 0:

@@ -265,3 +265,36 @@ def test_closing_a_prefetched_stream_lets_every_ranks_producer_come_to_rest():
     _time.sleep(0.5)
     assert got == [[0, 1, 2], [0, 1, 2]]
     assert entered[0] == entered[1] and not collective.n_waiting, entered
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("data.hard_negatives={range_min: 5, range_max: 2}", "range_min 5 >= range_max 2"),
+    ("data.hard_negatives={datasets: [nope]}", "['nope'] not among the data sets"),
+    ("data.hard_negatives={relative_margin: 1.5}", "relative_margin"),
+    ("data.hard_negatives={num_negatives: 0}", "num_negatives"),
+])
+def test_bad_hard_negative_settings_name_the_key(tmp_path, override, fragment):
+    from dist_embed.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\ndata:\n  train: x.jsonl\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, [override])
+    print(e.value)
+    assert fragment in str(e.value) and "hard_negatives" in str(e.value)
+
+
+def test_hard_negatives_need_a_loss_that_takes_negatives(tmp_path):
+    from dist_embed.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\ndata:\n  train: x.jsonl\n  hard_negatives: {{}}\n")
+    for override, fragment in (("loss.name=cosine", "no data set to mine for"),
+                               ("loss.name=triplet", None)):
+        if fragment is None:
+            assert load_config(cfg, [override]).data.hard_negatives.num_negatives == 1
+            with pytest.raises(ConfigError, match="the triplet loss, which takes one negative"):
+                load_config(cfg, [override, "data.hard_negatives.num_negatives=2"])
+        else:
+            with pytest.raises(ConfigError, match=fragment):
+                load_config(cfg, [override])
