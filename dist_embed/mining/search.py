@@ -67,13 +67,16 @@ class Keys:
     def encode(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return ((scores + self.offset) << self.id_bits) | (self.id_max - ids)
 
+    def scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """The exact cosine scores of keys (float64; -inf where the key is -1: no candidate)."""
+        score = ((keys >> self.id_bits) - self.offset).double() / float(1 << (2 * self.scale_bits))
+        return torch.where(keys >= 0, score, -math.inf)
+
     def decode(self, keys: torch.Tensor | np.ndarray):
         """(cosine scores float64, ids int64; -1 where the key is -1: no candidate)."""
         keys = torch.as_tensor(keys)
-        valid = keys >= 0
-        ids = torch.where(valid, self.id_max - (keys & self.id_max), -1)
-        score = ((keys >> self.id_bits) - self.offset).double() / float(1 << (2 * self.scale_bits))
-        return torch.where(valid, score, -math.inf).numpy(), ids.numpy()
+        ids = torch.where(keys >= 0, self.id_max - (keys & self.id_max), -1)
+        return self.scores(keys).cpu().numpy(), ids.cpu().numpy()
 
     def exact(self, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Row-wise integer dot products of two int32 [n, d] tensors (exact, int64)."""
@@ -87,24 +90,33 @@ def float32_error(dim: int) -> float:
     return 1.03 * dim * u / (1 - dim * u)
 
 
-def tile_top_k(q: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, k: int, keys: Keys) -> torch.Tensor:
+def tile_top_k(q: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, k: int, keys: Keys,
+               floor: torch.Tensor | None = None) -> torch.Tensor:
     """Keys of the exact top ``k`` of ``c`` (int32 [C, d], corpus ids ``ids``) for each row of ``q``
-    (int32 [A, d]): [A, k], best first, -1 where C < k. Memory O(A x C)."""
+    (int32 [A, d]): [A, k], best first, -1 where fewer. ``floor``: each row's exact k-th score so
+    far (earlier tiles; -inf: fewer than k yet): only candidates that can reach it count. Memory
+    O(A x C)."""
     n, kk = q.shape[0], min(k, c.shape[0])
     out = torch.full((n, k), -1, dtype=torch.int64, device=q.device)
     if not n or not kk:
         return out
-    unit = 2.0 ** -keys.scale_bits
+    unit, err = 2.0 ** -keys.scale_bits, float32_error(q.shape[1])
     with torch.autocast(q.device.type, enabled=False):
         s = (q.float() * unit) @ (c.float() * unit).T  # exact inputs: only the sum rounds
-    # every candidate that could be in the exact top-k scores within 2 x the error of the kk-th
-    kth = torch.topk(s, kk, dim=1).values[:, -1:]
-    rows, cols = torch.nonzero(s >= kth - 2.5 * float32_error(q.shape[1]), as_tuple=True)
+    # a candidate of the exact top-k scores (in float32) within 2 x the error of the tile's kk-th,
+    # and within the error of the exact k-th found so far (1e-6: the bound's own rounding)
+    need = floor[:, None] - 1.5 * err - 1e-6 if floor is not None else None
+    if need is None or not torch.isfinite(need).all():
+        tile = (torch.topk(s, kk, dim=1).values[:, -1:] - 2.5 * err).double()
+        need = tile if need is None else torch.maximum(need, tile)
+    rows, cols = torch.nonzero(s >= need.float(), as_tuple=True)
     del s
     if len(rows) > 4 * n * kk:  # near-ties everywhere (an untrained model): the whole tile exactly
         with torch.autocast(q.device.type, enabled=False):
             exact = (q.double() @ c.double().T).long()  # integer products and sums below 2**53: exact
         out[:, :kk] = torch.topk(keys.encode(exact, ids[None, :]), kk, dim=1).values
+        return out
+    if not len(rows):
         return out
     key = torch.cat([keys.encode(keys.exact(q[rows[i:i + RESCORE]], c[cols[i:i + RESCORE]]), ids[cols[i:i + RESCORE]])
                      for i in range(0, len(rows), RESCORE)])
@@ -112,7 +124,8 @@ def tile_top_k(q: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, k: int, keys
     start = torch.cumsum(counts, 0) - counts
     dense = torch.full((n, int(counts.max())), -1, dtype=torch.int64, device=q.device)
     dense[rows, torch.arange(len(rows), device=q.device) - start[rows]] = key
-    out[:, :kk] = torch.topk(dense, kk, dim=1).values
+    width = min(kk, dense.shape[1])
+    out[:, :width] = torch.topk(dense, width, dim=1).values
     return out
 
 
@@ -127,7 +140,8 @@ def top_k(q: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, k: int, keys: Key
     for a in range(0, q.shape[0], TILE_ROWS):
         rows = slice(a, a + TILE_ROWS)
         for s in range(0, c.shape[0], chunk):
-            best[rows] = merge(best[rows], tile_top_k(q[rows], c[s:s + chunk], ids[s:s + chunk], k, keys), k)
+            found = tile_top_k(q[rows], c[s:s + chunk], ids[s:s + chunk], k, keys, keys.scores(best[rows, -1]))
+            best[rows] = merge(best[rows], found, k)
     return best
 
 
