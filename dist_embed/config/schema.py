@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from .hard_negatives import HardNegativesConfig
 from .paths import LocalPath, OutputPath, absolute_paths
 
 
@@ -142,6 +143,8 @@ class DataConfig(_Section):
     # batches planned, received from the workers and pinned in a background thread, ahead of the
     # step; "auto": on a GPU (whose step runs while the host prepares), not on CPU (its cores train)
     prefetch: bool | Literal["auto"] = "auto"
+    # hard negatives re-mined during training with the current weights (None: off; config/hard_negatives.py)
+    hard_negatives: HardNegativesConfig | None = None
 
     @model_validator(mode="after")
     def _check_mix(self) -> "DataConfig":
@@ -331,6 +334,8 @@ class Config(_Section):
         # each dataset's loss, resolved here once: its own section, else the top-level one
         self._datasets = [ds if ds.loss is not None else ds.model_copy(update={"loss": self.loss})
                           for ds in self.data.datasets()]
+        if self.data.hard_negatives is not None:
+            self.data.hard_negatives.check(self._datasets)
         return self
 
     @property

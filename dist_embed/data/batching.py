@@ -212,9 +212,15 @@ class EpochPlanner:
 
     def __init__(self, open_rows: Callable[[dict | None], RowCursor], *, epoch: int, seed: int, shuffle: bool,
                  shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None, global_batch: int,
-                 make_row: Callable[[list], Any] = tuple, state: dict | None = None):
+                 make_row: Callable[[list], Any] = tuple, state: dict | None = None,
+                 renew: Callable[[Any], Any] | None = None):
         self.epoch = epoch
         state = state or {}
+        # ``renew``: a row with its negative columns from the last hard-negative refresh (mining/),
+        # applied as rows are batched (so no-duplicates sees them) and to restored deferred rows
+        self.renew = renew
+        if renew is not None:
+            make_row = _renewed(make_row, renew)
         self.rows = open_rows(state.get("reader"))
         self._rows_it = iter(self.rows)
         self.rows_done = state.get("rows_done", 0)  # rows handed out in batches this epoch
@@ -238,7 +244,8 @@ class EpochPlanner:
     def _pull(self):
         if self.leftover:
             return self.leftover.pop()
-        return self.shuffle.pull(self._next_row) if self.shuffle is not None else self._next_row()
+        row = self.shuffle.pull(self._next_row) if self.shuffle is not None else self._next_row()
+        return self.renew(row) if self.renew is not None and row is not None else row
 
     def next_batch(self, global_batch: int) -> list | None:
         batch = self.batcher.next_batch(global_batch, self._pull)
@@ -260,6 +267,11 @@ class EpochPlanner:
         elif self.leftover:
             out["shuffle"] = {"rng": random.Random(0).getstate(), "buffer": list(self.leftover), "draining": False}
         return out
+
+
+def _renewed(make_row: Callable, renew: Callable) -> Callable:
+    """Restored rows (a saved state's) with the current negative columns."""
+    return lambda r: renew(make_row(r))
 
 
 # -- the sharded plane's no-duplicates rule (data/sharded.py exchanges these between ranks) --------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
@@ -51,18 +52,20 @@ class PlanSpec:
     def rows(self, position: dict | None = None) -> "RowStream":
         return RowStream(self, position)
 
-    def planner(self, epoch: int, state: dict | None = None, salt: int = 0, sharding=None, index: int = 0):
+    def planner(self, epoch: int, state: dict | None = None, salt: int = 0, sharding=None, index: int = 0,
+                renew=None):
         """The epoch's planner, from its start or from a saved ``state`` (its ``state_dict``);
         ``salt`` varies the shuffle (a dataset's later passes in a mix). The sharded plane needs the
-        run's ``sharding`` (pieces, exchange) and this data set's ``index`` in it."""
+        run's ``sharding`` (pieces, exchange) and this data set's ``index`` in it. ``renew``: the
+        negative columns of the last hard-negative refresh (mining/tables.py), None: the data's."""
         if self.plane == "sharded":
             from .sharded import sharded_planner
 
-            return sharded_planner(self, sharding, index, epoch, state, salt, _row_from_json)
+            return sharded_planner(self, sharding, index, epoch, state, salt, _row_from_json, renew)
         return EpochPlanner(self.rows, epoch=epoch, seed=self.seed + salt, shuffle=self.shuffle,
                             shuffle_buffer=self.shuffle_buffer, no_duplicates=self.no_duplicates,
                             dedup_buffer=self.dedup_buffer, global_batch=self.global_batch,
-                            make_row=_row_from_json, state=state)
+                            make_row=_row_from_json, state=state, renew=renew)
 
     def batches(self, epoch: int = 0, global_batch: int | None = None) -> Iterator[list[Row]]:
         """Every global batch of an epoch from its start (tests, benchmarks, the model card)."""
@@ -94,13 +97,15 @@ class MixSpec:
     def shares(self, sizes) -> list[float] | None:
         return sampler_shares(self.sampler, sizes, self.temperature, self.weights)
 
-    def planner(self, epoch: int, state: dict | None = None, sizes=None, sharding=None) -> MixPlanner:
+    def planner(self, epoch: int, state: dict | None = None, sizes=None, sharding=None, renew=None) -> MixPlanner:
+        """``renew``: per data set, the last hard-negative refresh's columns (None: the data's own)."""
         sizes = list(sizes) if sizes is not None else [None] * len(self.specs)
+        renew = renew or [None] * len(self.specs)
         shares = None  # fixed draw probabilities: temperature (uniform while sizes are unknown), weighted
         if self.sampler in ("temperature", "weighted"):
             shares = self.shares(sizes) or [1.0] * len(self.specs)
         return MixPlanner(lambda i, passes, st: self.specs[i].planner(epoch, st, salt=7919 * i + 104_729 * passes,
-                                                                      sharding=sharding, index=i),
+                                                                      sharding=sharding, index=i, renew=renew[i]),
                           sizes, sampler=self.sampler, shares=shares, epoch=epoch, seed=self.seed, state=state)
 
     def epoch_rows(self, sizes, global_batch: int) -> int | None:
@@ -324,25 +329,35 @@ def rank_batches(planner: EpochPlanner | MixPlanner, global_batch: int, rank: in
 _END = object()
 
 
-def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+def prefetch(items: Iterator, depth: int = 2, settle_s: float = 30.0) -> Iterator:
     """``items``, produced up to ``depth`` ahead in a daemon thread; an exception there is raised
-    here, at the item where it happened; closing this generator stops the thread."""
+    here, at the item where it happened; closing this generator stops the thread once it has come
+    to rest (``settle_s`` at most): holding an item it cannot put in the full queue, or done.
+    Producing an item may be a collective with the other ranks' producers (the sharded plane's
+    exchange), so a producer stopped in the middle of one would leave its peers waiting; at rest,
+    every rank's producer has made the same number of items (the ones consumed, plus ``depth``
+    queued, plus the one held), so a stream reopened from the consumed position (a hard-negative
+    refresh does that) starts its collectives in step on every rank."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    stop, holding, ended = threading.Event(), threading.Event(), threading.Event()
 
     def produce():
         try:
             for item in items:
+                holding.set()
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
+                holding.clear()
                 if stop.is_set():
                     return
+            ended.set()
             q.put(_END)
         except BaseException as e:  # handed to the consumer
+            ended.set()
             q.put(e)
 
     thread = threading.Thread(target=produce, name="dist_embed-prefetch", daemon=True)
@@ -356,5 +371,9 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
                 raise item
             yield item
     finally:
+        deadline = time.monotonic() + settle_s
+        while thread.is_alive() and not ((holding.is_set() or ended.is_set()) and q.full()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
         stop.set()
         thread.join(timeout=5)

@@ -66,9 +66,10 @@ class Sharding:
 
 
 def sharded_planner(spec, sharding: Sharding, index: int, epoch: int, state: dict | None, salt: int,
-                    make_row) -> "ShardedPlanner":
+                    make_row, renew=None) -> "ShardedPlanner":
     """Data set ``index``'s sharded planner (``PlanSpec.planner``); a state saved at another world
-    size is dealt again from every old rank's state."""
+    size is dealt again from every old rank's state. ``renew``: the last hard-negative refresh's
+    columns for each row (mining/tables.py's ``Renewal``: a callable with the new ``width``)."""
     states = None
     if state is not None and state.get("world") != sharding.exchange.world:
         olds = sharding.old_states or []
@@ -79,9 +80,9 @@ def sharded_planner(spec, sharding: Sharding, index: int, epoch: int, state: dic
     return ShardedPlanner(sharding.pieces[index], sharding.sources[index].rows, sharding.exchange, epoch=epoch,
                           seed=spec.seed + salt, shuffle=spec.shuffle, shuffle_buffer=spec.shuffle_buffer,
                           no_duplicates=spec.no_duplicates, dedup_buffer=spec.dedup_buffer,
-                          global_batch=spec.global_batch, width=sharding.widths[index], total_rows=None,
-                          make_row=make_row, state=state, states=states,
-                          ahead=sharding.reader, source=index)
+                          global_batch=spec.global_batch, width=renew.width if renew else sharding.widths[index],
+                          total_rows=None, make_row=(lambda r: renew(make_row(r))) if renew else make_row,
+                          state=state, states=states, ahead=sharding.reader, source=index, renew=renew)
 
 
 def piece_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -180,8 +181,10 @@ class ShardedPlanner:
     def __init__(self, pieces: list[Piece], rows_of: Callable, exchange, *, epoch: int, seed: int, shuffle: bool,
                  shuffle_buffer: int, no_duplicates: bool, dedup_buffer: int | None, global_batch: int, width: int,
                  total_rows: int | None, make_row: Callable = tuple, state: dict | None = None,
-                 states: list[dict] | None = None, ahead: ReadAhead | None = None, source: int = 0):
+                 states: list[dict] | None = None, ahead: ReadAhead | None = None, source: int = 0,
+                 renew: Callable | None = None):
         self.pieces, self.rows_of, self.ex = pieces, rows_of, exchange
+        self.renew = renew  # a hard-negative refresh's columns, put on each row as it is proposed
         self.ahead, self.source = ahead, source  # reader processes, and this data set's number there
         self.rank, self.world = exchange.rank, exchange.world
         self.epoch, self.no_duplicates, self.width, self.total = epoch, no_duplicates, width, total_rows
@@ -236,7 +239,8 @@ class ShardedPlanner:
             self.current = None
 
     def _pull(self):
-        return self.shuffle.pull(self._next_row) if self.shuffle.size else self._next_row()
+        row = self.shuffle.pull(self._next_row) if self.shuffle.size else self._next_row()
+        return self.renew(row) if self.renew is not None and row is not None else row
 
     def _candidates(self, n: int, held: int = 0) -> list:
         """Up to ``n`` rows to propose: deferred ones first, then new ones while fewer than

@@ -62,8 +62,10 @@ def loop(run: Run) -> Path:
     # the work (it runs asynchronously, and the wait for it shows as "sync" on log steps)
     busy = "compute" if run.state.device.type == "cpu" else "launch"
     pending: list[dict] = []  # steps whose loss, grad norm, ... are still on the device
-    batches = data.batches(pos, run.state, run.encoder.tokenizer, run.encoder.max_seq_length)
     done = finished(run)
+    if not done and run.refresher is not None and run.refresher.due(pos) and not refresh(run, timer):
+        raise Preempted(STOPS.signum, resume.save(run) if pos.step else None)  # a resumed run: where it was
+    batches = open_batches(run)
     while not done:
         # -- one optimizer step: grad_accum micro-batches (fewer if the epoch ends first) -----------
         micro, step_loss, step_rows, row_ids, epoch_ended, info = 0, 0.0, 0, [], False, {}
@@ -109,6 +111,10 @@ def loop(run: Run) -> Path:
         done = finished(run)
         if not micro:
             continue
+        if not done and run.refresher is not None and run.refresher.due(pos):
+            batches.close()  # batches planned ahead carry the old negatives: plan again from the position
+            if refresh(run, timer):
+                batches = open_batches(run)
         # -- after the step: hooks, then on log steps the step's readings (health, logs, progress) ----
         for hook in run.outputs.hooks:
             hook.after_step(pos.step, step_epoch, row_ids)
@@ -142,6 +148,21 @@ def loop(run: Run) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # the loop's helpers
+
+
+def open_batches(run: Run):
+    """This rank's batches from the data position on, with the last hard-negative refresh's columns."""
+    renew = run.refresher.planner_renewals() if run.refresher is not None else None
+    return run.data.batches(run.pos, run.state, run.encoder.tokenizer, run.encoder.max_seq_length, renew)
+
+
+def refresh(run: Run, timer: Timer) -> bool:
+    """Hard negatives mined again with the current weights (mining/refresh.py); False if a stop
+    signal cut it short (the loop then saves and stops: the resumed run mines again)."""
+    t0 = time.perf_counter()
+    done = run.refresher.refresh(run, stop=lambda: STOPS.requested(run.state))
+    timer.add("refresh", time.perf_counter() - t0)
+    return done
 
 
 def epoch_complete(run: Run) -> bool:
@@ -188,7 +209,8 @@ def read_steps(run: Run, pending: list[dict], window: Window, timer: Timer, prog
         else:
             report_events(run, run.health.good_step(step, loss, rec.get("candidates"), got["emb_std"]))
         window.add_step(loss, rec["rows"])
-        progress.update(step, {"loss": loss, "lr": rec["lr"], "samples/s": window.rate()})
+        progress.update(step, {"loss": loss, "lr": rec["lr"], "samples/s": window.rate(),
+                               **(run.refresher.progress() if run.refresher is not None else {})})
     if pending and log_now:
         log_window(run, window, timer, pending[-1]["lr"], readings[-1]["grad_norm"])
     pending.clear()

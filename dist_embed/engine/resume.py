@@ -147,6 +147,7 @@ def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> 
     pos.history = meta.get("history", [])
     pos.window = meta.get("window")  # the first log record averages the same steps as without the stop
     pos.worlds = [list(w) for w in meta.get("worlds") or [[1, meta["world_size"], meta["global_batch"]]]]
+    pos.negatives = meta.get("negatives") or {}  # the hard-negative refresh its rows used
     if len(meta.get("dataset_rows") or []) == len(pos.dataset_rows):
         pos.dataset_rows = list(meta["dataset_rows"])
     rng_file = sd / f"rng-rank{state.rank}.pt"
@@ -246,7 +247,7 @@ def save(run, final: bool = False) -> Path:
                              "total": run.schedule.total, "warmup": run.schedule.warmup},
                 "metrics": {k: v for k, v in at_step.items() if k.startswith("eval/")},
                 "history": pos.history, "dataset_rows": pos.dataset_rows, "window": pos.window,
-                "worlds": pos.worlds}, indent=1))
+                "worlds": pos.worlds, "negatives": pos.negatives}, indent=1))
             # the data position: the planner's state after the last batch trained (the global plane:
             # the same on every rank; the sharded plane: rank 0's here, every rank's in its own file)
             sharding = run.data.sharding

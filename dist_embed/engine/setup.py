@@ -23,6 +23,7 @@ from ..config import Config, ConfigError, dump_config
 from ..data.layout import LayoutSpec
 from ..distributed import DistState, broadcast_object
 from ..evaluation.evaluator import Evaluator
+from ..mining.refresh import Refresher
 from ..model.encoder import Encoder, ModelError
 from ..model.layout_choice import choose_layout
 from ..outputs.run_dir import CLAIMED_ENV, RunComplete, claim, start_afresh
@@ -52,6 +53,7 @@ class Position:
     dataset_rows: list = field(default_factory=list)  # rows trained from each dataset, whole run
     window: dict | None = None  # the losses since the last log step (Window.losses), for the checkpoint
     worlds: list = field(default_factory=list)  # [first step, world size, global batch] per stretch of the run
+    negatives: dict = field(default_factory=dict)  # the last hard-negative refresh: {"step", "tables": {name: dir}}
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Run:
     outputs: RunOutputs
     pos: Position
     save_dtype: torch.dtype = torch.float32  # checkpoints' and final/'s weights (model.save_dtype)
+    refresher: Refresher | None = None  # hard negatives re-mined during training (data.hard_negatives)
 
     @property
     def flops_per_token(self) -> tuple[float, float]:
@@ -313,9 +316,14 @@ def build_run(cfg: Config, state: DistState, resume: str | None = None, *, allow
         resuming.restore(saved, backend, pos, state, Path(cfg.output_dir), data.global_batch)
     if not pos.worlds or pos.worlds[-1][1:] != [state.world_size, data.global_batch]:
         pos.worlds.append([pos.step + 1, state.world_size, data.global_batch])  # a chain of runs: the card says each
+    refresher = None
+    if cfg.data.hard_negatives is not None:  # every rank reads the data sets' texts once
+        refresher = Refresher.for_run(cfg, data.plan, Path(cfg.output_dir))
+        refresher.restore(pos, saved.path.parent.parent if saved else None, allow_data_change, state)
     outputs = build_outputs(cfg, state, backend, data, losses, encoder.tokenizer, pos, rss_before_model)
     run = Run(cfg, state, encoder, backend, data, losses, Embedder(layout.kind, t.length_sorted_chunks,
-              precision.autocast), schedule, health, evaluator, outputs, pos, save_dtype(cfg.model.save_dtype, encoder))
+              precision.autocast), schedule, health, evaluator, outputs, pos, save_dtype(cfg.model.save_dtype, encoder),
+              refresher)
     # the model, the modules and the config live as long as the run: move them out of the garbage
     # collector's generations, so its full collections (triggered by the data pipeline's churn of
     # rows) stop walking the long-lived objects each time

@@ -35,17 +35,19 @@ class TrainData:
     def names(self) -> tuple[str, ...]:
         return self.plan.names
 
-    def batches(self, pos, state, tokenizer, max_length: int):
+    def batches(self, pos, state, tokenizer, max_length: int, renew=None):
         """(this rank's micro-batch, planner state after it), epoch after epoch, from the data
         position ``pos`` (the loop moves it); (None, None) when a stream of unknown length ends an
-        epoch. Each epoch's loader iterator starts in the calling (training) thread; with
+        epoch. ``renew``: each data set's hard-negative columns (mining/refresh.py), None:
+        the data's. Each epoch's loader iterator starts in the calling (training) thread; with
         ``prefetch`` its batches are then planned, received and pinned in a background thread."""
         loader = RankLoader(tokenizer, max_length, self.global_batch, state.rank, state.world_size, self.num_workers,
                             pin_memory=pins(state.device), balance=self.balance, layout=self.layout)
         try:
             while True:
                 epoch = pos.epoch
-                planner = self.plan.planner(epoch, pos.planner_state, sizes=self.sizes, sharding=self.sharding)
+                planner = self.plan.planner(epoch, pos.planner_state, sizes=self.sizes, sharding=self.sharding,
+                                            renew=renew)
                 batches = loader.epoch(planner)
                 # one epoch at a time: the loop moves ``pos``
                 yield from prefetch(batches) if self.prefetch else batches

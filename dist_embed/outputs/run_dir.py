@@ -29,7 +29,8 @@ LOCK = ".dist-embed.lock"
 CLAIMED_ENV = "DIST_EMBED_OUTPUT_CLAIMED"  # set by a launcher that holds the lock for its workers
 # what a run writes into its output_dir (--overwrite removes these, nothing else)
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "row_ids", "config.yaml", "deepspeed_config.json",
-               "wandb_run_id", "wandb", "report.png", "train.sbatch", "ray", PREEMPTED_MARKER, BAD_INPUT_MARKER)
+               "wandb_run_id", "wandb", "report.png", "train.sbatch", "ray", "negatives", PREEMPTED_MARKER,
+               BAD_INPUT_MARKER)
 FRESH_START_CLEARS = ("metrics.jsonl", "wandb_run_id", PREEMPTED_MARKER, BAD_INPUT_MARKER)
 _held: list[int] = []  # lock file descriptors kept open for the life of this process
 

@@ -2,9 +2,10 @@
 false negatives out, across the ranks of any of our launchers.
 
 The corpus (the positives, and optionally a corpus file) is embedded across ranks; anchors are
-processed in fixed blocks dealt to the ranks in turn; each block's exact top-k (chunked matrix
-products, retrieval.top_k) is filtered and written to a part file. Blocks and encoding batches do
-not depend on the world size, so 1 and N processes give the same bytes. A rerun with the same
+processed in fixed blocks dealt to the ranks in turn; each block's exact top-k (mining/search.py:
+integer scores, the same for any split) is filtered (mining/filters.py, the rules the refresh
+during training uses too) and written to a part file. Blocks and encoding batches do not depend
+on the world size, so 1 and N processes give the same bytes. A rerun with the same
 inputs and options skips the blocks already written (resumable); rank 0 joins the parts in input
 order, then writes jsonl (or shards through prepare-data) atomically.
 """
@@ -16,58 +17,22 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data.readers import DataError, Source
 from ..data.rows import Schema, SkipCounter, validate_rows
-from ..evaluation.retrieval import embed_sharded, top_k
+from ..evaluation.retrieval import embed_sharded
+from ..mining.corpus import read_corpus
+from ..mining.filters import MineOptions, choose_ids, choose_negatives
+from ..mining.search import Keys, top_k
+
+__all__ = ["MineOptions", "choose_negatives", "mine", "read_corpus", "read_pairs"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MineOptions:
-    num_negatives: int = 3
-    range_min: int = 0  # skip the closest range_min candidates (often unlabelled positives)
-    range_max: int = 100  # consider only the closest range_max candidates
-    max_score: float | None = None  # drop candidates more similar than this to the anchor
-    min_score: float | None = None  # drop candidates less similar than this
-    absolute_margin: float | None = None  # keep only scores <= positive score - margin
-    relative_margin: float | None = None  # keep only scores <= positive score x (1 - margin), e.g. 0.05
-    batch_size: int = 64
-    block: int = 512  # anchors per block: the unit of work and of resume (any world size: the same bytes)
-
-
-def choose_negatives(scores: np.ndarray, idx: np.ndarray, texts: list[str], positive_score: float,
-                     exclude: set[str], opt: MineOptions) -> list[str]:
-    """From one anchor's ranked candidates (best first), the negatives the filters keep: its own
-    positives and itself never; then the rank range, the score bounds and the margins to the
-    positive (a candidate scoring close to the positive is likely an unlabelled positive)."""
-    out, rank = [], 0
-    for s, i in zip(scores.tolist(), idx.tolist()):
-        text = texts[i]
-        if text in exclude:
-            continue
-        r, rank = rank, rank + 1
-        if r < opt.range_min:
-            continue
-        if r >= opt.range_max:
-            break
-        if opt.max_score is not None and s > opt.max_score:
-            continue
-        if opt.min_score is not None and s < opt.min_score:
-            continue
-        if opt.absolute_margin is not None and s > positive_score - opt.absolute_margin:
-            continue
-        if opt.relative_margin is not None and s > positive_score * (1 - opt.relative_margin):
-            continue
-        out.append(text)
-        if len(out) == opt.num_negatives:
-            break
-    return out
 
 
 def read_pairs(path: str, columns: dict[str, str], on_error: str, fmt: str = "auto", subset: str | None = None,
@@ -81,28 +46,6 @@ def read_pairs(path: str, columns: dict[str, str], on_error: str, fmt: str = "au
     if not pairs:
         raise DataError(f"{path}: no (anchor, positive) rows to mine for")
     return pairs
-
-
-def read_corpus(path: str) -> list[str]:
-    """Texts of a corpus file: its ``text`` column (``title`` in front when present), else its only
-    text column."""
-    out = []
-    for rec in Source(path, streaming=False).records():
-        if isinstance(rec.fields, DataError):
-            raise rec.fields
-        obj = rec.fields
-        if "text" in obj:
-            text = str(obj["text"] or "")
-            text = f"{obj['title']} {text}" if obj.get("title") else text
-        else:
-            strings = [v for v in obj.values() if isinstance(v, str)]
-            if len(strings) != 1:
-                raise DataError(f"{rec.where}: a corpus row needs a 'text' column (or exactly one text column); "
-                                f"it has {', '.join(map(repr, obj)) or 'none'}")
-            text = strings[0]
-        if text.strip():
-            out.append(text)
-    return out
 
 
 def _fingerprint(model: str, pairs, corpus, opt: MineOptions) -> str:
@@ -167,23 +110,29 @@ def mine(state, *, model: str, data: str, out: Path, corpus_file: str | None = N
     for a, p in pairs:
         positives_of.setdefault(a, set()).add(p)
     k = min(opt.range_max + max(len(v) for v in positives_of.values()) + 1, len(corpus))
+    keys = Keys.for_corpus(len(corpus))
+    corpus_q = keys.quantize(torch.from_numpy(corpus_emb))
+    corpus_ids = torch.arange(len(corpus))
     n_embedded, stopped = 0, False
     for b in todo:
         if stop_requested():
             stopped = True
             break
         block = pairs[b * opt.block:(b + 1) * opt.block]
-        anchors = encoder.encode([a for a, _ in block], batch_size=opt.batch_size, prompt_name="query")
+        anchors = keys.quantize(torch.from_numpy(
+            encoder.encode([a for a, _ in block], batch_size=opt.batch_size, prompt_name="query")))
         n_embedded += len(block)
-        scores, idx = top_k(anchors, corpus_emb, k)
-        qn = anchors / np.maximum(np.linalg.norm(anchors, axis=1, keepdims=True), 1e-12)
-        pos = corpus_emb[[positions[p] for _, p in block]]
-        pos_scores = (qn * (pos / np.maximum(np.linalg.norm(pos, axis=1, keepdims=True), 1e-12))).sum(1)
+        scores, idx = keys.decode(top_k(anchors, corpus_q, corpus_ids, k, keys))
+        pos_scores = keys.exact(anchors, corpus_q[[positions[p] for _, p in block]]).numpy() / 4.0 ** keys.scale_bits
+        banned = [sorted(positions[t] for t in positives_of[a] | {a} if t in positions) for a, _ in block]
+        exclude = np.full((len(block), max(map(len, banned))), -1, dtype=np.int64)
+        for row, ids in enumerate(banned):
+            exclude[row, :len(ids)] = ids
+        chosen = choose_ids(scores, idx, pos_scores, exclude, opt)
         tmp = parts / f".block-{b:06d}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            for (a, p), s, i, ps in zip(block, scores, idx, pos_scores):
-                negs = choose_negatives(s, i, corpus, float(ps), positives_of[a] | {a}, opt)
-                f.write(json.dumps([a, p, negs], ensure_ascii=False) + "\n")
+            for (a, p), negs in zip(block, chosen):
+                f.write(json.dumps([a, p, [corpus[i] for i in negs if i >= 0]], ensure_ascii=False) + "\n")
         os.replace(tmp, parts / f"block-{b:06d}.jsonl")
         bar.update(1)
     bar.close()
