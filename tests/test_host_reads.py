@@ -206,11 +206,13 @@ def loop_watched(run) -> list[str]:
     """``loop(run)`` under the sentinel, paused where the loop reads on purpose."""
     from dist_embed.engine import loop as loop_module
     from dist_embed.engine import resume
+    from dist_embed.outputs import tracking
 
     with HostReads() as reads:
         reads.watch(run.encoder)
         real = {name: getattr(loop_module, name) for name in ("read_steps", "evaluate", "warn_short_batches")}
         real_save = resume.save
+        real_losses = tracking.Window.losses  # the window's losses go into a checkpoint: read on purpose
 
         def paused(fn):
             def call(*args, **kwargs):
@@ -224,11 +226,13 @@ def loop_watched(run) -> list[str]:
             for name, fn in real.items():
                 setattr(loop_module, name, paused(fn))
             resume.save = paused(real_save)
+            tracking.Window.losses = paused(real_losses)
             loop_module.loop(run)
         finally:
             for name, fn in real.items():
                 setattr(loop_module, name, fn)
             resume.save = real_save
+            tracking.Window.losses = real_losses
     return reads.events
 
 

@@ -1,6 +1,7 @@
 """Fault tolerance with real processes: exact resume, preemption signals, SIGKILL, corrupt checkpoints."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,6 +251,7 @@ def test_corrupt_checkpoints_are_reported_and_skipped(tmp_path, tiny_model, trip
     with open(root / "step-4" / "model.safetensors", "r+b") as f:  # truncate the newest
         f.truncate(1000)
     assert "size 1000" in verify(root / "step-4")
+    shutil.rmtree(out / "final")  # as if killed after its last checkpoint: a finished run is not trained again
     r = train(cfg, out, "--resume", "latest")
     assert f"checkpoint {root / 'step-4'} is not usable" in r.stderr
     assert f"resumed from {root / 'step-2'} at step 2" in r.stderr
@@ -257,6 +259,7 @@ def test_corrupt_checkpoints_are_reported_and_skipped(tmp_path, tiny_model, trip
     # no manifest = an interrupted write: never resumed from
     for d in root.iterdir():
         (d / "manifest.json").unlink()
+    shutil.rmtree(out / "final")
     assert find_resumable(root) is None
     r = train(cfg, out, "--resume", "latest", expect=2)  # never start over on top of the evidence
     assert r.stderr.strip().splitlines()[-1].endswith(

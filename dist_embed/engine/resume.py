@@ -168,19 +168,19 @@ def restore(saved: Saved, backend, pos, state, out: Path, global_batch: int) -> 
 def truncate_metrics(path: Path, step: int) -> int:
     """One history: drop what a stopped run logged after the checkpoint we resume from (those
     steps are redone now), so metrics.jsonl and the plots hold each step once. Returns the last
-    step that was logged: W&B cannot take steps back, so those up to it are not sent again
+    step that was logged (-1: none): W&B cannot take steps back, so those up to it are not sent again
     (resume is exact, so at the same world size they are the values it already shows; after a
     world-size change it keeps the stopped run's values for them)."""
     if not path.exists():
-        return 0
-    keep, dropped, last = [], 0, 0
+        return -1
+    keep, dropped, last = [], 0, -1
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             rec_step = json.loads(line).get("step", 0)
         except ValueError:
             dropped += 1  # a line cut by a kill
             continue
-        last = max(last, rec_step or 0)
+        last = max(last, rec_step if rec_step is not None else -1)
         if rec_step is not None and rec_step > step:
             dropped += 1
         else:

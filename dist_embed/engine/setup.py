@@ -49,7 +49,7 @@ class Position:
     samples_per_step: float = 0.0  # global batch x grad_accum at the run's start; kept on resume
     planner_state: dict | None = None  # the data position: the planner's state after the last batch
     history: list = field(default_factory=list)  # eval results, for best-checkpoint and the model card
-    logged_until: int = 0  # the last step a stopped run had logged (W&B has it already)
+    logged_until: int = -1  # the last step a stopped run had logged (W&B has it already; -1: none)
     dataset_rows: list = field(default_factory=list)  # rows trained from each dataset, whole run
     window: dict | None = None  # the losses since the last log step (Window.losses), for the checkpoint
     worlds: list = field(default_factory=list)  # [first step, world size, global batch] per stretch of the run

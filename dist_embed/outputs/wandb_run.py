@@ -39,7 +39,7 @@ def system_info(world_size: int) -> dict:
 
 
 class WandbRun:
-    def __init__(self, cfg, out_dir: Path, resolved_config: dict, world_size: int, skip_until: int = 0):
+    def __init__(self, cfg, out_dir: Path, resolved_config: dict, world_size: int, skip_until: int = -1):
         import wandb
 
         self.cfg = cfg
