@@ -32,7 +32,7 @@ from conftest import quick_triplets, read_metrics, run_cli, train_losses, write_
 from test_distributed import max_weight_diff, read_row_log
 
 pytestmark = pytest.mark.slow
-CASES = int(os.environ.get("DIST_EMBED_DRILL_CASES", "8"))
+CASES = int(os.environ.get("DIST_EMBED_DRILL_CASES", "6"))
 BASE_SEED = int(os.environ.get("DIST_EMBED_DRILL_SEED", random.randrange(10**6)))
 HARD_TIMEOUT = 90  # seconds for a whole run (start-up included); a hang would take the 20 s gloo timeout + more
 

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
 
 from ..data.readers import Source
 from ..data.rows import Schema, SkipCounter, validate_rows
@@ -55,6 +54,8 @@ def similarity_metrics(emb1: np.ndarray, emb2: np.ndarray, gold: np.ndarray) -> 
         "euclidean": -np.sqrt(((e1 - e2) ** 2).sum(1)),
         "dot": (e1 * e2).sum(1),
     }
+    from scipy.stats import pearsonr, spearmanr  # here: scipy.stats takes about a second to import
+
     out = {}
     for name, s in sims.items():
         if np.ptp(s) == 0:  # constant predictions (collapsed embeddings): correlation undefined

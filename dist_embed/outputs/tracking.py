@@ -11,12 +11,25 @@ from pathlib import Path
 log = logging.getLogger("dist_embed")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a line is written, not the one it was made with
+    (a caller that redirects stderr, or closes the stream it had, still gets every line)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(rank: int, level: int = logging.INFO) -> None:
     """Rank 0 logs at INFO, the others only warnings, each line tagged with the rank."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
                                            "%H:%M:%S"))
     root.addHandler(handler)
