@@ -36,8 +36,29 @@ def near_ties(rng: np.random.Generator, n: int, d: int, base: np.ndarray | None 
     return x.astype(np.float32)
 
 
-def test_exact_top_k_equals_brute_force():
+def test_exact_top_k_equals_brute_force(monkeypatch):
+    """Also under TF32, which a GPU run may have switched on for training: the filtering product
+    runs at full float32 (seen by a spy on the product) and the setting is restored."""
     print("seed", SEED)
+    seen, real_matmul = [], torch.Tensor.__matmul__
+
+    def spy(a, b):
+        if a.dtype == torch.float32:
+            seen.append(torch.get_float32_matmul_precision())
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        check_top_k_against_brute_force()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert seen and set(seen) == {"highest"}, seen
+
+
+def check_top_k_against_brute_force():
     rng = np.random.default_rng(SEED)
     for case in range(12):
         d, n_q, n_c = int(rng.integers(2, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 120))

@@ -25,6 +25,7 @@ the world's k lists of one chunk; never an anchors x corpus matrix.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,6 +91,19 @@ def float32_error(dim: int) -> float:
     return 1.03 * dim * u / (1 - dim * u)
 
 
+@contextmanager
+def full_float32():
+    """Float32 products at full precision whatever the caller set: TF32 (``set_float32_matmul_precision
+    ("high")``, a common GPU training setting) rounds inputs to 10 bits and breaks the error bound
+    the float32 filter relies on."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def tile_top_k(q: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, k: int, keys: Keys,
                floor: torch.Tensor | None = None) -> torch.Tensor:
     """Keys of the exact top ``k`` of ``c`` (int32 [C, d], corpus ids ``ids``) for each row of ``q``
@@ -101,7 +115,7 @@ def tile_top_k(q: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, k: int, keys
     if not n or not kk:
         return out
     unit, err = 2.0 ** -keys.scale_bits, float32_error(q.shape[1])
-    with torch.autocast(q.device.type, enabled=False):
+    with torch.autocast(q.device.type, enabled=False), full_float32():
         s = (q.float() * unit) @ (c.float() * unit).T  # exact inputs: only the sum rounds
     # a candidate of the exact top-k scores (in float32) within 2 x the error of the tile's kk-th,
     # and within the error of the exact k-th found so far (1e-6: the bound's own rounding)
