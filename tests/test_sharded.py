@@ -191,6 +191,19 @@ def test_first_wins_defers_every_later_occurrence():
     assert first_wins(h, p).tolist() == [True, False, False, False, False, True]
 
 
+def test_a_row_beaten_only_by_a_row_set_aside_joins_the_batch(tmp_path):
+    """A chain of clashes: row 0 is taken; rows 1 and 2 lost a text to it; row 3 lost only to row 2.
+    Once row 2 is set aside, row 3 joins the batch (it used to wait for the next one, leaving a
+    batch short at an epoch's end: found by the drill, seed 12854299 case 2)."""
+    rows = [{"anchor": "a1", "positive": "p1", "negative": "n1"}, {"anchor": "a1", "positive": "p2", "negative": "n2"},
+            {"anchor": "a2", "positive": "p1", "negative": "n3"}, {"anchor": "a2", "positive": "p4", "negative": "n4"}]
+    spec = spec_for(write_jsonl(tmp_path / "t.jsonl", rows), 4, shuffle_buffer=1)
+    src, table, _ = pieces_of(spec, 1)
+    out, _ = run_ranks(spec, src, table, 1, 4)
+    assert [[r.row_id for r in b] for b, _ in out[0]] == [[0, 3], [1, 2]]
+    assert_full_slices(out, 4, "chain")
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv", "parquet", "jsonl.gz", "shards", "hf"])
 def test_pieces_hold_exactly_the_files_rows_with_their_ids(tmp_path, fmt):
     rng = random.Random(SEED)

@@ -300,7 +300,7 @@ class ShardedPlanner:
         candidates that lost no text to a candidate of lower priority (the rows already taken
         always win). A candidate that lost to a taken row cannot join this batch; one that lost to
         another candidate offers itself again in the next round. Rounds go on while some rank is
-        short and anyone proposed new rows or took some: so a slice is short only when every row
+        short and anyone proposed new rows, took some or set some aside: so a slice is short only when every row
         its rank could offer (within ``dedup_buffer``) repeats a text of the batch.
         Returns (taken, the rest in the order to wait, every rank's slice size, anyone left)."""
         taken: list = []
@@ -313,11 +313,13 @@ class ShardedPlanner:
             codes = self._lost(taken + offer, len(taken), need)[len(taken):]
             clean = [c for c, v in zip(offer, codes) if not v]
             added, spare = clean[:need], clean[need:]
-            blocked.update(id(c) for c, v in zip(offer, codes) if v == 2)
+            newly = {id(c) for c, v in zip(offer, codes) if v == 2} - blocked
+            blocked |= newly
             gone = {id(c) for c in added}
             taken += added
             waiting = [c for c in waiting + fresh if id(c) not in gone]
-            more = len(taken) < want and bool(added or fresh)
+            # a candidate set aside no longer blocks the ones it beat: they may join in another round
+            more = len(taken) < want and bool(added or fresh or newly)
             sizes, anyone_left, again = self._sizes(len(taken), self._left(waiting), more)
             if not again:  # what waits: the unused clean candidates first, then those that lost
                 unused = {id(c) for c in spare}
