@@ -16,6 +16,8 @@ from dist_embed.mining.filters import MineOptions, choose_ids, choose_negatives,
 from dist_embed.mining.search import Grid, Keys, embed_owned, search_split, top_k
 from dist_embed.mining.tables import Renewal
 
+from test_batching import ListCursor
+
 SEED = random.SystemRandom().randrange(10**6)
 
 
@@ -123,24 +125,6 @@ def test_random_top_ups_avoid_excluded_texts_and_repeat_the_same():
         assert len(set(row.tolist())) == 3 and not set(row.tolist()) & set(ex.tolist())
 
 
-class Rows:
-    def __init__(self, rows):
-        self.items, self.i = rows, 0
-
-    @property
-    def position(self):
-        return {"i": self.i}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.i >= len(self.items):
-            raise StopIteration
-        self.i += 1
-        return self.items[self.i - 1]
-
-
 def test_planner_batches_carry_the_refreshed_negatives_with_no_text_twice():
     """Every row's negatives come from the table; a negative equal to another row's text defers
     that row; a planner restored from a state taken under the old table uses the new one."""
@@ -152,7 +136,7 @@ def test_planner_batches_carry_the_refreshed_negatives_with_no_text_twice():
     renew = Renewal(table, corpus)
 
     def planner(state=None, rn=renew):
-        return EpochPlanner(lambda pos: Rows(rows[(pos or {}).get("i", 0):]), epoch=0, seed=1, shuffle=True,
+        return EpochPlanner(lambda pos: ListCursor(rows, pos), epoch=0, seed=1, shuffle=True,
                             shuffle_buffer=16, no_duplicates=True, dedup_buffer=None, global_batch=8, state=state,
                             renew=rn, make_row=lambda r: Row(int(r[0]), tuple(r[1]), r[2]))
 
